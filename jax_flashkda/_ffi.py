@@ -1,0 +1,259 @@
+"""The only Python that knows the compiled extension exists.
+
+Loads `_kda_cpu` / `_kda_cuda`, registers their FFI targets, and builds the calls that
+`ops.py` wires into `jax.custom_vjp`:
+
+    custom_vmap            folds a vmapped axis into the head axis (one call, any depth)
+      custom_partitioning  runs the call per shard of batch and heads (no all-gather)
+        ffi_call           jax_flashkda_fwd / jax_flashkda_bwd (docs/ffi_contract.md)
+
+vmap sits above partitioning because `custom_partitioning` has no batching rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+FWD_TARGET = "jax_flashkda_fwd"
+BWD_TARGET = "jax_flashkda_bwd"
+
+# gate_mode attribute values of the contract.
+GATE_LOG_DECAY, GATE_SOFTPLUS, GATE_SAFE = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class CallConfig:
+    """The static part of a call: the FFI attributes. Hashable, so calls are cached per config."""
+
+    scale: float
+    use_qk_l2norm: bool
+    use_beta_sigmoid: bool
+    gate_mode: int
+    lower_bound: float
+    state_v_first: bool
+    is_varlen: bool
+
+    def attributes(self):
+        return dict(
+            scale=jnp.float32(self.scale),
+            use_qk_l2norm=self.use_qk_l2norm,
+            use_beta_sigmoid=self.use_beta_sigmoid,
+            gate_mode=jnp.int32(self.gate_mode),
+            lower_bound=jnp.float32(self.lower_bound),
+            state_v_first=self.state_v_first,
+            is_varlen=self.is_varlen,
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Loading and registration.
+
+_MODULE_PLATFORMS = (("_kda_cpu", "cpu"), ("_kda_cuda", "CUDA"))
+
+
+@functools.lru_cache(maxsize=None)
+def _registered() -> dict[str, frozenset[str]]:
+    """Registers every target the installed extension modules offer; platform -> targets."""
+    found: dict[str, frozenset[str]] = {}
+    for module_name, platform in _MODULE_PLATFORMS:
+        try:
+            module = importlib.import_module(f"jax_flashkda.{module_name}")
+        except ImportError:
+            continue
+        targets = module.registrations()
+        for name, capsule in targets.items():
+            jax.ffi.register_ffi_target(name, capsule, platform=platform)
+        found[platform] = frozenset(targets)
+    return found
+
+
+def load_error(platform: str) -> str | None:
+    """None when the extension module for `platform` ("cpu" or "CUDA") is loaded, else why not."""
+    if platform in _registered():
+        return None
+    module_name = dict((p, m) for m, p in _MODULE_PLATFORMS)[platform]
+    try:
+        importlib.import_module(f"jax_flashkda.{module_name}")
+    except ImportError as e:
+        return f"the extension module jax_flashkda.{module_name} did not load ({e})"
+    return f"jax_flashkda.{module_name} loaded but registered nothing"
+
+
+def has_target(platform: str, target: str) -> bool:
+    return target in _registered().get(platform, frozenset())
+
+
+# ---------------------------------------------------------------------------------------
+# The raw calls (one device's shard).
+
+def _state_struct(cfg: CallConfig, n: int, h: int, kd: int, vd: int):
+    shape = (n, h, vd, kd) if cfg.state_v_first else (n, h, kd, vd)
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _num_sequences(cfg: CallConfig, q, cu_seqlens) -> int:
+    return cu_seqlens.shape[0] - 1 if cfg.is_varlen else q.shape[0]
+
+
+def _fwd_raw(cfg: CallConfig, q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens):
+    b, t, h, kd = q.shape
+    vd = v.shape[-1]
+    n = _num_sequences(cfg, q, cu_seqlens)
+    results = (jax.ShapeDtypeStruct((b, t, h, vd), v.dtype), _state_struct(cfg, n, h, kd, vd))
+    # Never batched here: the custom_vmap above folds mapped axes into the head axis.
+    call = jax.ffi.ffi_call(FWD_TARGET, results, vmap_method="sequential")
+    return call(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, **cfg.attributes())
+
+
+def _bwd_raw(cfg: CallConfig, q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, do, dht):
+    b, t, h, kd = q.shape
+    vd = v.shape[-1]
+    n = _num_sequences(cfg, q, cu_seqlens)
+    results = (
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct(k.shape, k.dtype),
+        jax.ShapeDtypeStruct(v.shape, v.dtype),
+        jax.ShapeDtypeStruct(g.shape, g.dtype),
+        jax.ShapeDtypeStruct(beta.shape, beta.dtype),
+        jax.ShapeDtypeStruct((b, h), jnp.float32),
+        jax.ShapeDtypeStruct((b, h, kd), jnp.float32),
+        _state_struct(cfg, n, h, kd, vd),
+    )
+    call = jax.ffi.ffi_call(BWD_TARGET, results, vmap_method="sequential")
+    return call(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, do, dht, **cfg.attributes())
+
+
+# ---------------------------------------------------------------------------------------
+# Partitioning: batch and heads are independent, everything else stays whole on a device.
+
+# Einsum-like factor names per operand; "n" is the sequence axis of the state, which is the
+# batch axis unless the call is varlen (then B == 1 and sequences cannot be split).
+def _operand_factors(cfg: CallConfig):
+    n = "n" if cfg.is_varlen else "b"
+    state = f"{n} h v k" if cfg.state_v_first else f"{n} h k v"
+    inputs = ["b t h k", "b t h k", "b t h v", "b t h k", "b t h", "h", "h k", state, "c"]
+    return inputs, state
+
+
+def _fwd_rule(cfg: CallConfig) -> str:
+    inputs, state = _operand_factors(cfg)
+    return f"{', '.join(inputs)} -> b t h v, {state}"
+
+
+def _bwd_rule(cfg: CallConfig) -> str:
+    inputs, state = _operand_factors(cfg)
+    inputs = inputs + ["b t h v", state]
+    outputs = ["b t h k", "b t h k", "b t h v", "b t h k", "b t h", "b h", "b h k", state]
+    return f"{', '.join(inputs)} -> {', '.join(outputs)}"
+
+
+def _factor_axes(sharding, factors: str, wanted: dict[str, object]):
+    """Records mesh axes of the batch/head factors found in one operand's sharding."""
+    spec = tuple(sharding.spec) + (None,) * (len(factors.split()) - len(sharding.spec))
+    for name, axes in zip(factors.split(), spec):
+        if name in ("b", "h") and axes is not None and wanted.get(name) is None:
+            wanted[name] = axes
+
+
+def _spec(factors: str, axes: dict[str, object]) -> P:
+    return P(*(axes.get(name) for name in factors.split()))
+
+
+def _partitioned(cfg: CallConfig, raw, rule: str):
+    """Wraps `raw` so that XLA runs it per shard of the batch and head axes."""
+    in_factors, out_factors = (side.split(", ") for side in rule.split(" -> "))
+
+    def shardings(mesh, arg_shapes):
+        axes: dict[str, object] = {}
+        for shape, factors in zip(arg_shapes, in_factors):
+            if isinstance(shape.sharding, NamedSharding):
+                _factor_axes(shape.sharding, factors, axes)
+        if cfg.is_varlen:
+            axes.pop("b", None)
+        arg_shardings = tuple(NamedSharding(mesh, _spec(f, axes)) for f in in_factors)
+        out_shardings = tuple(NamedSharding(mesh, _spec(f, axes)) for f in out_factors)
+        return arg_shardings, out_shardings
+
+    def partition(mesh, arg_shapes, result_shape):
+        arg_shardings, out_shardings = shardings(mesh, arg_shapes)
+        return mesh, functools.partial(raw, cfg), out_shardings, arg_shardings
+
+    def infer(mesh, arg_shapes, result_shape):
+        return shardings(mesh, arg_shapes)[1]
+
+    op = custom_partitioning(functools.partial(raw, cfg))
+    # Tokens, key and value channels and varlen offsets are sequential or summed inside one
+    # call: they must not be split, so a sharded sequence axis is gathered before the call.
+    op.def_partition(
+        partition=partition,
+        infer_sharding_from_operands=infer,
+        sharding_rule=rule,
+        need_replication_factors=("t", "k", "v", "c") + (("n",) if cfg.is_varlen else ()),
+    )
+    return op
+
+
+# ---------------------------------------------------------------------------------------
+# Batching: a vmapped axis becomes more heads.
+
+# Position of the head axis in each operand of the contract (None: has no head axis).
+_FWD_HEAD_AXES = (2, 2, 2, 2, 2, 0, 0, 1, None)
+_BWD_HEAD_AXES = _FWD_HEAD_AXES + (2, 1)
+_FWD_OUT_HEAD_AXES = (2, 1)
+_BWD_OUT_HEAD_AXES = (2, 2, 2, 2, 2, 1, 1, 1)
+
+
+def _fold(x, batched: bool, axis: int, size: int):
+    """[m, ...H...] -> [...m*H...] with the mapped axis m as the slower index."""
+    if not batched:
+        x = jnp.broadcast_to(x, (size,) + x.shape)
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (size * x.shape[axis + 1],) + x.shape[axis + 2:])
+
+
+def _unfold(x, axis: int, size: int):
+    x = x.reshape(x.shape[:axis] + (size, x.shape[axis] // size) + x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _head_folding(op, in_head_axes, out_head_axes):
+    batched_op = jax.custom_batching.custom_vmap(op)
+
+    @batched_op.def_vmap
+    def rule(axis_size, in_batched, *args):
+        if in_batched[8]:
+            raise ValueError(
+                "kda: cu_seqlens cannot be vmapped (each call takes one packed batch); "
+                "concatenate the sequences into one cu_seqlens instead")
+        folded = [
+            a if ax is None else _fold(a, b, ax, axis_size)
+            for a, b, ax in zip(args, in_batched, in_head_axes)
+        ]
+        # Calling the folded op again (not `op`) lets nested vmaps fold one level at a time.
+        outs = batched_op(*folded)
+        outs = tuple(_unfold(o, ax, axis_size) for o, ax in zip(outs, out_head_axes))
+        return outs, (True,) * len(outs)
+
+    return batched_op
+
+
+@functools.lru_cache(maxsize=None)
+def fwd_call(cfg: CallConfig):
+    """(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens) -> (o, final_state)."""
+    op = _partitioned(cfg, _fwd_raw, _fwd_rule(cfg))
+    return _head_folding(op, _FWD_HEAD_AXES, _FWD_OUT_HEAD_AXES)
+
+
+@functools.lru_cache(maxsize=None)
+def bwd_call(cfg: CallConfig):
+    """(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, do, dht) ->
+    (dq, dk, dv, dg, dbeta, dA_log[B,H], ddt_bias[B,H,K], dh0)."""
+    op = _partitioned(cfg, _bwd_raw, _bwd_rule(cfg))
+    return _head_folding(op, _BWD_HEAD_AXES, _BWD_OUT_HEAD_AXES)

@@ -1,0 +1,349 @@
+"""`kda`: argument checking, choice of implementation, and the custom_vjp around the FFI calls."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_flashkda import _ffi
+from jax_flashkda.chunked import kda_chunked
+from jax_flashkda.reference import kda_recurrent
+
+IMPLS = ("auto", "cuda", "ffi", "chunked", "recurrent")
+_FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
+# What the Hopper kernels take; anything else runs elsewhere (auto) or is refused (cuda).
+CUDA_INPUT_DTYPES = (jnp.bfloat16, jnp.float16)
+CUDA_HEAD_DIMS = (128,)
+# Measured on a 2-core CPU (README): the C++ target beats the chunked path there for
+# training-sized calls, so "auto" takes it on CPU when it is built.
+_AUTO_PREFERS_CPU_TARGET = True
+
+
+def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+        use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False,
+        use_beta_sigmoid_in_kernel=False, A_log=None, dt_bias=None, lower_bound=None,
+        state_v_first=False, cu_seqlens=None, impl="auto"):
+    """Kimi Delta Attention.
+
+    Args:
+      q, k: [B, T, H, K] queries and keys. v: [B, T, H, V] values (q, k, v share a dtype).
+      g: [B, T, H, K] per-key-channel log-decay (≤ 0), or the raw gate input when
+        `use_gate_in_kernel`. beta: [B, T, H] write strengths, or logits when
+        `use_beta_sigmoid_in_kernel`.
+      scale: output scale, default K ** -0.5.
+      initial_state: [N, H, K, V] ([N, H, V, K] when `state_v_first`) starting states; N is B,
+        or the number of sequences with `cu_seqlens`. Zeros when None.
+      output_final_state: also return the state after the last token of each sequence (fp32).
+      use_qk_l2norm_in_kernel: l2-normalise q and k per head.
+      use_gate_in_kernel: g is the raw gate; with x = g + dt_bias[h], the log-decay is
+        `lower_bound * sigmoid(exp(A_log[h]) * x)` when `lower_bound` is given (in [-5, 0)),
+        else `-exp(A_log[h]) * softplus(x)`. A_log: [H]; dt_bias: [H, K] or [H * K].
+      use_beta_sigmoid_in_kernel: beta <- sigmoid(beta).
+      state_v_first: state layout [N, H, V, K].
+      cu_seqlens: int [N + 1] offsets cutting the tokens of a B == 1 batch into N
+        independent sequences (empty ones allowed).
+      impl: "auto" (the CUDA kernels on a Hopper GPU where they support the call, else the
+        fastest other path for the platform), "cuda", "ffi" (the compiled target of the
+        platform: CUDA kernels or the C++ CPU target), "chunked" (pure JAX, any platform),
+        "recurrent" (the token-by-token oracle).
+
+    Returns:
+      (o, final_state): o [B, T, H, V] in v's dtype; final_state fp32 or None.
+    """
+    args = _check(q, k, v, g, beta, scale, initial_state, use_gate_in_kernel, A_log, dt_bias,
+                  lower_bound, state_v_first, cu_seqlens, impl)
+    q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens = args
+    chosen = _choose_impl(impl, q, v)
+    if chosen in ("chunked", "recurrent"):
+        pure = kda_chunked if chosen == "chunked" else kda_recurrent
+        o, final_state = pure(
+            q, k, v, g, beta, scale=scale, initial_state=initial_state,
+            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+            use_gate_in_kernel=use_gate_in_kernel,
+            use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+            A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound,
+            state_v_first=state_v_first, cu_seqlens=cu_seqlens)
+        final_state = final_state.astype(jnp.float32) if q.dtype != jnp.float64 else final_state
+    else:
+        o, final_state = _kda_compiled(
+            q, k, v, g, beta, scale, initial_state, use_qk_l2norm_in_kernel,
+            use_gate_in_kernel, use_beta_sigmoid_in_kernel, A_log, dt_bias, lower_bound,
+            state_v_first, cu_seqlens)
+    return o, (final_state if output_final_state else None)
+
+
+# ---------------------------------------------------------------------------------------
+# Checking.
+
+def _shape_of(name, x, rank):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"kda: {name} must be an array, got {type(x).__name__}")
+    if x.ndim != rank:
+        raise ValueError(f"kda: {name} must have rank {rank}, got shape {tuple(x.shape)}")
+    return tuple(x.shape)
+
+
+def _float_dtype(name, x):
+    if not any(x.dtype == d for d in _FLOAT_DTYPES):
+        raise TypeError(
+            f"kda: {name} must be bfloat16, float16, float32 or float64, got {x.dtype}")
+
+
+def _expect_shape(name, x, expected, meaning):
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(
+            f"kda: {name} must have shape {tuple(expected)} ({meaning}), got {tuple(x.shape)}")
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check(q, k, v, g, beta, scale, initial_state, use_gate, A_log, dt_bias, lower_bound,
+           state_v_first, cu_seqlens, impl):
+    if impl not in IMPLS:
+        raise ValueError(f"kda: impl must be one of {IMPLS}, got {impl!r}")
+    b, t, h, kd = _shape_of("q", q, 4)
+    _shape_of("k", k, 4)
+    _shape_of("v", v, 4)
+    _shape_of("g", g, 4)
+    _shape_of("beta", beta, 3)
+    vd = v.shape[3]
+    for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
+        _float_dtype(name, x)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"kda: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _expect_shape("k", k, (b, t, h, kd), "[B, T, H, K] like q")
+    _expect_shape("g", g, (b, t, h, kd), "[B, T, H, K] like q")
+    if v.shape[:3] != (b, t, h):
+        raise ValueError(
+            f"kda: v must have shape [B, T, H, V] = [{b}, {t}, {h}, V] matching q, "
+            f"got {tuple(v.shape)}")
+    _expect_shape("beta", beta, (b, t, h), "[B, T, H]")
+    if kd == 0 or vd == 0 or h == 0:
+        raise ValueError(f"kda: H, K and V must be positive, got H={h}, K={kd}, V={vd}")
+
+    if scale is None:
+        scale = kd ** -0.5
+    elif isinstance(scale, jax.core.Tracer) or not np.isscalar(scale):
+        raise TypeError(f"kda: scale must be a Python float, got {type(scale).__name__}")
+    scale = float(scale)
+
+    n = b
+    if cu_seqlens is not None:
+        _shape_of("cu_seqlens", cu_seqlens, 1)
+        if not jnp.issubdtype(cu_seqlens.dtype, jnp.integer):
+            raise TypeError(f"kda: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+        if b != 1:
+            raise ValueError(f"kda: cu_seqlens requires B == 1 (packed sequences), got B={b}")
+        if cu_seqlens.shape[0] < 2:
+            raise ValueError(
+                f"kda: cu_seqlens must have N + 1 >= 2 entries, got shape {cu_seqlens.shape}")
+        n = cu_seqlens.shape[0] - 1
+        if _is_concrete(cu_seqlens):
+            offsets = np.asarray(cu_seqlens)
+            if offsets[0] != 0 or offsets[-1] != t or np.any(np.diff(offsets) < 0):
+                raise ValueError(
+                    f"kda: cu_seqlens must start at 0, be non-decreasing and end at T={t}, "
+                    f"got {offsets.tolist()}")
+        cu_seqlens = jnp.asarray(cu_seqlens, jnp.int32)
+
+    if initial_state is not None:
+        _shape_of("initial_state", initial_state, 4)
+        _float_dtype("initial_state", initial_state)
+        layout = "[N, H, V, K]" if state_v_first else "[N, H, K, V]"
+        expected = (n, h, vd, kd) if state_v_first else (n, h, kd, vd)
+        _expect_shape("initial_state", initial_state, expected,
+                      f"{layout} with N = {'len(cu_seqlens) - 1' if cu_seqlens is not None else 'B'}")
+        if initial_state.dtype != jnp.float64:
+            initial_state = initial_state.astype(jnp.float32)
+
+    if use_gate:
+        if lower_bound is None and A_log is None:
+            raise ValueError(
+                "kda: use_gate_in_kernel=True without lower_bound needs A_log ([H]): the "
+                "softplus gate is -exp(A_log) * softplus(g + dt_bias)")
+        if lower_bound is not None:
+            if not np.isscalar(lower_bound) or isinstance(lower_bound, jax.core.Tracer):
+                raise TypeError(
+                    f"kda: lower_bound must be a Python float, got {type(lower_bound).__name__}")
+            if not -5.0 <= float(lower_bound) < 0.0:
+                raise ValueError(f"kda: lower_bound must be in [-5, 0), got {lower_bound}")
+            lower_bound = float(lower_bound)
+        gate_dtype = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+        if A_log is None:
+            A_log = jnp.zeros((h,), gate_dtype)
+        else:
+            _float_dtype("A_log", A_log)
+            if tuple(A_log.shape) != (h,):
+                raise ValueError(f"kda: A_log must have shape [H] = ({h},), got {A_log.shape}")
+            A_log = A_log.astype(gate_dtype)
+        if dt_bias is None:
+            dt_bias = jnp.zeros((h, kd), gate_dtype)
+        else:
+            _float_dtype("dt_bias", dt_bias)
+            if tuple(dt_bias.shape) == (h * kd,):
+                dt_bias = dt_bias.reshape(h, kd)
+            elif tuple(dt_bias.shape) != (h, kd):
+                raise ValueError(
+                    f"kda: dt_bias must have shape [H, K] = ({h}, {kd}) or [H * K] = "
+                    f"({h * kd},), got {tuple(dt_bias.shape)}")
+            dt_bias = dt_bias.astype(gate_dtype)
+    else:
+        for name, x in (("A_log", A_log), ("dt_bias", dt_bias), ("lower_bound", lower_bound)):
+            if x is not None:
+                raise ValueError(
+                    f"kda: {name} is only used with use_gate_in_kernel=True; pass "
+                    f"use_gate_in_kernel=True or leave {name} as None")
+    return q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens
+
+
+# ---------------------------------------------------------------------------------------
+# Choosing.
+
+def _hopper_device():
+    """The first GPU if it is a Hopper (compute capability 9.x), else None and why not."""
+    try:
+        devices = jax.devices()
+    except RuntimeError as e:
+        return None, f"no JAX devices ({e})"
+    device = devices[0]
+    if device.platform != "gpu":
+        return None, f"the default JAX backend is {device.platform}, not a CUDA GPU"
+    capability = getattr(device, "compute_capability", "")
+    if not str(capability).startswith("9"):
+        return None, (f"{device.device_kind} has compute capability {capability}; the kernels "
+                      "are built for sm_90a (H100/H200)")
+    return device, None
+
+
+def cuda_unavailable_reason(q_dtype=jnp.bfloat16, k_dim=128, v_dim=128) -> str | None:
+    """None when the CUDA kernels can run a call with these properties, else why not."""
+    _, reason = _hopper_device()
+    if reason:
+        return reason
+    reason = _ffi.load_error("CUDA")
+    if reason:
+        return reason
+    if not _ffi.has_target("CUDA", _ffi.FWD_TARGET):
+        return "the CUDA extension has no forward target"
+    if not any(q_dtype == d for d in CUDA_INPUT_DTYPES):
+        return f"the CUDA kernels take bfloat16 or float16 q/k/v, got {jnp.dtype(q_dtype)}"
+    if k_dim not in CUDA_HEAD_DIMS or v_dim not in CUDA_HEAD_DIMS:
+        return (f"the CUDA kernels support K = V in {CUDA_HEAD_DIMS}, got K={k_dim}, "
+                f"V={v_dim}")
+    if k_dim != v_dim:
+        return f"the CUDA kernels need K == V, got K={k_dim}, V={v_dim}"
+    return None
+
+
+def _cpu_target_ready() -> bool:
+    return (_ffi.has_target("cpu", _ffi.FWD_TARGET) and _ffi.has_target("cpu", _ffi.BWD_TARGET))
+
+
+def _choose_impl(impl, q, v):
+    kd, vd = q.shape[-1], v.shape[-1]
+    if impl == "cuda":
+        reason = cuda_unavailable_reason(q.dtype, kd, vd)
+        if reason:
+            raise ValueError(f"kda: impl='cuda' cannot run this call: {reason}")
+        return "cuda"
+    if impl == "ffi":
+        if jax.default_backend() == "cpu":
+            if not _cpu_target_ready():
+                raise ValueError(
+                    f"kda: impl='ffi' on CPU needs the C++ target: {_ffi.load_error('cpu')}")
+            return "cpu"
+        reason = cuda_unavailable_reason(q.dtype, kd, vd)
+        if reason:
+            raise ValueError(f"kda: impl='ffi' cannot run this call: {reason}")
+        return "cuda"
+    if impl == "auto":
+        if cuda_unavailable_reason(q.dtype, kd, vd) is None:
+            return "cuda"
+        if (jax.default_backend() == "cpu" and _AUTO_PREFERS_CPU_TARGET
+                and q.dtype != jnp.float64 and _cpu_target_ready()):
+            return "cpu"
+        return "chunked"
+    return impl
+
+
+# ---------------------------------------------------------------------------------------
+# The compiled path.
+
+def _gate_mode(use_gate, lower_bound):
+    if not use_gate:
+        return _ffi.GATE_LOG_DECAY
+    return _ffi.GATE_SOFTPLUS if lower_bound is None else _ffi.GATE_SAFE
+
+
+def _kda_compiled(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, use_gate,
+                  use_beta_sigmoid, A_log, dt_bias, lower_bound, state_v_first, cu_seqlens):
+    b, _, h, kd = q.shape
+    vd = v.shape[-1]
+    cfg = _ffi.CallConfig(
+        scale=scale, use_qk_l2norm=bool(use_qk_l2norm), use_beta_sigmoid=bool(use_beta_sigmoid),
+        gate_mode=_gate_mode(use_gate, lower_bound),
+        lower_bound=float(lower_bound) if lower_bound is not None else 0.0,
+        state_v_first=bool(state_v_first), is_varlen=cu_seqlens is not None)
+    n = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else b
+    state_shape = (n, h, vd, kd) if state_v_first else (n, h, kd, vd)
+    # The C++ target computes in fp32; the CUDA target takes 16-bit q/k/v (checked above).
+    to_f32 = lambda x: x.astype(jnp.float32) if x.dtype == jnp.float64 else x
+    q, k, v, g, beta = map(to_f32, (q, k, v, g, beta))
+    h0 = (jnp.zeros(state_shape, jnp.float32) if initial_state is None
+          else initial_state.astype(jnp.float32))
+    A_log = jnp.zeros((h,), jnp.float32) if A_log is None else A_log.astype(jnp.float32)
+    dt_bias = (jnp.zeros((h, kd), jnp.float32) if dt_bias is None
+               else dt_bias.astype(jnp.float32))
+    cu = cu_seqlens if cu_seqlens is not None else jnp.zeros((1,), jnp.int32)
+    return _compiled_vjp(cfg)(q, k, v, g, beta, A_log, dt_bias, h0, cu)
+
+
+def _pure_vjp(cfg: _ffi.CallConfig, primals, cotangents):
+    """Gradients by autodiff of the chunked path: the backward where no compiled one exists."""
+    q, k, v, g, beta, A_log, dt_bias, h0, cu = primals
+    lower_bound = cfg.lower_bound if cfg.gate_mode == _ffi.GATE_SAFE else None
+
+    def forward(q, k, v, g, beta, A_log, dt_bias, h0):
+        return kda_chunked(
+            q, k, v, g, beta, scale=cfg.scale, initial_state=h0,
+            use_qk_l2norm_in_kernel=cfg.use_qk_l2norm,
+            use_gate_in_kernel=cfg.gate_mode != _ffi.GATE_LOG_DECAY,
+            use_beta_sigmoid_in_kernel=cfg.use_beta_sigmoid,
+            A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound,
+            state_v_first=cfg.state_v_first, cu_seqlens=cu if cfg.is_varlen else None)
+
+    _, vjp = jax.vjp(forward, q, k, v, g, beta, A_log, dt_bias, h0)
+    return vjp(cotangents)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_vjp(cfg: _ffi.CallConfig):
+    fwd = _ffi.fwd_call(cfg)
+    bwd = _ffi.bwd_call(cfg)
+
+    @jax.custom_vjp
+    def run(q, k, v, g, beta, A_log, dt_bias, h0, cu):
+        return fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu)
+
+    def run_fwd(*primals):
+        return fwd(*primals), primals
+
+    def run_bwd(primals, cotangents):
+        do, dht = cotangents
+        platform = "cpu" if jax.default_backend() == "cpu" else "CUDA"
+        if _ffi.has_target(platform, _ffi.BWD_TARGET):
+            dq, dk, dv, dg, dbeta, dA_log, ddt_bias, dh0 = bwd(*primals, do, dht)
+            grads = (dq, dk, dv, dg, dbeta, dA_log.sum(0), ddt_bias.sum(0), dh0)
+        else:
+            grads = _pure_vjp(cfg, primals, (do, dht))
+        return grads + (None,)
+
+    run.defvjp(run_fwd, run_bwd)
+    return run
+

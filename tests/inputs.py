@@ -1,0 +1,45 @@
+"""Random KDA inputs for the tests: never zeros, every gate mode."""
+
+import numpy as np
+
+GATE_MODES = ("log_decay", "softplus", "safe")
+
+
+def make_inputs(rng, B=2, T=37, H=3, K=16, V=24, *, gate_mode="safe", n_seqs=None,
+                dtype=np.float32, with_state=True, state_v_first=False, seqlens=None):
+    """Returns (args, kwargs) for `kda`, with arrays as numpy in `dtype`.
+
+    `seqlens` gives varlen sequence lengths (B is then 1 and T their sum).
+    """
+    if seqlens is not None:
+        B, T = 1, int(sum(seqlens))
+    q = rng.standard_normal((B, T, H, K)).astype(dtype)
+    k = rng.standard_normal((B, T, H, K)).astype(dtype)
+    v = rng.standard_normal((B, T, H, V)).astype(dtype)
+    beta = rng.standard_normal((B, T, H)).astype(dtype)
+    kwargs = dict(use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+                  state_v_first=state_v_first)
+    if gate_mode == "log_decay":
+        g = -np.exp(rng.standard_normal((B, T, H, K)) - 2.0).astype(dtype)
+    else:
+        g = rng.standard_normal((B, T, H, K)).astype(dtype)
+        kwargs.update(use_gate_in_kernel=True,
+                      A_log=rng.uniform(-1.0, 1.0, (H,)).astype(np.float32),
+                      dt_bias=(0.5 * rng.standard_normal((H, K))).astype(np.float32))
+        if gate_mode == "safe":
+            kwargs["lower_bound"] = -5.0
+    n = B
+    if seqlens is not None:
+        kwargs["cu_seqlens"] = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32)
+        n = len(seqlens)
+    if with_state:
+        shape = (n, H, V, K) if state_v_first else (n, H, K, V)
+        kwargs["initial_state"] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+        kwargs["output_final_state"] = True
+    return (q, k, v, g, beta), kwargs
+
+
+def rel_err(x, ref):
+    x = np.asarray(x, np.float64)
+    ref = np.asarray(ref, np.float64)
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
