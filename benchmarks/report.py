@@ -1,0 +1,90 @@
+"""Turns benchmark rows (json) into a markdown table of times and ratios, and a png chart.
+
+    python benchmarks/report.py benchmarks/results/gpu_h100.json
+
+Writes <name>.md and <name>.png beside the json. Ratios are peer time over ours (> 1: we
+are faster), and ours over the memory floor.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+OURS = "jax_flashkda"
+ORDER = ["floor", "jax_flashkda", "flashkda", "fla", "jla", "jax_chunked"]
+
+
+def table(rows, mode):
+    cases = list(dict.fromkeys(r["case"] for r in rows if r["mode"] == mode))
+    impls = [i for i in ORDER if any(r["impl"] == i and r["mode"] == mode for r in rows)]
+    ms = {(r["case"], r["impl"]): r["ms"] for r in rows if r["mode"] == mode}
+    peers = [i for i in impls if i not in ("floor", OURS)]
+    head = ["case"] + [f"{i} ms" for i in impls] + [f"{p} / ours" for p in peers]
+    if "floor" in impls:
+        head.append("ours / floor")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for case in cases:
+        ours = ms.get((case, OURS))
+        cells = [case] + [f"{ms[(case, i)]:.3f}" if (case, i) in ms else "—" for i in impls]
+        for p in peers:
+            ok = ours and (case, p) in ms
+            cells.append(f"{ms[(case, p)] / ours:.2f}×" if ok else "—")
+        if "floor" in impls:
+            cells.append(f"{ours / ms[(case, 'floor')]:.2f}×" if ours else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def chart(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 4.5), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        sel = [r for r in rows if r["mode"] == mode]
+        cases = list(dict.fromkeys(r["case"] for r in sel))
+        impls = [i for i in ORDER if any(r["impl"] == i for r in sel)]
+        width = 0.8 / len(impls)
+        for j, impl in enumerate(impls):
+            ys = [next((r["ms"] for r in sel if r["case"] == c and r["impl"] == impl), 0)
+                  for c in cases]
+            ax.bar([i + j * width for i in range(len(cases))], ys, width, label=impl)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+        ax.set_xticklabels(cases, rotation=20, fontsize=8)
+        ax.set_ylabel("ms (lower is better)")
+        ax.set_yscale("log")
+        ax.set_title(f"KDA {mode}, {sel[0]['gpu']}, {sel[0]['date']}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(path):
+    path = pathlib.Path(path)
+    rows = json.loads(path.read_text())
+    gpu, date = rows[0]["gpu"], rows[0]["date"]
+    parts = [f"# KDA benchmarks: {gpu}, {date}", "",
+             "Side by side in one process on one GPU; bf16, D=128, fused mode (l2norm, safe "
+             "gate lower_bound=-5, beta sigmoid), fp32 state in and out. "
+             "`floor` is the bytes that must move over the measured copy bandwidth.", ""]
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        parts += [f"## {mode}", "", table(rows, mode), ""]
+    mem = [r for r in rows if "extra_gib" in r]
+    if mem:
+        parts += ["## extra device memory of forward+backward", "",
+                  "XLA's temp allocation of the compiled step (JAX) or the rise of torch's "
+                  "peak allocation (fla).", "", "| case | impl | GiB |", "|---|---|---|"]
+        parts += [f"| {r['case']} | {r['impl']} | {r['extra_gib']} |" for r in mem]
+        parts.append("")
+    path.with_suffix(".md").write_text("\n".join(parts))
+    chart(rows, path.with_suffix(".png"))
+    print(path.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
