@@ -1,0 +1,548 @@
+// Hopper forward of Kimi Delta Attention in two launches.
+//
+// 1. prep (grid: chunk slots x heads, token-parallel): gate activation, l2norm, the in-chunk
+//    cumulative decay Γ, the 16x16 matrices L and Aqk, T = (I+L)^-1, and the per-chunk operands
+//    of the recurrence, written to a workspace record per (head, chunk).
+// 2. recurrence (grid: value blocks x heads x sequences): each warp owns 16 value columns of the
+//    state S (all K keys), kept transposed in fp32 mma accumulators for the whole sequence, so the
+//    accumulator layout doubles as the bf16 A/B operand layout and S never leaves registers.
+//    Per chunk:  Vnᵀ = Vᵀ(Tβ)ᵀ + Sᵀ(−W)ᵀ,  Oᵀ = SᵀQ̃ᵀ + VnᵀAqkᵀ,  Sᵀ = Sᵀ·Diag(e^{Γ_C}) + VnᵀK̃.
+//    The next chunks' records are prefetched with cp.async while the current one is computed.
+//
+// Every factor the recurrence sees (e^{Γ_r}, e^{Γ_C−Γ_r}, e^{Γ_C}) is ≤ 1 for any gate, so it is
+// exact for unbounded decays; only L and Aqk need e^{Γ_r−Γ_s}, which prep computes per element
+// unless the gate is bounded (safe gate, lower_bound ≥ −5: the span over 16 tokens is ≥ −80 and
+// e^{Γ_r}·e^{−Γ_s} stays inside fp32).
+#include "kda/kda_fwd.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdlib>
+
+#include "kda/ptx.cuh"
+
+namespace kda {
+namespace {
+
+constexpr int kChunk = 16;
+constexpr int kStages = 3;
+
+// Workspace record of one (head, chunk), K key channels:
+//   Q̃ = scale·Q⊙e^Γ [16,K] bf16 | −W [16,K] bf16 | K̃ = K⊙e^{Γ_C−Γ} [16,K] bf16 |
+//   Tβ = T·Diag(β) [16,16] (dtype of v) | Aqk [16,16] bf16 | e^{Γ_C} [K] f32
+template <int K>
+struct Rec {
+  static constexpr int kMat = kChunk * K * 2;
+  static constexpr int kQ = 0, kW = kMat, kKt = 2 * kMat, kTb = 3 * kMat, kAqk = kTb + 512,
+                       kEg = kTb + 1024;
+  static constexpr int kTail = 1024 + 4 * K;
+  static constexpr int kBytes = kEg + 4 * K;
+};
+
+size_t rec_bytes(int K) { return K == 64 ? Rec<64>::kBytes : Rec<128>::kBytes; }
+
+int chunk_slots(const FwdParams& p) {
+  // Varlen: sequence n starts at slot cu[n]/16 + n, which never overlaps the previous one.
+  return p.is_varlen ? p.T / kChunk + p.N + 1 : p.B * ((p.T + kChunk - 1) / kChunk);
+}
+
+__device__ __forceinline__ float load_f(const void* base, DType t, size_t i) {
+  switch (t) {
+    case DType::kBF16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+    case DType::kF16:
+      return __half2float(static_cast<const __half*>(base)[i]);
+    default:
+      return static_cast<const float*>(base)[i];
+  }
+}
+
+__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
+
+// First global token row, slot of the first chunk, and length of sequence n.
+struct Seq {
+  long long row0;
+  int slot0;
+  int len;
+};
+
+__device__ __forceinline__ Seq seq_of(const FwdParams& p, int n) {
+  if (p.is_varlen) {
+    const int b = p.cu_seqlens[n], e = p.cu_seqlens[n + 1];
+    return {b, b / kChunk + n, e - b};
+  }
+  return {static_cast<long long>(n) * p.T, n * ((p.T + kChunk - 1) / kChunk), p.T};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel 1: one CTA of K threads per (chunk slot, head); thread d owns key channel d.
+template <int K, bool kFactored>
+__global__ void __launch_bounds__(K) kda_prep_kernel(FwdParams p, uint8_t* __restrict__ ws,
+                                                     int slots) {
+  constexpr int KP = K + 4;  // padding keeps the pair loop's row reads off one bank
+  constexpr int kWarps = K / 32;
+  __shared__ __align__(16) float X[kChunk][KP], Y[kChunk][KP], Z[kChunk][KP];
+  __shared__ float Ls[kChunk][kChunk + 1], As[kChunk][kChunk + 1], Tb[kChunk][kChunk + 1];
+  __shared__ float beta_s[kChunk], red[kWarps][32], rnorm[32];
+
+  const int slot = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+  const int lane = d & 31, warp = d >> 5;
+
+  // Which sequence and chunk this slot holds (varlen slots between sequences stay unused).
+  int n = 0, c = slot;
+  if (p.is_varlen) {
+    int lo = 0, hi = p.N - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (p.cu_seqlens[mid] / kChunk + mid <= slot) lo = mid; else hi = mid - 1;
+    }
+    n = lo;
+    c = slot - (p.cu_seqlens[n] / kChunk + n);
+  } else {
+    const int per = (p.T + kChunk - 1) / kChunk;
+    n = slot / per;
+    c = slot % per;
+  }
+  const Seq sq = seq_of(p, n);
+  if (c < 0 || c * kChunk >= sq.len) return;
+  const int len = min(kChunk, sq.len - c * kChunk);
+  const long long row0 = sq.row0 + static_cast<long long>(c) * kChunk;
+
+  uint8_t* rec = ws + (static_cast<size_t>(h) * slots + slot) * Rec<K>::kBytes;
+  __nv_bfloat16* rq = reinterpret_cast<__nv_bfloat16*>(rec + Rec<K>::kQ);
+  __nv_bfloat16* rw = reinterpret_cast<__nv_bfloat16*>(rec + Rec<K>::kW);
+  __nv_bfloat16* rkt = reinterpret_cast<__nv_bfloat16*>(rec + Rec<K>::kKt);
+  __nv_bfloat16* raq = reinterpret_cast<__nv_bfloat16*>(rec + Rec<K>::kAqk);
+  float* reg = reinterpret_cast<float*>(rec + Rec<K>::kEg);
+
+  const float a_exp = p.gate_mode ? __expf(p.A_log[h]) : 0.f;
+  const float dtb = p.gate_mode ? p.dt_bias[h * K + d] : 0.f;
+
+  // Tokens past the end of the sequence act as q = k = 0, g = 0, β = 0: they then change
+  // neither the state nor any real token's output.
+  float qv[kChunk], kv[kChunk], G[kChunk];
+#pragma unroll
+  for (int r = 0; r < kChunk; ++r) {
+    qv[r] = kv[r] = G[r] = 0.f;
+    if (r < len) {
+      const size_t i = (static_cast<size_t>(row0 + r) * p.H + h) * K + d;
+      qv[r] = load_f(p.q, p.qkv_dtype, i);
+      kv[r] = load_f(p.k, p.qkv_dtype, i);
+      const float x = load_f(p.g, p.g_dtype, i);
+      if (p.gate_mode == 1) {
+        const float y = x + dtb;
+        G[r] = -a_exp * (y > 20.f ? y : log1pf(__expf(y)));
+      } else if (p.gate_mode == 2) {
+        G[r] = p.lower_bound * sigmoid_f(a_exp * (x + dtb));
+      } else {
+        G[r] = x;
+      }
+    }
+  }
+  if (d < kChunk) {
+    float b = 0.f;
+    if (d < len) {
+      b = load_f(p.beta, p.beta_dtype, static_cast<size_t>(row0 + d) * p.H + h);
+      if (p.use_beta_sigmoid) b = sigmoid_f(b);
+    }
+    beta_s[d] = b;
+  }
+
+  if (p.use_qk_l2norm) {
+    // 32 row sums (16 of q², 16 of k²) over the CTA: a transposing butterfly leaves lane i of
+    // each warp with the warp's partial sum of value i.
+    float acc[32];
+#pragma unroll
+    for (int r = 0; r < kChunk; ++r) {
+      acc[r] = qv[r] * qv[r];
+      acc[kChunk + r] = kv[r] * kv[r];
+    }
+#pragma unroll
+    for (int i = 0; i < 5; ++i) {
+      const int w = 16 >> i;
+      const bool upper = lane & w;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        if (j >= w) break;
+        const float send = upper ? acc[j] : acc[j + w];
+        const float keep = upper ? acc[j + w] : acc[j];
+        acc[j] = keep + __shfl_xor_sync(0xffffffffu, send, w);
+      }
+    }
+    red[warp][lane] = acc[0];
+    __syncthreads();
+    if (d < 32) {
+      float s = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) s += red[w][d];
+      rnorm[d] = rsqrtf(s + 1e-6f);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kChunk; ++r) {
+      qv[r] *= rnorm[r];
+      kv[r] *= rnorm[kChunk + r];
+    }
+  }
+
+#pragma unroll
+  for (int r = 1; r < kChunk; ++r) G[r] += G[r - 1];
+
+  const float gc = G[kChunk - 1];
+  reg[d] = __expf(gc);
+  float kd[kChunk];  // K⊙e^Γ, kept for W
+#pragma unroll
+  for (int r = 0; r < kChunk; ++r) {
+    const float e = __expf(G[r]);
+    const float qd = p.scale * qv[r] * e;
+    kd[r] = kv[r] * e;
+    rq[r * K + d] = __float2bfloat16_rn(qd);
+    rkt[r * K + d] = __float2bfloat16_rn(kv[r] * __expf(gc - G[r]));
+    if constexpr (kFactored) {
+      X[r][d] = qd;
+      Y[r][d] = kd[r];
+      Z[r][d] = kv[r] * __expf(-G[r]);
+    } else {
+      X[r][d] = p.scale * qv[r];
+      Y[r][d] = kv[r];
+      Z[r][d] = G[r] * 1.4426950408889634f;
+    }
+  }
+  __syncthreads();
+
+  // 120 strictly-lower pairs (L and Aqk), then the 16 diagonal ones (Aqk only).
+  for (int pr = d; pr < 136; pr += K) {
+    int r, s;
+    if (pr < 120) {
+      r = 1;
+      while ((r + 1) * r / 2 <= pr) ++r;
+      s = pr - r * (r - 1) / 2;
+    } else {
+      r = s = pr - 120;
+    }
+    float acc_a = 0.f, acc_l = 0.f;
+#pragma unroll 4
+    for (int j = 0; j < K; j += 4) {
+      const float4 x = *reinterpret_cast<const float4*>(&X[r][j]);
+      const float4 y = *reinterpret_cast<const float4*>(&Y[r][j]);
+      if constexpr (kFactored) {
+        const float4 z = *reinterpret_cast<const float4*>(&Z[s][j]);
+        acc_a += x.x * z.x + x.y * z.y + x.z * z.z + x.w * z.w;
+        acc_l += y.x * z.x + y.y * z.y + y.z * z.z + y.w * z.w;
+      } else {
+        const float4 ys = *reinterpret_cast<const float4*>(&Y[s][j]);
+        const float4 gr = *reinterpret_cast<const float4*>(&Z[r][j]);
+        const float4 gs = *reinterpret_cast<const float4*>(&Z[s][j]);
+        const float z0 = ys.x * exp2f(gr.x - gs.x), z1 = ys.y * exp2f(gr.y - gs.y);
+        const float z2 = ys.z * exp2f(gr.z - gs.z), z3 = ys.w * exp2f(gr.w - gs.w);
+        acc_a += x.x * z0 + x.y * z1 + x.z * z2 + x.w * z3;
+        acc_l += y.x * z0 + y.y * z1 + y.z * z2 + y.w * z3;
+      }
+    }
+    As[r][s] = acc_a;
+    Ls[r][s] = beta_s[r] * acc_l;
+  }
+  __syncthreads();
+
+  for (int i = d; i < kChunk * kChunk; i += K) {
+    const int r = i / kChunk, s = i % kChunk;
+    raq[i] = __float2bfloat16_rn(s <= r ? As[r][s] : 0.f);
+  }
+  if (d < kChunk) {
+    // Forward substitution for column j = d of T = (I+L)^-1 (unit lower triangular).
+    float tc[kChunk];
+#pragma unroll
+    for (int r = 0; r < kChunk; ++r) {
+      float v = (r == d) ? 1.f : 0.f;
+#pragma unroll
+      for (int s = 0; s < r; ++s) v -= Ls[r][s] * tc[s];
+      tc[r] = v;
+    }
+    const float b = beta_s[d];
+#pragma unroll
+    for (int r = 0; r < kChunk; ++r) {
+      const float tb = tc[r] * b;
+      Tb[r][d] = tb;
+      if (p.qkv_dtype == DType::kF16)
+        reinterpret_cast<__half*>(rec + Rec<K>::kTb)[r * kChunk + d] = __float2half_rn(tb);
+      else
+        reinterpret_cast<__nv_bfloat16*>(rec + Rec<K>::kTb)[r * kChunk + d] =
+            __float2bfloat16_rn(tb);
+    }
+  }
+  __syncthreads();
+
+#pragma unroll
+  for (int r = 0; r < kChunk; ++r) {
+    float w = 0.f;
+#pragma unroll
+    for (int s = 0; s <= r; ++s) w += Tb[r][s] * kd[s];
+    rw[r * K + d] = __float2bfloat16_rn(-w);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel 2: the chunk recurrence. CTA = (value block of 16·NW columns, head, sequence); warp w
+// owns value columns [16w, 16w+16) of the block. Fragment maps (m16n8k16, g = lane/4, t = lane%4):
+//   s[nt][0..1] = Sᵀ(value g, key 8nt+2t+{0,1}), s[nt][2..3] = the same at value g+8.
+template <int K, int NW, typename Tin>
+struct RecurrenceSmem {
+  static constexpr int BV = 16 * NW;
+  static constexpr int KP = K + 8;  // +16 bytes per row: conflict-free ldmatrix
+  static constexpr int VP = BV + 8;
+  static constexpr int kMat = kChunk * KP * 2;
+  static constexpr int kV = 3 * kMat + Rec<K>::kTail;
+  static constexpr int kStage = kV + kChunk * VP * 2;
+  static constexpr int kOutPitch = 16 + 8;
+  static constexpr int kOut = kStages * kStage;
+  static constexpr int kBytes = kOut + NW * kChunk * kOutPitch * 2;
+};
+
+template <int K, int NW, typename Tin>
+__global__ void __launch_bounds__(NW * 32) kda_recurrence_kernel(FwdParams p,
+                                                                 const uint8_t* __restrict__ ws,
+                                                                 int slots) {
+  using L = RecurrenceSmem<K, NW, Tin>;
+  constexpr int BV = L::BV, KP = L::KP, VP = L::VP, NT = NW * 32;
+  extern __shared__ __align__(128) uint8_t smem[];
+
+  const int vb = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const Seq sq = seq_of(p, n);
+  const int nch = (sq.len + kChunk - 1) / kChunk;
+  const uint8_t* rec0 = ws + (static_cast<size_t>(h) * slots + sq.slot0) * Rec<K>::kBytes;
+  const Tin* vsrc = static_cast<const Tin*>(p.v);
+
+  auto issue = [&](int c) {
+    uint8_t* st = smem + (c % kStages) * L::kStage;
+    const uint8_t* rec = rec0 + static_cast<size_t>(c) * Rec<K>::kBytes;
+    constexpr int kRowU = K / 8, kMatU = kChunk * kRowU;
+    for (int u = tid; u < 3 * kMatU; u += NT) {
+      const int m = u / kMatU, row = (u % kMatU) / kRowU, cu = u % kRowU;
+      ptx::cp_async16(st + m * L::kMat + row * KP * 2 + cu * 16,
+                      rec + m * Rec<K>::kMat + row * K * 2 + cu * 16, 16);
+    }
+    for (int u = tid; u < Rec<K>::kTail / 16; u += NT)
+      ptx::cp_async16(st + 3 * L::kMat + u * 16, rec + Rec<K>::kTb + u * 16, 16);
+    constexpr int kVRowU = BV / 8;
+    for (int u = tid; u < kChunk * kVRowU; u += NT) {
+      const int row = u / kVRowU, cu = u % kVRowU;
+      const int tok = c * kChunk + row;
+      const bool ok = tok < sq.len;
+      const Tin* src = vsrc + (static_cast<size_t>(sq.row0 + (ok ? tok : 0)) * p.H + h) * p.V +
+                       vb * BV + cu * 8;
+      ptx::cp_async16(st + L::kV + row * VP * 2 + cu * 16, src, ok ? 16 : 0);
+    }
+  };
+
+  // Initial state, transposed into the accumulator layout.
+  float s[K / 8][4];
+  const size_t st_base = (static_cast<size_t>(n) * p.H + h) * K * p.V;
+  const int v_lo = vb * BV + warp * 16 + g;
+  auto st_index = [&](int nt, int j) {
+    const int v = v_lo + (j >> 1) * 8, key = nt * 8 + t * 2 + (j & 1);
+    return st_base + (p.state_v_first ? static_cast<size_t>(v) * K + key
+                                      : static_cast<size_t>(key) * p.V + v);
+  };
+#pragma unroll
+  for (int nt = 0; nt < K / 8; ++nt)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) s[nt][j] = p.initial_state[st_index(nt, j)];
+
+#pragma unroll
+  for (int c = 0; c < kStages - 1; ++c) {
+    if (c < nch) issue(c);
+    ptx::cp_async_commit();
+  }
+
+  Tin* ostage = reinterpret_cast<Tin*>(smem + L::kOut) + warp * kChunk * L::kOutPitch;
+  Tin* out = static_cast<Tin*>(p.o);
+  const int brow = (lane & 7) + ((lane >> 4) & 1) * 8, bcol = ((lane >> 3) & 1) * 8;
+
+  for (int c = 0; c < nch; ++c) {
+    ptx::cp_async_wait<kStages - 2>();
+    __syncthreads();  // chunk c landed for every thread; stage (c-1) % kStages is free again
+    if (c + kStages - 1 < nch) issue(c + kStages - 1);
+    ptx::cp_async_commit();
+
+    const uint8_t* st = smem + (c % kStages) * L::kStage;
+    const __nv_bfloat16* qs = reinterpret_cast<const __nv_bfloat16*>(st);
+    const __nv_bfloat16* wsm = reinterpret_cast<const __nv_bfloat16*>(st + L::kMat);
+    const __nv_bfloat16* kts = reinterpret_cast<const __nv_bfloat16*>(st + 2 * L::kMat);
+    const Tin* tbs = reinterpret_cast<const Tin*>(st + 3 * L::kMat);
+    const __nv_bfloat16* aqs = reinterpret_cast<const __nv_bfloat16*>(st + 3 * L::kMat + 512);
+    const float* egs = reinterpret_cast<const float*>(st + 3 * L::kMat + 1024);
+    const Tin* vs = reinterpret_cast<const Tin*>(st + L::kV);
+
+    float vn[2][4] = {}, ot[2][4] = {};
+    {
+      uint32_t av[4], bt[4];
+      ptx::ldsm_x4_trans(av, vs + brow * VP + warp * 16 + bcol);
+      ptx::ldsm_x4(bt, tbs + brow * kChunk + bcol);
+      ptx::mma16816<Tin>(vn[0], av, bt[0], bt[1]);
+      ptx::mma16816<Tin>(vn[1], av, bt[2], bt[3]);
+    }
+#pragma unroll
+    for (int ks = 0; ks < K / 16; ++ks) {
+      const uint32_t a[4] = {ptx::pack_bf16(s[2 * ks][0], s[2 * ks][1]),
+                             ptx::pack_bf16(s[2 * ks][2], s[2 * ks][3]),
+                             ptx::pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]),
+                             ptx::pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+      uint32_t bw[4], bq[4];
+      ptx::ldsm_x4(bw, wsm + brow * KP + ks * 16 + bcol);
+      ptx::ldsm_x4(bq, qs + brow * KP + ks * 16 + bcol);
+      ptx::mma16816<__nv_bfloat16>(vn[0], a, bw[0], bw[1]);
+      ptx::mma16816<__nv_bfloat16>(vn[1], a, bw[2], bw[3]);
+      ptx::mma16816<__nv_bfloat16>(ot[0], a, bq[0], bq[1]);
+      ptx::mma16816<__nv_bfloat16>(ot[1], a, bq[2], bq[3]);
+    }
+    const uint32_t avn[4] = {ptx::pack_bf16(vn[0][0], vn[0][1]), ptx::pack_bf16(vn[0][2], vn[0][3]),
+                             ptx::pack_bf16(vn[1][0], vn[1][1]), ptx::pack_bf16(vn[1][2], vn[1][3])};
+    {
+      uint32_t ba[4];
+      ptx::ldsm_x4(ba, aqs + brow * kChunk + bcol);
+      ptx::mma16816<__nv_bfloat16>(ot[0], avn, ba[0], ba[1]);
+      ptx::mma16816<__nv_bfloat16>(ot[1], avn, ba[2], ba[3]);
+    }
+    const int krow = (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int nt = 0; nt < K / 8; nt += 2) {
+      uint32_t bk[4];
+      ptx::ldsm_x4_trans(bk, kts + krow * KP + (nt + (lane >> 4)) * 8);
+      const float2 e0 = *reinterpret_cast<const float2*>(egs + nt * 8 + t * 2);
+      const float2 e1 = *reinterpret_cast<const float2*>(egs + nt * 8 + 8 + t * 2);
+      s[nt][0] *= e0.x; s[nt][1] *= e0.y; s[nt][2] *= e0.x; s[nt][3] *= e0.y;
+      s[nt + 1][0] *= e1.x; s[nt + 1][1] *= e1.y; s[nt + 1][2] *= e1.x; s[nt + 1][3] *= e1.y;
+      ptx::mma16816<__nv_bfloat16>(s[nt], avn, bk[0], bk[1]);
+      ptx::mma16816<__nv_bfloat16>(s[nt + 1], avn, bk[2], bk[3]);
+    }
+
+    // Oᵀ tile → [token][value] in shared memory → one 16-byte store per lane.
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int tok = nt * 8 + t * 2 + (j & 1), v = g + (j >> 1) * 8;
+        if constexpr (std::is_same_v<Tin, __half>)
+          ostage[tok * L::kOutPitch + v] = __float2half_rn(ot[nt][j]);
+        else
+          ostage[tok * L::kOutPitch + v] = __float2bfloat16_rn(ot[nt][j]);
+      }
+    __syncwarp();
+    {
+      const int tok = lane >> 1, half = lane & 1;
+      const int gt = c * kChunk + tok;
+      if (gt < sq.len) {
+        const uint4 val = *reinterpret_cast<const uint4*>(ostage + tok * L::kOutPitch + half * 8);
+        *reinterpret_cast<uint4*>(out + (static_cast<size_t>(sq.row0 + gt) * p.H + h) * p.V +
+                                  vb * BV + warp * 16 + half * 8) = val;
+      }
+    }
+    __syncwarp();
+  }
+
+#pragma unroll
+  for (int nt = 0; nt < K / 8; ++nt)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) p.final_state[st_index(nt, j)] = s[nt][j];
+
+  // Tokens after the last varlen sequence belong to no sequence: their output is zero.
+  if (p.is_varlen && n == p.N - 1) {
+    const long long end = p.cu_seqlens[p.N];
+    for (long long i = end * 2 + tid; i < 2LL * p.T; i += NT) {
+      const long long tok = i >> 1;
+      const int half = static_cast<int>(i & 1);
+      Tin* dst = out + (static_cast<size_t>(tok) * p.H + h) * p.V + vb * BV + half * (BV / 2);
+      for (int j = 0; j < BV / 2; ++j) dst[j] = Tin(0.f);
+    }
+  }
+}
+
+#define KDA_TRY(expr)                          \
+  do {                                         \
+    const cudaError_t err_ = (expr);           \
+    if (err_ != cudaSuccess) return err_;      \
+  } while (0)
+
+template <int K, bool kFactored>
+cudaError_t launch_prep(const FwdParams& p, uint8_t* ws, int slots, cudaStream_t stream) {
+  kda_prep_kernel<K, kFactored><<<dim3(slots, p.H), K, 0, stream>>>(p, ws, slots);
+  return cudaGetLastError();
+}
+
+template <int K, int NW, typename Tin>
+cudaError_t launch_recurrence(const FwdParams& p, const uint8_t* ws, int slots,
+                              cudaStream_t stream) {
+  using L = RecurrenceSmem<K, NW, Tin>;
+  auto kernel = kda_recurrence_kernel<K, NW, Tin>;
+  KDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes));
+  kernel<<<dim3(p.V / L::BV, p.H, p.N), NW * 32, L::kBytes, stream>>>(p, ws, slots);
+  return cudaGetLastError();
+}
+
+// Few CTAs per head share the workspace reads; enough CTAs fill the GPU. Take the widest value
+// block that still gives every SM a CTA.
+int pick_warps(const FwdParams& p) {
+  if (const char* env = std::getenv("JAX_FLASHKDA_FWD_WARPS")) {
+    const int w = std::atoi(env);
+    if ((w == 1 || w == 2 || w == 4 || w == 8) && (p.V / 16) % w == 0) return w;
+  }
+  int dev = 0, sms = 132;
+  if (cudaGetDevice(&dev) == cudaSuccess)
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const long long heads = static_cast<long long>(p.H) * p.N;
+  for (int w = 8; w > 1; w >>= 1)
+    if ((p.V / 16) % w == 0 && heads * (p.V / (16 * w)) >= sms) return w;
+  return 1;
+}
+
+template <int K, typename Tin>
+cudaError_t launch_recurrence_nw(const FwdParams& p, const uint8_t* ws, int slots,
+                                 cudaStream_t stream) {
+  switch (pick_warps(p)) {
+    case 8: return launch_recurrence<K, 8, Tin>(p, ws, slots, stream);
+    case 4: return launch_recurrence<K, 4, Tin>(p, ws, slots, stream);
+    case 2: return launch_recurrence<K, 2, Tin>(p, ws, slots, stream);
+    default: return launch_recurrence<K, 1, Tin>(p, ws, slots, stream);
+  }
+}
+
+template <int K>
+cudaError_t fwd_k(const FwdParams& p, uint8_t* ws, cudaStream_t stream) {
+  const int slots = chunk_slots(p);
+  if (slots > 0 && p.H > 0) {
+    const bool factored = p.gate_mode == 2 && p.lower_bound >= -5.f && p.lower_bound < 0.f;
+    KDA_TRY((factored ? launch_prep<K, true>(p, ws, slots, stream)
+                      : launch_prep<K, false>(p, ws, slots, stream)));
+  }
+  if (p.N == 0 || p.H == 0) return cudaSuccess;
+  return p.qkv_dtype == DType::kF16 ? launch_recurrence_nw<K, __half>(p, ws, slots, stream)
+                                    : launch_recurrence_nw<K, __nv_bfloat16>(p, ws, slots, stream);
+}
+
+}  // namespace
+
+const char* fwd_unsupported(const FwdParams& p) {
+  if (p.qkv_dtype != DType::kBF16 && p.qkv_dtype != DType::kF16)
+    return "q, k and v must be bfloat16 or float16 on the CUDA target";
+  if (p.K != 64 && p.K != 128) return "the CUDA target supports K = 64 or 128 only";
+  if (p.V % 16 != 0 || p.V < 16 || p.V > 512)
+    return "the CUDA target needs V to be a multiple of 16 in [16, 512]";
+  if (p.gate_mode < 0 || p.gate_mode > 2) return "gate_mode must be 0, 1 or 2";
+  if (p.N > 65535 || p.H > 65535) return "the CUDA target supports at most 65535 sequences and heads";
+  return nullptr;
+}
+
+size_t fwd_workspace_bytes(const FwdParams& p) {
+  return static_cast<size_t>(chunk_slots(p)) * p.H * rec_bytes(p.K);
+}
+
+cudaError_t fwd(const FwdParams& p, void* workspace, cudaStream_t stream) {
+  if (fwd_unsupported(p)) return cudaErrorInvalidValue;
+  uint8_t* ws = static_cast<uint8_t*>(workspace);
+  return p.K == 64 ? fwd_k<64>(p, ws, stream) : fwd_k<128>(p, ws, stream);
+}
+
+}  // namespace kda

@@ -1,0 +1,52 @@
+// Launch API of the Hopper KDA forward. Plain C++ over raw device pointers: no XLA, no Python.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace kda {
+
+enum class DType : int { kBF16 = 0, kF16 = 1, kF32 = 2 };
+
+struct FwdParams {
+  // Operands, laid out as in docs/ffi_contract.md.
+  const void* q = nullptr;  // [B,T,H,K], qkv_dtype
+  const void* k = nullptr;  // [B,T,H,K], qkv_dtype
+  const void* v = nullptr;  // [B,T,H,V], qkv_dtype
+  const void* g = nullptr;  // [B,T,H,K], g_dtype
+  const void* beta = nullptr;  // [B,T,H], beta_dtype
+  const float* A_log = nullptr;  // [H]
+  const float* dt_bias = nullptr;  // [H,K]
+  const float* initial_state = nullptr;  // [N,H,K,V] or [N,H,V,K]
+  const int32_t* cu_seqlens = nullptr;  // [N+1] when varlen
+  void* o = nullptr;  // [B,T,H,V], qkv_dtype
+  float* final_state = nullptr;  // like initial_state
+
+  DType qkv_dtype = DType::kBF16;  // bf16 or f16
+  DType g_dtype = DType::kF32;
+  DType beta_dtype = DType::kF32;
+
+  int B = 0, T = 0, H = 0, K = 0, V = 0;
+  int N = 0;  // sequences: B, or len(cu_seqlens) - 1 when varlen
+
+  float scale = 1.f;
+  float lower_bound = -5.f;
+  int gate_mode = 0;  // 0 log-decay, 1 softplus gate, 2 safe (sigmoid) gate
+  bool use_qk_l2norm = false;
+  bool use_beta_sigmoid = false;
+  bool state_v_first = false;
+  bool is_varlen = false;
+};
+
+// nullptr when the shapes/dtypes are supported, else a static message saying why not.
+const char* fwd_unsupported(const FwdParams& p);
+
+// Device bytes the forward needs as scratch (256-byte aligned start suffices).
+size_t fwd_workspace_bytes(const FwdParams& p);
+
+// Enqueues the forward on `stream`; no allocation, no synchronisation.
+cudaError_t fwd(const FwdParams& p, void* workspace, cudaStream_t stream);
+
+}  // namespace kda

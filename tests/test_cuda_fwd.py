@@ -1,0 +1,215 @@
+"""The Hopper CUDA forward (`jax_flashkda_fwd`, platform CUDA) called directly through
+`jax.ffi.ffi_call`, against an independent float64 token loop."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+pytestmark = pytest.mark.gpu
+
+_TARGET = "jax_flashkda_fwd"
+_registered = False
+
+
+def _ensure_target():
+    global _registered
+    if _registered:
+        return
+    try:
+        from jax_flashkda import _kda_cuda
+    except ImportError as e:
+        pytest.skip(f"jax_flashkda._kda_cuda did not load: {e}")
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("no CUDA device")
+    try:
+        jax.ffi.register_ffi_target(_TARGET, _kda_cuda.registrations()[_TARGET], platform="CUDA")
+    except Exception as e:  # the package itself may have registered the same handler first
+        if "already" not in str(e).lower() and "duplicate" not in str(e).lower():
+            raise
+    _registered = True
+
+
+def cuda_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu, *, scale, l2norm, beta_sigmoid,
+             gate_mode, lower_bound, v_first, varlen):
+    _ensure_target()
+    out = (jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(h0.shape, jnp.float32))
+    call = jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")
+    return call(q, k, v, g, beta, A_log, dt_bias, h0, cu, scale=np.float32(scale),
+                use_qk_l2norm=bool(l2norm), use_beta_sigmoid=bool(beta_sigmoid),
+                gate_mode=np.int32(gate_mode), lower_bound=np.float32(lower_bound),
+                state_v_first=bool(v_first), is_varlen=bool(varlen))
+
+
+def reference(q, k, v, g, beta, A_log, dt_bias, h0, cu, *, scale, l2norm, beta_sigmoid,
+              gate_mode, lower_bound, v_first, varlen):
+    """Token-by-token recurrence in float64 (numpy), per sequence; state [N,H,K,V]."""
+    q, k, v, g, beta = (np.asarray(x, np.float64) for x in (q, k, v, g, beta))
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if gate_mode:
+        a = np.exp(np.asarray(A_log, np.float64))[:, None]
+        x = g + np.asarray(dt_bias, np.float64)
+        if gate_mode == 1:
+            g = -a * np.logaddexp(0.0, x)
+        else:
+            g = lower_bound / (1.0 + np.exp(-a * x))
+    if l2norm:
+        q = q / np.sqrt((q * q).sum(-1, keepdims=True) + 1e-6)
+        k = k / np.sqrt((k * k).sum(-1, keepdims=True) + 1e-6)
+    if beta_sigmoid:
+        beta = 1.0 / (1.0 + np.exp(-beta))
+    S0 = np.asarray(h0, np.float64)
+    if v_first:
+        S0 = S0.swapaxes(-1, -2)
+    if varlen:
+        cu = np.asarray(cu)
+        spans = [(0, int(cu[i]), int(cu[i + 1])) for i in range(len(cu) - 1)]
+    else:
+        spans = [(b, 0, T) for b in range(B)]
+    o = np.zeros((B, T, H, V))
+    ST = np.zeros_like(S0)
+    for n, (b, t0, t1) in enumerate(spans):
+        S = S0[n].copy()  # [H,K,V]
+        for t in range(t0, t1):
+            S = np.exp(g[b, t])[:, :, None] * S
+            u = v[b, t] - np.einsum("hkv,hk->hv", S, k[b, t])
+            S = S + beta[b, t][:, None, None] * k[b, t][:, :, None] * u[:, None, :]
+            o[b, t] = scale * np.einsum("hkv,hk->hv", S, q[b, t])
+        ST[n] = S
+    if v_first:
+        ST = ST.swapaxes(-1, -2)
+    return o, ST
+
+
+def make_case(rng, *, B=1, T=40, H=2, K=128, V=128, dtype=jnp.bfloat16, gate_mode=2,
+              g_dtype=jnp.float32, beta_dtype=jnp.float32, l2norm=True, beta_sigmoid=True,
+              v_first=False, seqlens=None, tail=0, extreme=False, lower_bound=-5.0):
+    varlen = seqlens is not None
+    if varlen:
+        B, T = 1, int(sum(seqlens)) + tail
+        cu = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32)
+        N = len(seqlens)
+    else:
+        cu = np.zeros((1,), np.int32)
+        N = B
+    q = rng.standard_normal((B, T, H, K))
+    k = rng.standard_normal((B, T, H, K))
+    if not l2norm:  # keep the delta rule contractive: |k|² β ≤ 2
+        q, k = q / np.sqrt(K), k / np.sqrt(K)
+    v = rng.standard_normal((B, T, H, V))
+    if gate_mode == 0:
+        g = -np.exp(rng.standard_normal((B, T, H, K)) - 2.0)
+        if extreme:  # whole-token resets and single channels decayed to -1000
+            g[:, ::7] = -1000.0
+            g[rng.random(g.shape) < 0.05] = -1000.0
+            g[rng.random(g.shape) < 0.05] = -30.0
+    elif gate_mode == 1:
+        g = rng.standard_normal((B, T, H, K)) * (4.0 if extreme else 1.0)
+    else:
+        g = rng.standard_normal((B, T, H, K))
+    beta = rng.standard_normal((B, T, H)) if beta_sigmoid else rng.uniform(0.05, 1.0, (B, T, H))
+    A_log = rng.uniform(-1.0, 1.0 + (1.5 if extreme else 0.0), (H,)) if gate_mode else np.zeros((H,))
+    dt_bias = 0.5 * rng.standard_normal((H, K)) if gate_mode else np.zeros((H, K))
+    shape = (N, H, V, K) if v_first else (N, H, K, V)
+    h0 = 0.3 * rng.standard_normal(shape)
+    arrays = (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype),
+              jnp.asarray(g, g_dtype), jnp.asarray(beta, beta_dtype),
+              jnp.asarray(A_log, jnp.float32), jnp.asarray(dt_bias, jnp.float32),
+              jnp.asarray(h0, jnp.float32), jnp.asarray(cu))
+    attrs = dict(scale=K ** -0.5, l2norm=l2norm, beta_sigmoid=beta_sigmoid, gate_mode=gate_mode,
+                 lower_bound=lower_bound, v_first=v_first, varlen=varlen)
+    return arrays, attrs
+
+
+def rel(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+def check(arrays, attrs, o_tol=6e-3, s_tol=5e-3):
+    o, st = cuda_fwd(*arrays, **attrs)
+    o, st = np.asarray(o.astype(jnp.float32)), np.asarray(st)
+    assert np.isfinite(o).all() and np.isfinite(st).all()
+    ref_o, ref_s = reference(*(np.asarray(a.astype(jnp.float32)) if a.dtype != jnp.int32 else
+                               np.asarray(a) for a in arrays), **attrs)
+    if attrs["varlen"]:
+        end = int(arrays[8][-1])
+        assert (o[:, end:] == 0).all(), "tokens past the last sequence must get o = 0"
+        o, ref_o = o[:, :end], ref_o[:, :end]
+    eo, es = rel(o, ref_o), rel(st, ref_s)
+    assert eo <= o_tol, f"o rel err {eo:.2e}"
+    assert es <= s_tol, f"final state rel err {es:.2e}"
+    return eo, es
+
+
+@pytest.mark.parametrize("gate_mode", [0, 1, 2])
+@pytest.mark.parametrize("T", [1, 16, 45])
+def test_gate_modes(rng, gate_mode, T):
+    check(*make_case(rng, B=2, T=T, H=3, gate_mode=gate_mode))
+
+
+@pytest.mark.parametrize("gate_mode", [0, 1])
+def test_extreme_decays(rng, gate_mode):
+    arrays, attrs = make_case(rng, T=70, H=2, gate_mode=gate_mode, extreme=True)
+    if gate_mode == 0:
+        assert float(jnp.min(arrays[3])) == -1000.0
+    check(arrays, attrs)
+
+
+def test_safe_gate_other_bound(rng):
+    check(*make_case(rng, T=50, gate_mode=2, lower_bound=-9.0))  # outside the fast path
+
+
+@pytest.mark.parametrize("v_first", [False, True])
+@pytest.mark.parametrize("l2norm,beta_sigmoid", [(True, True), (False, False)])
+def test_flags_and_layouts(rng, v_first, l2norm, beta_sigmoid):
+    check(*make_case(rng, B=2, T=33, H=2, v_first=v_first, l2norm=l2norm,
+                     beta_sigmoid=beta_sigmoid))
+
+
+def test_varlen_with_empty_sequences(rng):
+    arrays, attrs = make_case(rng, H=2, seqlens=[0, 17, 0, 40, 5, 16, 0], tail=9)
+    check(arrays, attrs)
+    o, st = cuda_fwd(*arrays, **attrs)
+    h0 = np.asarray(arrays[7])
+    for n in (0, 2, 6):  # an empty sequence hands its initial state through
+        np.testing.assert_array_equal(np.asarray(st)[n], h0[n])
+
+
+@pytest.mark.parametrize("dtype,g_dtype,beta_dtype", [
+    (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16),
+    (jnp.float16, jnp.float32, jnp.float16),
+])
+def test_dtypes(rng, dtype, g_dtype, beta_dtype):
+    check(*make_case(rng, B=1, T=37, H=2, dtype=dtype, g_dtype=g_dtype, beta_dtype=beta_dtype))
+
+
+@pytest.mark.parametrize("warps", ["1", "2", "4", "8"])
+@pytest.mark.parametrize("kv", [64, 128])
+def test_value_blocks_and_head_dims(rng, monkeypatch, warps, kv):
+    monkeypatch.setenv("JAX_FLASHKDA_FWD_WARPS", warps)
+    check(*make_case(rng, B=2, T=70, H=3, K=kv, V=kv, gate_mode=int(warps) % 3))
+
+
+def test_long_sequence(rng):
+    check(*make_case(rng, B=1, T=600, H=2, gate_mode=2), o_tol=8e-3, s_tol=8e-3)
+
+
+def test_deterministic(rng):
+    arrays, attrs = make_case(rng, B=2, T=100, H=4, gate_mode=2)
+    o1, s1 = cuda_fwd(*arrays, **attrs)
+    o2, s2 = cuda_fwd(*arrays, **attrs)
+    assert np.array_equal(np.asarray(o1), np.asarray(o2))
+    assert np.array_equal(np.asarray(s1), np.asarray(s2))
+
+
+def test_bad_input_is_an_error_not_a_crash(rng):
+    arrays, attrs = make_case(rng, T=20, K=128, V=128)
+    q = arrays[0].astype(jnp.float32)
+    with pytest.raises(Exception, match="q"):
+        jax.block_until_ready(cuda_fwd(q, *arrays[1:], **attrs))
+    arrays96, attrs96 = make_case(rng, T=20, K=96, V=96)
+    with pytest.raises(Exception, match="K = 64 or 128"):
+        jax.block_until_ready(cuda_fwd(*arrays96, **attrs96))
