@@ -27,14 +27,14 @@ timeout 300 python -m pytest -q -rfE tests/test_cuda_fwd.py -p no:cacheprovider 
 
 if [ "${SANITIZE:-0}" = 1 ]; then
   for tool in memcheck racecheck; do
-    timeout 200 compute-sanitizer --tool $tool --kernel-name regex:kda_ --print-limit 20 \
+    timeout 200 compute-sanitizer --tool $tool --kernel-name regex=kda_ --print-limit 20 \
       python scripts/sanitize_case.py >"$OUT/sanitize_$tool.log" 2>&1
     echo "compute-sanitizer $tool rc=$?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -2 | tr '\n' ' ')"
   done
 fi
 
 if [ "${NCU:-0}" = 1 ]; then
-  timeout 200 ncu --kernel-name regex:kda_ --launch-skip 8 --launch-count 4 \
+  timeout 200 ncu --kernel-name regex=kda_ --launch-skip 8 --launch-count 4 \
     --metrics gpu__time_duration.sum python scripts/bench_cuda_fwd.py --shapes "${NCU_SHAPE:-big}" --iters 2 \
     >"$OUT/ncu.log" 2>&1
   grep -E "kda_|gpu__time_duration" "$OUT/ncu.log" | sed -E 's/\(int, int, int\)//' | cut -c1-160

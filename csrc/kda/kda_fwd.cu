@@ -31,12 +31,14 @@ constexpr int kStages = 3;
 // Workspace record of one (head, chunk), K key channels:
 //   Q̃ = scale·Q⊙e^Γ [16,K] bf16 | −W [16,K] bf16 | K̃ = K⊙e^{Γ_C−Γ} [16,K] bf16 |
 //   Tβ = T·Diag(β) [16,16] (dtype of v) | Aqk [16,16] bf16 | e^{Γ_C} [K] f32
+// Matrix rows are padded to K+8 elements, the shared-memory layout that keeps ldmatrix free of
+// bank conflicts, so that the recurrence fetches a record with one bulk copy.
 template <int K>
 struct Rec {
-  static constexpr int kMat = kChunk * K * 2;
+  static constexpr int kPitch = K + 8;
+  static constexpr int kMat = kChunk * kPitch * 2;
   static constexpr int kQ = 0, kW = kMat, kKt = 2 * kMat, kTb = 3 * kMat, kAqk = kTb + 512,
                        kEg = kTb + 1024;
-  static constexpr int kTail = 1024 + 4 * K;
   static constexpr int kBytes = kEg + 4 * K;
 };
 
@@ -58,6 +60,16 @@ __device__ __forceinline__ float load_f(const void* base, DType t, size_t i) {
   }
 }
 
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+// Raw 16- or 32-bit pattern of a bf16/f16/f32 element to float.
+__device__ __forceinline__ float bits_to_float(uint32_t b, DType t) {
+  if (t == DType::kF32) return __uint_as_float(b);
+  if (t == DType::kF16) return __half2float(__ushort_as_half(static_cast<unsigned short>(b)));
+  return __uint_as_float(b << 16);
+}
+
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
 
 // First global token row, slot of the first chunk, and length of sequence n.
@@ -77,7 +89,7 @@ __device__ __forceinline__ Seq seq_of(const FwdParams& p, int n) {
 
 // ---------------------------------------------------------------------------------------------
 // Kernel 1: one CTA of K threads per (chunk slot, head); thread d owns key channel d.
-template <int K, bool kFactored>
+template <int K, bool kFactored, typename Tin>
 __global__ void __launch_bounds__(K) kda_prep_kernel(FwdParams p, uint8_t* __restrict__ ws,
                                                      int slots) {
   constexpr int KP = K + 4;  // padding keeps the pair loop's row reads off one bank
@@ -120,25 +132,36 @@ __global__ void __launch_bounds__(K) kda_prep_kernel(FwdParams p, uint8_t* __res
   const float dtb = p.gate_mode ? p.dt_bias[h * K + d] : 0.f;
 
   // Tokens past the end of the sequence act as q = k = 0, g = 0, β = 0: they then change
-  // neither the state nor any real token's output.
+  // neither the state nor any real token's output. All loads of the chunk are issued before
+  // any is used (dtype dispatch sits outside the loops), so their latencies overlap.
   float qv[kChunk], kv[kChunk], G[kChunk];
+  uint32_t graw[kChunk];
+  const Tin* qp = static_cast<const Tin*>(p.q);
+  const Tin* kp = static_cast<const Tin*>(p.k);
+  const size_t i0 = (static_cast<size_t>(row0) * p.H + h) * K + d;
+  const size_t step = static_cast<size_t>(p.H) * K;
+  const bool g32 = p.g_dtype == DType::kF32;
 #pragma unroll
   for (int r = 0; r < kChunk; ++r) {
-    qv[r] = kv[r] = G[r] = 0.f;
-    if (r < len) {
-      const size_t i = (static_cast<size_t>(row0 + r) * p.H + h) * K + d;
-      qv[r] = load_f(p.q, p.qkv_dtype, i);
-      kv[r] = load_f(p.k, p.qkv_dtype, i);
-      const float x = load_f(p.g, p.g_dtype, i);
-      if (p.gate_mode == 1) {
-        const float y = x + dtb;
-        G[r] = -a_exp * (y > 20.f ? y : log1pf(__expf(y)));
-      } else if (p.gate_mode == 2) {
-        G[r] = p.lower_bound * sigmoid_f(a_exp * (x + dtb));
-      } else {
-        G[r] = x;
-      }
+    const bool ok = r < len;
+    const size_t i = i0 + (ok ? r : 0) * step;
+    qv[r] = ok ? to_float(qp[i]) : 0.f;
+    kv[r] = ok ? to_float(kp[i]) : 0.f;
+    graw[r] = !ok ? 0u : g32 ? static_cast<const uint32_t*>(p.g)[i]
+                             : static_cast<const uint16_t*>(p.g)[i];
+  }
+#pragma unroll
+  for (int r = 0; r < kChunk; ++r) {
+    const float x = bits_to_float(graw[r], p.g_dtype);
+    if (p.gate_mode == 1) {
+      const float y = x + dtb;
+      G[r] = -a_exp * (y > 20.f ? y : log1pf(__expf(y)));
+    } else if (p.gate_mode == 2) {
+      G[r] = p.lower_bound * sigmoid_f(a_exp * (x + dtb));
+    } else {
+      G[r] = x;
     }
+    if (r >= len) G[r] = 0.f;
   }
   if (d < kChunk) {
     float b = 0.f;
@@ -197,8 +220,8 @@ __global__ void __launch_bounds__(K) kda_prep_kernel(FwdParams p, uint8_t* __res
     const float e = __expf(G[r]);
     const float qd = p.scale * qv[r] * e;
     kd[r] = kv[r] * e;
-    rq[r * K + d] = __float2bfloat16_rn(qd);
-    rkt[r * K + d] = __float2bfloat16_rn(kv[r] * __expf(gc - G[r]));
+    rq[r * Rec<K>::kPitch + d] = __float2bfloat16_rn(qd);
+    rkt[r * Rec<K>::kPitch + d] = __float2bfloat16_rn(kv[r] * __expf(gc - G[r]));
     if constexpr (kFactored) {
       X[r][d] = qd;
       Y[r][d] = kd[r];
@@ -264,11 +287,7 @@ __global__ void __launch_bounds__(K) kda_prep_kernel(FwdParams p, uint8_t* __res
     for (int r = 0; r < kChunk; ++r) {
       const float tb = tc[r] * b;
       Tb[r][d] = tb;
-      if (p.qkv_dtype == DType::kF16)
-        reinterpret_cast<__half*>(rec + Rec<K>::kTb)[r * kChunk + d] = __float2half_rn(tb);
-      else
-        reinterpret_cast<__nv_bfloat16*>(rec + Rec<K>::kTb)[r * kChunk + d] =
-            __float2bfloat16_rn(tb);
+      reinterpret_cast<Tin*>(rec + Rec<K>::kTb)[r * kChunk + d] = Tin(tb);
     }
   }
   __syncthreads();
@@ -278,7 +297,7 @@ __global__ void __launch_bounds__(K) kda_prep_kernel(FwdParams p, uint8_t* __res
     float w = 0.f;
 #pragma unroll
     for (int s = 0; s <= r; ++s) w += Tb[r][s] * kd[s];
-    rw[r * K + d] = __float2bfloat16_rn(-w);
+    rw[r * Rec<K>::kPitch + d] = __float2bfloat16_rn(-w);
   }
 }
 
@@ -289,53 +308,59 @@ __global__ void __launch_bounds__(K) kda_prep_kernel(FwdParams p, uint8_t* __res
 template <int K, int NW, typename Tin>
 struct RecurrenceSmem {
   static constexpr int BV = 16 * NW;
-  static constexpr int KP = K + 8;  // +16 bytes per row: conflict-free ldmatrix
-  static constexpr int VP = BV + 8;
-  static constexpr int kMat = kChunk * KP * 2;
-  static constexpr int kV = 3 * kMat + Rec<K>::kTail;
+  static constexpr int VP = BV + 8;  // +16 bytes per row: conflict-free ldmatrix
+  static constexpr int kV = Rec<K>::kBytes;
   static constexpr int kStage = kV + kChunk * VP * 2;
   static constexpr int kOutPitch = 16 + 8;
   static constexpr int kOut = kStages * kStage;
-  static constexpr int kBytes = kOut + NW * kChunk * kOutPitch * 2;
+  static constexpr int kBar = kOut + NW * kChunk * kOutPitch * 2;
+  static constexpr int kBytes = kBar + kStages * 8;
 };
 
 template <int K, int NW, typename Tin>
-__global__ void __launch_bounds__(NW * 32) kda_recurrence_kernel(FwdParams p,
+__global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
                                                                  const uint8_t* __restrict__ ws,
                                                                  int slots) {
   using L = RecurrenceSmem<K, NW, Tin>;
-  constexpr int BV = L::BV, KP = L::KP, VP = L::VP, NT = NW * 32;
+  using R = Rec<K>;
+  constexpr int BV = L::BV, KP = R::kPitch, VP = L::VP;
   extern __shared__ __align__(128) uint8_t smem[];
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::kBar);
 
   const int vb = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   const Seq sq = seq_of(p, n);
   const int nch = (sq.len + kChunk - 1) / kChunk;
-  const uint8_t* rec0 = ws + (static_cast<size_t>(h) * slots + sq.slot0) * Rec<K>::kBytes;
+  const uint8_t* rec0 = ws + (static_cast<size_t>(h) * slots + sq.slot0) * R::kBytes;
   const Tin* vsrc = static_cast<const Tin*>(p.v);
 
+  // Warp 0 fetches chunk c: the record in one bulk copy, the 16 rows of this CTA's value slice
+  // in one each. Rows past the sequence repeat its first row: finite values that meet zero
+  // columns of Tβ.
   auto issue = [&](int c) {
-    uint8_t* st = smem + (c % kStages) * L::kStage;
-    const uint8_t* rec = rec0 + static_cast<size_t>(c) * Rec<K>::kBytes;
-    constexpr int kRowU = K / 8, kMatU = kChunk * kRowU;
-    for (int u = tid; u < 3 * kMatU; u += NT) {
-      const int m = u / kMatU, row = (u % kMatU) / kRowU, cu = u % kRowU;
-      ptx::cp_async16(st + m * L::kMat + row * KP * 2 + cu * 16,
-                      rec + m * Rec<K>::kMat + row * K * 2 + cu * 16, 16);
+    const int stage = c % kStages;
+    uint8_t* st = smem + stage * L::kStage;
+    if (lane == 0) {
+      ptx::mbar_arrive_expect_tx(bars + stage, R::kBytes + kChunk * BV * 2);
+      ptx::bulk_g2s(st, rec0 + static_cast<size_t>(c) * R::kBytes, R::kBytes, bars + stage);
     }
-    for (int u = tid; u < Rec<K>::kTail / 16; u += NT)
-      ptx::cp_async16(st + 3 * L::kMat + u * 16, rec + Rec<K>::kTb + u * 16, 16);
-    constexpr int kVRowU = BV / 8;
-    for (int u = tid; u < kChunk * kVRowU; u += NT) {
-      const int row = u / kVRowU, cu = u % kVRowU;
-      const int tok = c * kChunk + row;
-      const bool ok = tok < sq.len;
-      const Tin* src = vsrc + (static_cast<size_t>(sq.row0 + (ok ? tok : 0)) * p.H + h) * p.V +
-                       vb * BV + cu * 8;
-      ptx::cp_async16(st + L::kV + row * VP * 2 + cu * 16, src, ok ? 16 : 0);
+    __syncwarp();
+    if (lane < kChunk) {
+      const int tok = c * kChunk + (c * kChunk + lane < sq.len ? lane : 0);
+      ptx::bulk_g2s(st + L::kV + lane * VP * 2,
+                    vsrc + (static_cast<size_t>(sq.row0 + tok) * p.H + h) * p.V + vb * BV,
+                    BV * 2, bars + stage);
     }
   };
+
+  if (tid == 0) {
+    for (int i = 0; i < kStages; ++i) ptx::mbar_init(bars + i, 1);
+    ptx::fence_mbar_init();
+  }
+  __syncthreads();
+  if (warp == 0)
+    for (int c = 0; c < kStages - 1 && c < nch; ++c) issue(c);
 
   // Initial state, transposed into the accumulator layout.
   float s[K / 8][4];
@@ -351,41 +376,36 @@ __global__ void __launch_bounds__(NW * 32) kda_recurrence_kernel(FwdParams p,
 #pragma unroll
     for (int j = 0; j < 4; ++j) s[nt][j] = p.initial_state[st_index(nt, j)];
 
-#pragma unroll
-  for (int c = 0; c < kStages - 1; ++c) {
-    if (c < nch) issue(c);
-    ptx::cp_async_commit();
-  }
-
   Tin* ostage = reinterpret_cast<Tin*>(smem + L::kOut) + warp * kChunk * L::kOutPitch;
   Tin* out = static_cast<Tin*>(p.o);
   const int brow = (lane & 7) + ((lane >> 4) & 1) * 8, bcol = ((lane >> 3) & 1) * 8;
-
   for (int c = 0; c < nch; ++c) {
-    ptx::cp_async_wait<kStages - 2>();
-    __syncthreads();  // chunk c landed for every thread; stage (c-1) % kStages is free again
-    if (c + kStages - 1 < nch) issue(c + kStages - 1);
-    ptx::cp_async_commit();
+    ptx::mbar_wait(bars + c % kStages, (c / kStages) & 1);
+    __syncthreads();  // every warp is done with chunk c-1: its stage may be refilled
+    if (warp == 0 && c + kStages - 1 < nch) issue(c + kStages - 1);
 
     const uint8_t* st = smem + (c % kStages) * L::kStage;
-    const __nv_bfloat16* qs = reinterpret_cast<const __nv_bfloat16*>(st);
-    const __nv_bfloat16* wsm = reinterpret_cast<const __nv_bfloat16*>(st + L::kMat);
-    const __nv_bfloat16* kts = reinterpret_cast<const __nv_bfloat16*>(st + 2 * L::kMat);
-    const Tin* tbs = reinterpret_cast<const Tin*>(st + 3 * L::kMat);
-    const __nv_bfloat16* aqs = reinterpret_cast<const __nv_bfloat16*>(st + 3 * L::kMat + 512);
-    const float* egs = reinterpret_cast<const float*>(st + 3 * L::kMat + 1024);
+    const __nv_bfloat16* qs = reinterpret_cast<const __nv_bfloat16*>(st + R::kQ);
+    const __nv_bfloat16* wsm = reinterpret_cast<const __nv_bfloat16*>(st + R::kW);
+    const __nv_bfloat16* kts = reinterpret_cast<const __nv_bfloat16*>(st + R::kKt);
+    const Tin* tbs = reinterpret_cast<const Tin*>(st + R::kTb);
+    const __nv_bfloat16* aqs = reinterpret_cast<const __nv_bfloat16*>(st + R::kAqk);
+    const float* egs = reinterpret_cast<const float*>(st + R::kEg);
     const Tin* vs = reinterpret_cast<const Tin*>(st + L::kV);
 
-    float vn[2][4] = {}, ot[2][4] = {};
+    // Two accumulator sets halve the dependent mma chain of the K reduction.
+    float vn[2][4] = {}, ot[2][4] = {}, vn1[2][4] = {}, ot1[2][4] = {};
     {
       uint32_t av[4], bt[4];
       ptx::ldsm_x4_trans(av, vs + brow * VP + warp * 16 + bcol);
       ptx::ldsm_x4(bt, tbs + brow * kChunk + bcol);
-      ptx::mma16816<Tin>(vn[0], av, bt[0], bt[1]);
-      ptx::mma16816<Tin>(vn[1], av, bt[2], bt[3]);
+      ptx::mma16816<Tin>(vn1[0], av, bt[0], bt[1]);
+      ptx::mma16816<Tin>(vn1[1], av, bt[2], bt[3]);
     }
 #pragma unroll
     for (int ks = 0; ks < K / 16; ++ks) {
+      float (&va)[2][4] = (ks & 1) ? vn1 : vn;
+      float (&oa)[2][4] = (ks & 1) ? ot1 : ot;
       const uint32_t a[4] = {ptx::pack_bf16(s[2 * ks][0], s[2 * ks][1]),
                              ptx::pack_bf16(s[2 * ks][2], s[2 * ks][3]),
                              ptx::pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]),
@@ -393,11 +413,18 @@ __global__ void __launch_bounds__(NW * 32) kda_recurrence_kernel(FwdParams p,
       uint32_t bw[4], bq[4];
       ptx::ldsm_x4(bw, wsm + brow * KP + ks * 16 + bcol);
       ptx::ldsm_x4(bq, qs + brow * KP + ks * 16 + bcol);
-      ptx::mma16816<__nv_bfloat16>(vn[0], a, bw[0], bw[1]);
-      ptx::mma16816<__nv_bfloat16>(vn[1], a, bw[2], bw[3]);
-      ptx::mma16816<__nv_bfloat16>(ot[0], a, bq[0], bq[1]);
-      ptx::mma16816<__nv_bfloat16>(ot[1], a, bq[2], bq[3]);
+      ptx::mma16816<__nv_bfloat16>(va[0], a, bw[0], bw[1]);
+      ptx::mma16816<__nv_bfloat16>(va[1], a, bw[2], bw[3]);
+      ptx::mma16816<__nv_bfloat16>(oa[0], a, bq[0], bq[1]);
+      ptx::mma16816<__nv_bfloat16>(oa[1], a, bq[2], bq[3]);
     }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        vn[i][j] += vn1[i][j];
+        ot[i][j] += ot1[i][j];
+      }
     const uint32_t avn[4] = {ptx::pack_bf16(vn[0][0], vn[0][1]), ptx::pack_bf16(vn[0][2], vn[0][3]),
                              ptx::pack_bf16(vn[1][0], vn[1][1]), ptx::pack_bf16(vn[1][2], vn[1][3])};
     {
@@ -451,7 +478,7 @@ __global__ void __launch_bounds__(NW * 32) kda_recurrence_kernel(FwdParams p,
   // Tokens after the last varlen sequence belong to no sequence: their output is zero.
   if (p.is_varlen && n == p.N - 1) {
     const long long end = p.cu_seqlens[p.N];
-    for (long long i = end * 2 + tid; i < 2LL * p.T; i += NT) {
+    for (long long i = end * 2 + tid; i < 2LL * p.T; i += NW * 32) {
       const long long tok = i >> 1;
       const int half = static_cast<int>(i & 1);
       Tin* dst = out + (static_cast<size_t>(tok) * p.H + h) * p.V + vb * BV + half * (BV / 2);
@@ -466,9 +493,13 @@ __global__ void __launch_bounds__(NW * 32) kda_recurrence_kernel(FwdParams p,
     if (err_ != cudaSuccess) return err_;      \
   } while (0)
 
-template <int K, bool kFactored>
+template <int K, typename Tin>
 cudaError_t launch_prep(const FwdParams& p, uint8_t* ws, int slots, cudaStream_t stream) {
-  kda_prep_kernel<K, kFactored><<<dim3(slots, p.H), K, 0, stream>>>(p, ws, slots);
+  const bool factored = p.gate_mode == 2 && p.lower_bound >= -5.f && p.lower_bound < 0.f;
+  if (factored)
+    kda_prep_kernel<K, true, Tin><<<dim3(slots, p.H), K, 0, stream>>>(p, ws, slots);
+  else
+    kda_prep_kernel<K, false, Tin><<<dim3(slots, p.H), K, 0, stream>>>(p, ws, slots);
   return cudaGetLastError();
 }
 
@@ -512,14 +543,13 @@ cudaError_t launch_recurrence_nw(const FwdParams& p, const uint8_t* ws, int slot
 template <int K>
 cudaError_t fwd_k(const FwdParams& p, uint8_t* ws, cudaStream_t stream) {
   const int slots = chunk_slots(p);
-  if (slots > 0 && p.H > 0) {
-    const bool factored = p.gate_mode == 2 && p.lower_bound >= -5.f && p.lower_bound < 0.f;
-    KDA_TRY((factored ? launch_prep<K, true>(p, ws, slots, stream)
-                      : launch_prep<K, false>(p, ws, slots, stream)));
-  }
+  const bool f16 = p.qkv_dtype == DType::kF16;
+  if (slots > 0 && p.H > 0)
+    KDA_TRY((f16 ? launch_prep<K, __half>(p, ws, slots, stream)
+                 : launch_prep<K, __nv_bfloat16>(p, ws, slots, stream)));
   if (p.N == 0 || p.H == 0) return cudaSuccess;
-  return p.qkv_dtype == DType::kF16 ? launch_recurrence_nw<K, __half>(p, ws, slots, stream)
-                                    : launch_recurrence_nw<K, __nv_bfloat16>(p, ws, slots, stream);
+  return f16 ? launch_recurrence_nw<K, __half>(p, ws, slots, stream)
+             : launch_recurrence_nw<K, __nv_bfloat16>(p, ws, slots, stream);
 }
 
 }  // namespace
