@@ -34,10 +34,14 @@ if [ "${SANITIZE:-0}" = 1 ]; then
 fi
 
 if [ "${NCU:-0}" = 1 ]; then
-  timeout 200 ncu --kernel-name regex=kda_ --launch-skip 8 --launch-count 4 \
-    --metrics gpu__time_duration.sum python scripts/bench_cuda_fwd.py --shapes "${NCU_SHAPE:-big}" --iters 2 \
-    >"$OUT/ncu.log" 2>&1
-  grep -E "kda_|gpu__time_duration" "$OUT/ncu.log" | sed -E 's/\(int, int, int\)//' | cut -c1-160
+  for shape in ${NCU_SHAPES:-big long}; do
+    timeout 200 ncu --kernel-name regex:kda_ --launch-skip 2 --launch-count 2 \
+      --section SpeedOfLight --section WarpStateStats \
+      python scripts/bench_cuda_fwd.py --shapes "$shape" --iters 1 >"$OUT/ncu_$shape.log" 2>&1
+    echo "ncu $shape:"
+    grep -E "^  [a-z_: ]*kda_|Duration|Memory Throughput|Compute \(SM\) Throughput|DRAM Throughput|Stall|Warp Cycles Per Issued" \
+      "$OUT/ncu_$shape.log" | sed -E 's/\(FwdParams.*//' | head -24
+  done
 fi
 
 timeout 240 python scripts/bench_cuda_fwd.py --warps "${WARPS:-auto}" 2>&1 | tee "$OUT/bench.log"

@@ -18,6 +18,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdlib>
 
 #include "kda/ptx.cuh"
@@ -26,7 +27,6 @@ namespace kda {
 namespace {
 
 constexpr int kChunk = 16;
-constexpr int kStages = 3;
 
 // Workspace record of one (head, chunk), K key channels:
 //   Q̃ = scale·Q⊙e^Γ [16,K] bf16 | −W [16,K] bf16 | K̃ = K⊙e^{Γ_C−Γ} [16,K] bf16 |
@@ -94,8 +94,18 @@ __global__ void __launch_bounds__(K) kda_prep_kernel(FwdParams p, uint8_t* __res
                                                      int slots) {
   constexpr int KP = K + 4;  // padding keeps the pair loop's row reads off one bank
   constexpr int kWarps = K / 32;
-  __shared__ __align__(16) float X[kChunk][KP], Y[kChunk][KP], Z[kChunk][KP];
-  __shared__ float Ls[kChunk][kChunk + 1], As[kChunk][kChunk + 1], Tb[kChunk][kChunk + 1];
+  // Row operands of the pair products: fp32 [16][KP] for the exact path, bf16 [16][KH] (mma
+  // operands, ldmatrix-friendly pitch) for the factored one.
+  constexpr int KH = K + 8;
+  __shared__ __align__(16) uint8_t xyz[3][kChunk * KP * 4];
+  auto X = reinterpret_cast<float(*)[KP]>(xyz[0]);
+  auto Y = reinterpret_cast<float(*)[KP]>(xyz[1]);
+  auto Z = reinterpret_cast<float(*)[KP]>(xyz[2]);
+  auto Xh = reinterpret_cast<__nv_bfloat16(*)[KH]>(xyz[0]);
+  auto Yh = reinterpret_cast<__nv_bfloat16(*)[KH]>(xyz[1]);
+  auto Zh = reinterpret_cast<__nv_bfloat16(*)[KH]>(xyz[2]);
+  __shared__ float Ls[kChunk][kChunk + 1], As[kChunk][kChunk + 1];
+  __shared__ __align__(16) float Tb[kChunk][kChunk];
   __shared__ float beta_s[kChunk], red[kWarps][32], rnorm[32];
 
   const int slot = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
@@ -223,9 +233,9 @@ __global__ void __launch_bounds__(K) kda_prep_kernel(FwdParams p, uint8_t* __res
     rq[r * Rec<K>::kPitch + d] = __float2bfloat16_rn(qd);
     rkt[r * Rec<K>::kPitch + d] = __float2bfloat16_rn(kv[r] * __expf(gc - G[r]));
     if constexpr (kFactored) {
-      X[r][d] = qd;
-      Y[r][d] = kd[r];
-      Z[r][d] = kv[r] * __expf(-G[r]);
+      Xh[r][d] = __float2bfloat16_rn(qd);
+      Yh[r][d] = __float2bfloat16_rn(kd[r]);
+      Zh[r][d] = __float2bfloat16_rn(kv[r] * __expf(-G[r]));
     } else {
       X[r][d] = p.scale * qv[r];
       Y[r][d] = kv[r];
@@ -234,26 +244,47 @@ __global__ void __launch_bounds__(K) kda_prep_kernel(FwdParams p, uint8_t* __res
   }
   __syncthreads();
 
-  // 120 strictly-lower pairs (L and Aqk), then the 16 diagonal ones (Aqk only).
-  for (int pr = d; pr < 136; pr += K) {
-    int r, s;
-    if (pr < 120) {
-      r = 1;
-      while ((r + 1) * r / 2 <= pr) ++r;
-      s = pr - r * (r - 1) / 2;
-    } else {
-      r = s = pr - 120;
+  if constexpr (kFactored) {
+    // L = Diag(β)·(K⊙e^Γ)(K⊙e^−Γ)ᵀ on warp 0, Aqk = Q̃(K⊙e^−Γ)ᵀ on warp 1, as 16x16xK mma.
+    if (warp < 2) {
+      const __nv_bfloat16* a_rows = warp == 0 ? &Yh[0][0] : &Xh[0][0];
+      const int g = lane >> 2, t = lane & 3;
+      float acc[2][4] = {};
+#pragma unroll
+      for (int ks = 0; ks < K / 16; ++ks) {
+        uint32_t a[4], b[4];
+        ptx::ldsm_x4(a, a_rows + ((lane & 7) + ((lane >> 3) & 1) * 8) * KH + ks * 16 +
+                            (lane >> 4) * 8);
+        ptx::ldsm_x4(b, &Zh[(lane & 7) + ((lane >> 4) & 1) * 8][ks * 16 + ((lane >> 3) & 1) * 8]);
+        ptx::mma16816<__nv_bfloat16>(acc[0], a, b[0], b[1]);
+        ptx::mma16816<__nv_bfloat16>(acc[1], a, b[2], b[3]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int r = g + (j >> 1) * 8, c2 = nt * 8 + t * 2 + (j & 1);
+          if (warp == 0) Ls[r][c2] = beta_s[r] * acc[nt][j];
+          else As[r][c2] = acc[nt][j];
+        }
     }
-    float acc_a = 0.f, acc_l = 0.f;
-#pragma unroll 4
-    for (int j = 0; j < K; j += 4) {
-      const float4 x = *reinterpret_cast<const float4*>(&X[r][j]);
-      const float4 y = *reinterpret_cast<const float4*>(&Y[r][j]);
-      if constexpr (kFactored) {
-        const float4 z = *reinterpret_cast<const float4*>(&Z[s][j]);
-        acc_a += x.x * z.x + x.y * z.y + x.z * z.z + x.w * z.w;
-        acc_l += y.x * z.x + y.y * z.y + y.z * z.z + y.w * z.w;
+  } else {
+    // Exact: e^{Γ_r−Γ_s} per element. 120 strictly-lower pairs (L and Aqk), then the 16
+    // diagonal ones (Aqk only).
+    for (int pr = d; pr < 136; pr += K) {
+      int r, s;
+      if (pr < 120) {
+        r = 1;
+        while ((r + 1) * r / 2 <= pr) ++r;
+        s = pr - r * (r - 1) / 2;
       } else {
+        r = s = pr - 120;
+      }
+      float acc_a = 0.f, acc_l = 0.f;
+#pragma unroll 4
+      for (int j = 0; j < K; j += 4) {
+        const float4 x = *reinterpret_cast<const float4*>(&X[r][j]);
+        const float4 y = *reinterpret_cast<const float4*>(&Y[r][j]);
         const float4 ys = *reinterpret_cast<const float4*>(&Y[s][j]);
         const float4 gr = *reinterpret_cast<const float4*>(&Z[r][j]);
         const float4 gs = *reinterpret_cast<const float4*>(&Z[s][j]);
@@ -262,12 +293,11 @@ __global__ void __launch_bounds__(K) kda_prep_kernel(FwdParams p, uint8_t* __res
         acc_a += x.x * z0 + x.y * z1 + x.z * z2 + x.w * z3;
         acc_l += y.x * z0 + y.y * z1 + y.z * z2 + y.w * z3;
       }
+      As[r][s] = acc_a;
+      Ls[r][s] = beta_s[r] * acc_l;
     }
-    As[r][s] = acc_a;
-    Ls[r][s] = beta_s[r] * acc_l;
   }
   __syncthreads();
-
   for (int i = d; i < kChunk * kChunk; i += K) {
     const int r = i / kChunk, s = i % kChunk;
     raq[i] = __float2bfloat16_rn(s <= r ? As[r][s] : 0.f);
@@ -296,7 +326,10 @@ __global__ void __launch_bounds__(K) kda_prep_kernel(FwdParams p, uint8_t* __res
   for (int r = 0; r < kChunk; ++r) {
     float w = 0.f;
 #pragma unroll
-    for (int s = 0; s <= r; ++s) w += Tb[r][s] * kd[s];
+    for (int s4 = 0; s4 <= r; s4 += 4) {  // whole-row broadcast reads; Tb[r][s > r] = 0
+      const float4 tb = *reinterpret_cast<const float4*>(&Tb[r][s4]);
+      w += tb.x * kd[s4] + tb.y * kd[s4 + 1] + tb.z * kd[s4 + 2] + tb.w * kd[s4 + 3];
+    }
     rw[r * Rec<K>::kPitch + d] = __float2bfloat16_rn(-w);
   }
 }
@@ -311,6 +344,9 @@ struct RecurrenceSmem {
   static constexpr int VP = BV + 8;  // +16 bytes per row: conflict-free ldmatrix
   static constexpr int kV = Rec<K>::kBytes;
   static constexpr int kStage = kV + kChunk * VP * 2;
+  // A chunk record takes microseconds to arrive while a chunk computes in well under one, so
+  // prefetch as deep as ~110 KB allows (two CTAs still fit on an SM).
+  static constexpr int kStages = std::min(8, std::max(3, 110 * 1024 / kStage));
   static constexpr int kOutPitch = 16 + 8;
   static constexpr int kOut = kStages * kStage;
   static constexpr int kBar = kOut + NW * kChunk * kOutPitch * 2;
@@ -323,7 +359,7 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
                                                                  int slots) {
   using L = RecurrenceSmem<K, NW, Tin>;
   using R = Rec<K>;
-  constexpr int BV = L::BV, KP = R::kPitch, VP = L::VP;
+  constexpr int BV = L::BV, KP = R::kPitch, VP = L::VP, kStages = L::kStages;
   extern __shared__ __align__(128) uint8_t smem[];
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::kBar);
 
