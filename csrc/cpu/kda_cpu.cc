@@ -1,0 +1,650 @@
+#include "cpu/kda_cpu.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <system_error>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+namespace jax_flashkda::cpu {
+namespace {
+
+// Tokens per chunk. The forward preprocesses a chunk, then runs it column block by column block;
+// the backward also checkpoints the state once per chunk and recomputes one chunk at a time, so
+// its memory is O(T / kChunk * K * V) per head instead of O(T * K * V).
+constexpr int64_t kChunk = 64;
+constexpr float kNormEps = 1e-6f;
+
+// Every column of the state evolves on its own (u, o, w and dv are per column; only the
+// per-row reductions of the backward mix columns, and they are sums). So the state is kept as
+// column blocks of kBlock values, each a contiguous K x kBlock tile that stays in L1 while a whole
+// chunk of tokens runs over it. V is padded to a multiple of kBlock; padded columns start at zero
+// and every update keeps them zero.
+constexpr int64_t kLanes = 4;
+constexpr int64_t kBlock = 16;
+constexpr int64_t kVecs = kBlock / kLanes;
+
+// GCC/Clang vector types: plain loops with float reductions stay scalar without -ffast-math,
+// and vector types keep the build free of -march flags (the compiler lowers 8 lanes to whatever
+// the target has). Loads and stores go through memcpy (unaligned, no aliasing questions).
+using Vec = float __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline void vload(Vec& v, const float* p) { std::memcpy(&v, p, sizeof v); }
+inline void vstore(float* p, const Vec& v) { std::memcpy(p, &v, sizeof v); }
+inline float hsum(const Vec& v) {
+  float s = 0.f;
+  for (int64_t l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element conversion.
+
+float bf16_to_float(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+float f16_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  if (exp == 0) {
+    const float mag = static_cast<float>(mant) * 5.9604644775390625e-8f;  // mant * 2^-24
+    return sign ? -mag : mag;
+  }
+  uint32_t bits;
+  if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 112u) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+uint16_t float_to_f16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  x &= 0x7fffffffu;
+  if (x > 0x7f800000u) return sign | 0x7e00u;
+  if (x >= 0x47800000u) return sign | 0x7c00u;  // >= 65536 (and inf) saturate to inf
+  if (x >= 0x38800000u) {
+    // Normal half: rebias the exponent by (127 - 15) and round the dropped 13 bits to even;
+    // a carry out of the mantissa correctly bumps the exponent (up to inf at 65520).
+    x = x - 0x38000000u + 0xfffu + ((x >> 13) & 1u);
+    return sign | static_cast<uint16_t>(x >> 13);
+  }
+  // Subnormal half: adding 0.5 (whose ulp is 2^-24, the subnormal step) rounds to even in
+  // hardware; the bit difference is the count of 2^-24 steps.
+  float mag;
+  std::memcpy(&mag, &x, 4);
+  const float shifted = mag + 0.5f;
+  uint32_t sbits;
+  std::memcpy(&sbits, &shifted, 4);
+  return sign | static_cast<uint16_t>(sbits - 0x3f000000u);
+}
+
+void load_row(const Tensor& t, int64_t offset, int64_t n, float* dst) {
+  switch (t.dtype) {
+    case DType::kF32:
+      std::memcpy(dst, static_cast<const float*>(t.data) + offset, n * sizeof(float));
+      return;
+    case DType::kBF16: {
+      const uint16_t* src = static_cast<const uint16_t*>(t.data) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+      return;
+    }
+    case DType::kF16: {
+      const uint16_t* src = static_cast<const uint16_t*>(t.data) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_float(src[i]);
+      return;
+    }
+  }
+}
+
+void store_row(const Tensor& t, int64_t offset, int64_t n, const float* src) {
+  switch (t.dtype) {
+    case DType::kF32:
+      std::memcpy(static_cast<float*>(t.data) + offset, src, n * sizeof(float));
+      return;
+    case DType::kBF16: {
+      uint16_t* dst = static_cast<uint16_t*>(t.data) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+      return;
+    }
+    case DType::kF16: {
+      uint16_t* dst = static_cast<uint16_t*>(t.data) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = float_to_f16(src[i]);
+      return;
+    }
+  }
+}
+
+size_t element_size(DType d) { return d == DType::kF32 ? 4 : 2; }
+
+
+// ---------------------------------------------------------------------------------------------
+// Small numerics.
+
+float sigmoid(float x) {
+  if (x >= 0.f) return 1.f / (1.f + std::exp(-x));
+  const float e = std::exp(x);
+  return e / (1.f + e);
+}
+
+float softplus(float x) { return std::max(x, 0.f) + std::log1p(std::exp(-std::fabs(x))); }
+
+float dot(const float* a, const float* b, int64_t n) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(a[i]) * b[i];
+  return static_cast<float>(s);
+}
+
+// Normalises x in place and returns 1/sqrt(|x|^2 + eps).
+float l2normalize(float* x, int64_t n) {
+  const float r = 1.f / std::sqrt(dot(x, x, n) + kNormEps);
+  for (int64_t i = 0; i < n; ++i) x[i] *= r;
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sequences, state layout, tokens.
+
+struct Span {
+  int64_t row, begin, end;
+};
+
+struct Problem {
+  const KdaShape& shape;
+  const KdaParams& params;
+  const KdaInputs& in;
+  int64_t vp;  // V padded to kBlock
+
+  Span span(int64_t n) const {
+    if (!params.is_varlen) return {n, 0, shape.T};
+    return {0, in.cu_seqlens[n], in.cu_seqlens[n + 1]};
+  }
+  int64_t max_len() const {
+    if (!params.is_varlen) return shape.T;
+    int64_t m = 0;
+    for (int64_t n = 0; n < shape.N; ++n) m = std::max(m, span(n).end - span(n).begin);
+    return m;
+  }
+  int64_t token(int64_t row, int64_t t, int64_t h) const { return (row * shape.T + t) * shape.H + h; }
+  int64_t state_size() const { return shape.K * vp; }
+
+  // Internal state: column blocks [vp / kBlock][K][kBlock]. External: [K, V] or [V, K].
+  int64_t internal(int64_t i, int64_t j) const {
+    return (j / kBlock) * shape.K * kBlock + i * kBlock + j % kBlock;
+  }
+  void load_state(const float* src, int64_t n, int64_t h, float* S) const {
+    const int64_t K = shape.K, V = shape.V;
+    const float* base = src + (n * shape.H + h) * K * V;
+    std::fill(S, S + state_size(), 0.f);
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < V; ++j)
+        S[internal(i, j)] = params.state_v_first ? base[j * K + i] : base[i * V + j];
+  }
+  void store_state(const float* S, int64_t n, int64_t h, float* dst) const {
+    const int64_t K = shape.K, V = shape.V;
+    float* base = dst + (n * shape.H + h) * K * V;
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < V; ++j)
+        (params.state_v_first ? base[j * K + i] : base[i * V + j]) = S[internal(i, j)];
+  }
+};
+
+// The preprocessed tokens of one chunk, slot s = token - chunk start. `x` (the gate
+// pre-activation g + dt_bias) and the l2norm factors are kept for the backward.
+struct Chunk {
+  std::vector<float> q, k, g, decay, x, v, rq, rk, beta;
+  Chunk(int64_t K, int64_t vp)
+      : q(kChunk * K), k(kChunk * K), g(kChunk * K), decay(kChunk * K), x(kChunk * K),
+        v(kChunk * vp, 0.f), rq(kChunk), rk(kChunk), beta(kChunk) {}
+};
+
+void prepare_token(const Problem& p, int64_t row, int64_t t, int64_t h, Chunk& c, int64_t s) {
+  const int64_t K = p.shape.K, V = p.shape.V;
+  const int64_t idx = p.token(row, t, h);
+  float* q = &c.q[s * K];
+  float* k = &c.k[s * K];
+  float* g = &c.g[s * K];
+  load_row(p.in.q, idx * K, K, q);
+  load_row(p.in.k, idx * K, K, k);
+  load_row(p.in.v, idx * V, V, &c.v[s * p.vp]);
+  load_row(p.in.g, idx * K, K, g);
+  load_row(p.in.beta, idx, 1, &c.beta[s]);
+  c.rq[s] = c.rk[s] = 1.f;
+  if (p.params.use_qk_l2norm) {
+    c.rq[s] = l2normalize(q, K);
+    c.rk[s] = l2normalize(k, K);
+  }
+  if (p.params.use_beta_sigmoid) c.beta[s] = sigmoid(c.beta[s]);
+  if (p.params.gate_mode != 0) {
+    const float a = std::exp(p.in.A_log[h]);
+    const float* bias = p.in.dt_bias + h * K;
+    for (int64_t i = 0; i < K; ++i) {
+      const float x = g[i] + bias[i];
+      c.x[s * K + i] = x;
+      g[i] = p.params.gate_mode == 1 ? -a * softplus(x) : p.params.lower_bound * sigmoid(a * x);
+    }
+  }
+  for (int64_t i = 0; i < K; ++i) c.decay[s * K + i] = std::exp(g[i]);
+}
+
+void prepare_chunk(const Problem& p, int64_t row, int64_t t0, int64_t len, int64_t h, Chunk& c) {
+  for (int64_t s = 0; s < len; ++s) prepare_token(p, row, t0 + s, h, c, s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The token recurrence on one column block.
+
+// Runs tokens [0, len) of a chunk over the block Sb (K x kBlock) starting at column j0:
+// S' = Diag(exp g) S, u = v - S'^T k, S = S' + beta k u^T, o = scale S^T q.
+// kKeep stores S'_t ([len][K][kBlock]) and u_t ([len][kBlock]) for the backward; kOutput
+// writes o into o_rows ([len][vp]). The update of token s and the decay of token s + 1 share
+// one pass over the rows, so the block is loaded and stored once per token.
+template <bool kKeep, bool kOutput>
+void forward_block(float* __restrict Sb, const Chunk& c, int64_t len, int64_t K, int64_t vp,
+                   int64_t j0, float scale, float* __restrict kept_Sp,
+                   float* __restrict kept_u, float* __restrict o_rows) {
+  // Plain restrict pointers: the memcpy stores below could otherwise alias the vectors' data
+  // pointers and force reloads in the inner loops.
+  const float* __restrict cq = c.q.data();
+  const float* __restrict ck = c.k.data();
+  const float* __restrict cdecay = c.decay.data();
+  const float* __restrict cv = c.v.data();
+  const float* __restrict cbeta = c.beta.data();
+  // Residual accumulators for even and odd rows: two independent dependency chains per vector.
+  Vec acc[2][kVecs];
+  auto start_residual = [&](int64_t s) {
+    for (int64_t m = 0; m < kVecs; ++m) {
+      vload(acc[0][m], cv + s * vp + j0 + m * kLanes);
+      acc[1][m] = Vec{};
+    }
+  };
+  // S'_s row i from S_{s-1} row i (in sv); accumulates u_s.
+  auto decay_row = [&](int64_t s, int64_t i, int64_t m, Vec& sv) {
+    sv *= cdecay[s * K + i];
+    if (kKeep) vstore(kept_Sp + (s * K + i) * kBlock + m * kLanes, sv);
+    acc[i & 1][m] -= ck[s * K + i] * sv;
+  };
+
+  if (len == 0) return;
+  start_residual(0);
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t m = 0; m < kVecs; ++m) {
+      Vec sv;
+      vload(sv, Sb + i * kBlock + m * kLanes);
+      decay_row(0, i, m, sv);
+      vstore(Sb + i * kBlock + m * kLanes, sv);
+    }
+
+  for (int64_t s = 0; s < len; ++s) {
+    Vec u[kVecs];
+    for (int64_t m = 0; m < kVecs; ++m) {
+      u[m] = acc[0][m] + acc[1][m];
+      if (kKeep) vstore(kept_u + s * kBlock + m * kLanes, u[m]);
+    }
+    const float b = cbeta[s];
+    const float* __restrict k = ck + s * K;
+    const float* __restrict q = cq + s * K;
+    Vec o[2][kVecs] = {};
+    auto row_pass = [&](auto has_next) {
+      if (has_next) start_residual(s + 1);
+      for (int64_t i = 0; i < K; ++i) {
+        float* __restrict Si = Sb + i * kBlock;
+        const float bk = b * k[i], qi = scale * q[i];
+        for (int64_t m = 0; m < kVecs; ++m) {
+          Vec sv;
+          vload(sv, Si + m * kLanes);
+          sv += bk * u[m];
+          if (kOutput) o[i & 1][m] += qi * sv;
+          if (has_next) decay_row(s + 1, i, m, sv);
+          vstore(Si + m * kLanes, sv);
+        }
+      }
+    };
+    if (s + 1 < len) {
+      row_pass(std::true_type{});
+    } else {
+      row_pass(std::false_type{});
+    }
+    if (kOutput)
+      for (int64_t m = 0; m < kVecs; ++m)
+        vstore(o_rows + s * vp + j0 + m * kLanes, o[0][m] + o[1][m]);
+  }
+}
+
+// Per-token sums over the columns, accumulated block by block: sd = S'_t do, du = dS_t u,
+// sw = S'_t w, gg = rowsum(S'_t . dS'_t) per row ([kChunk][K][kLanes] lane partials, summed
+// across lanes once per token rather than once per block); udo = u . do, wu = w . u ([kChunk]).
+struct ColumnSums {
+  std::vector<float> sd, du, sw, gg, udo, wu;
+  explicit ColumnSums(int64_t K)
+      : sd(kChunk * K * kLanes), du(kChunk * K * kLanes), sw(kChunk * K * kLanes),
+        gg(kChunk * K * kLanes), udo(kChunk), wu(kChunk) {}
+  void clear() {
+    for (auto* v : {&sd, &du, &sw, &gg, &udo, &wu}) std::fill(v->begin(), v->end(), 0.f);
+  }
+  static float row(const std::vector<float>& lanes, int64_t s, int64_t K, int64_t i) {
+    Vec v;
+    vload(v, &lanes[(s * K + i) * kLanes]);
+    return hsum(v);
+  }
+};
+
+inline void accumulate(float* p, const Vec& v) {
+  Vec x;
+  vload(x, p);
+  vstore(p, x + v);
+}
+
+// The token backward over tokens len-1 .. 0 of a chunk on one column block, from dSb (the
+// gradient of the block's state after the chunk) to the gradient before it; w = dS_t^T k.
+void backward_block(float* __restrict dSb, const Chunk& c, int64_t len, int64_t K, int64_t vp,
+                    int64_t j0, float scale, const float* __restrict kept_Sp,
+                    const float* __restrict kept_u, const float* __restrict do_rows,
+                    float* __restrict dv_rows, ColumnSums& sums) {
+  for (int64_t s = len - 1; s >= 0; --s) {
+    const float* __restrict q = &c.q[s * K];
+    const float* __restrict k = &c.k[s * K];
+    const float* __restrict decay = &c.decay[s * K];
+    const float* __restrict Sp = kept_Sp + s * K * kBlock;
+    const float b = c.beta[s];
+    Vec dov[kVecs], uv[kVecs], w2[2][kVecs] = {}, udo = {};
+    for (int64_t m = 0; m < kVecs; ++m) {
+      vload(dov[m], do_rows + s * vp + j0 + m * kLanes);
+      vload(uv[m], kept_u + s * kBlock + m * kLanes);
+      udo += uv[m] * dov[m];
+    }
+    sums.udo[s] += hsum(udo);
+
+    // dS_t += scale q do^T (o_t reads S_t), then w, S'_t do and dS_t u.
+    float* __restrict sd = &sums.sd[s * K * kLanes];
+    float* __restrict du = &sums.du[s * K * kLanes];
+    for (int64_t i = 0; i < K; ++i) {
+      float* __restrict dSi = dSb + i * kBlock;
+      const float qs = scale * q[i];
+      Vec acc_sd = {}, acc_du = {};
+      for (int64_t m = 0; m < kVecs; ++m) {
+        Vec d, spv;
+        vload(d, dSi + m * kLanes);
+        vload(spv, Sp + i * kBlock + m * kLanes);
+        d += qs * dov[m];
+        vstore(dSi + m * kLanes, d);
+        acc_sd += spv * dov[m];
+        acc_du += d * uv[m];
+        w2[i & 1][m] += k[i] * d;
+      }
+      accumulate(sd + i * kLanes, acc_sd);
+      accumulate(du + i * kLanes, acc_du);
+    }
+    Vec w[kVecs], wu = {};
+    for (int64_t m = 0; m < kVecs; ++m) {
+      w[m] = w2[0][m] + w2[1][m];
+      wu += w[m] * uv[m];
+      vstore(dv_rows + s * vp + j0 + m * kLanes, b * w[m]);
+    }
+    sums.wu[s] += hsum(wu);
+
+    // dS'_t = dS_t - beta k w^T; dS_{t-1} = Diag(exp g) dS'_t.
+    float* __restrict sw = &sums.sw[s * K * kLanes];
+    float* __restrict gg = &sums.gg[s * K * kLanes];
+    for (int64_t i = 0; i < K; ++i) {
+      float* __restrict dSi = dSb + i * kBlock;
+      const float bk = b * k[i], e = decay[i];
+      Vec acc_sw = {}, acc_g = {};
+      for (int64_t m = 0; m < kVecs; ++m) {
+        Vec d, spv;
+        vload(d, dSi + m * kLanes);
+        vload(spv, Sp + i * kBlock + m * kLanes);
+        d -= bk * w[m];
+        acc_sw += spv * w[m];
+        acc_g += spv * d;
+        vstore(dSi + m * kLanes, d * e);
+      }
+      accumulate(sw + i * kLanes, acc_sw);
+      accumulate(gg + i * kLanes, acc_g);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Work distribution over (sequence, head) pairs.
+
+template <typename Body>
+void run_parallel(int64_t items, int64_t workers, const Body& body) {
+  std::atomic<int64_t> next{0};
+  auto work = [&](int64_t w) {
+    for (int64_t item; (item = next.fetch_add(1)) < items;) body(w, item);
+  };
+  std::vector<std::thread> threads;
+  for (int64_t w = 1; w < workers; ++w) {
+    // A thread that cannot start only costs parallelism: the others claim its items.
+    try {
+      threads.emplace_back(work, w);
+    } catch (const std::system_error&) {
+      break;
+    }
+  }
+  work(0);
+  for (auto& th : threads) th.join();
+}
+
+int64_t worker_count(int64_t items) {
+  const int64_t hw = std::max<unsigned>(1u, std::thread::hardware_concurrency());
+  return std::max<int64_t>(1, std::min(hw, items));
+}
+
+void zero_uncovered(const Problem& p, const Tensor& t, int64_t width) {
+  if (!p.params.is_varlen) return;
+  const int64_t row_elems = p.shape.H * width;
+  const size_t es = element_size(t.dtype);
+  char* base = static_cast<char*>(t.data);
+  const int64_t first = p.in.cu_seqlens[0], last = p.in.cu_seqlens[p.shape.N];
+  std::memset(base, 0, first * row_elems * es);
+  std::memset(base + last * row_elems * es, 0, (p.shape.T - last) * row_elems * es);
+}
+
+int64_t padded_v(int64_t V) { return (V + kBlock - 1) / kBlock * kBlock; }
+
+}  // namespace
+
+std::string check_cu_seqlens(const KdaShape& shape, const int32_t* cu) {
+  for (int64_t n = 0; n <= shape.N; ++n) {
+    if (cu[n] < 0 || cu[n] > shape.T)
+      return "cu_seqlens[" + std::to_string(n) + "] = " + std::to_string(cu[n]) +
+             " is outside [0, T=" + std::to_string(shape.T) + "]";
+    if (n > 0 && cu[n] < cu[n - 1])
+      return "cu_seqlens must be non-decreasing (entry " + std::to_string(n) + ")";
+  }
+  return {};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+
+void kda_forward(const KdaShape& shape, const KdaParams& params, const KdaInputs& in,
+                 const KdaFwdOutputs& out) {
+  const int64_t K = shape.K, V = shape.V, vp = padded_v(V);
+  const Problem p{shape, params, in, vp};
+  zero_uncovered(p, out.o, V);
+
+  struct Scratch {
+    Chunk chunk;
+    std::vector<float> S, o;
+    Scratch(int64_t K, int64_t vp) : chunk(K, vp), S(K * vp), o(kChunk * vp) {}
+  };
+  const int64_t items = shape.N * shape.H;
+  const int64_t workers = worker_count(items);
+  std::vector<Scratch> scratch;
+  scratch.reserve(workers);
+  for (int64_t w = 0; w < workers; ++w) scratch.emplace_back(K, vp);
+
+  run_parallel(items, workers, [&](int64_t w, int64_t item) {
+    Scratch& sc = scratch[w];
+    const int64_t n = item / shape.H, h = item % shape.H;
+    const Span sp = p.span(n);
+    p.load_state(in.initial_state, n, h, sc.S.data());
+    for (int64_t t0 = sp.begin; t0 < sp.end; t0 += kChunk) {
+      const int64_t len = std::min(kChunk, sp.end - t0);
+      prepare_chunk(p, sp.row, t0, len, h, sc.chunk);
+      for (int64_t j0 = 0; j0 < vp; j0 += kBlock)
+        forward_block<false, true>(&sc.S[j0 * K], sc.chunk, len, K, vp, j0, params.scale,
+                                   nullptr, nullptr, sc.o.data());
+      for (int64_t s = 0; s < len; ++s)
+        store_row(out.o, p.token(sp.row, t0 + s, h) * V, V, &sc.o[s * vp]);
+    }
+    p.store_state(sc.S.data(), n, h, out.final_state);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+
+void kda_backward(const KdaShape& shape, const KdaParams& params, const KdaInputs& in,
+                  Tensor do_, const float* dfinal_state, const KdaBwdOutputs& out) {
+  const int64_t K = shape.K, V = shape.V, H = shape.H, vp = padded_v(V);
+  const Problem p{shape, params, in, vp};
+  const int64_t kv = p.state_size();
+  for (const Tensor* t : {&out.dq, &out.dk, &out.dg}) zero_uncovered(p, *t, K);
+  zero_uncovered(p, out.dv, V);
+  zero_uncovered(p, out.dbeta, 1);
+
+  const int64_t max_chunks = (p.max_len() + kChunk - 1) / kChunk;
+  struct Scratch {
+    Chunk chunk;
+    ColumnSums sums;
+    std::vector<float> S, dS, checkpoints, Sp, u, do_rows, dv_rows, dq, dk, dg;
+    Scratch(int64_t K, int64_t vp, int64_t max_chunks)
+        : chunk(K, vp), sums(K), S(K * vp), dS(K * vp), checkpoints(max_chunks * K * vp),
+          Sp(kChunk * K * kBlock), u(kChunk * kBlock), do_rows(kChunk * vp, 0.f),
+          dv_rows(kChunk * vp), dq(K), dk(K), dg(K) {}
+  };
+  const int64_t items = shape.N * H;
+  const int64_t workers = worker_count(items);
+  std::vector<Scratch> scratch;
+  scratch.reserve(workers);
+  for (int64_t w = 0; w < workers; ++w) scratch.emplace_back(K, vp, max_chunks);
+  // Gradients of the per-head parameters per (sequence, head), reduced into batch rows below
+  // so that varlen sequences sharing row 0 never write the same memory concurrently.
+  std::vector<double> dA_part(items, 0.0), dbias_part(items * K, 0.0);
+
+  run_parallel(items, workers, [&](int64_t w_id, int64_t item) {
+    Scratch& sc = scratch[w_id];
+    const int64_t n = item / H, h = item % H;
+    const Span sp = p.span(n);
+    const int64_t chunks = (sp.end - sp.begin + kChunk - 1) / kChunk;
+    const float scale = params.scale;
+
+    // Forward sweep: the state entering each chunk.
+    p.load_state(in.initial_state, n, h, sc.S.data());
+    for (int64_t c = 0; c < chunks; ++c) {
+      std::copy(sc.S.begin(), sc.S.end(), sc.checkpoints.begin() + c * kv);
+      const int64_t t0 = sp.begin + c * kChunk, len = std::min(kChunk, sp.end - t0);
+      prepare_chunk(p, sp.row, t0, len, h, sc.chunk);
+      for (int64_t j0 = 0; j0 < vp; j0 += kBlock)
+        forward_block<false, false>(&sc.S[j0 * K], sc.chunk, len, K, vp, j0, 0.f, nullptr,
+                                    nullptr, nullptr);
+    }
+
+    p.load_state(dfinal_state, n, h, sc.dS.data());
+    double dA = 0.0;
+    double* dbias = &dbias_part[item * K];
+    const float a = params.gate_mode != 0 ? std::exp(in.A_log[h]) : 0.f;
+
+    for (int64_t c = chunks - 1; c >= 0; --c) {
+      const int64_t t0 = sp.begin + c * kChunk, len = std::min(kChunk, sp.end - t0);
+      const Chunk& ch = sc.chunk;
+      prepare_chunk(p, sp.row, t0, len, h, sc.chunk);
+      for (int64_t s = 0; s < len; ++s)
+        load_row(do_, p.token(sp.row, t0 + s, h) * V, V, &sc.do_rows[s * vp]);
+      sc.sums.clear();
+      for (int64_t j0 = 0; j0 < vp; j0 += kBlock) {
+        // Recompute the chunk on this block from its checkpoint, keeping S'_t and u_t.
+        std::copy_n(&sc.checkpoints[c * kv + j0 * K], K * kBlock, sc.S.begin());
+        forward_block<true, false>(sc.S.data(), ch, len, K, vp, j0, 0.f, sc.Sp.data(),
+                                   sc.u.data(), nullptr);
+        backward_block(&sc.dS[j0 * K], ch, len, K, vp, j0, scale, sc.Sp.data(), sc.u.data(),
+                       sc.do_rows.data(), sc.dv_rows.data(), sc.sums);
+      }
+
+      // Finish each token's gradients and go back through the preprocessing.
+      const ColumnSums& cs = sc.sums;
+      for (int64_t s = 0; s < len; ++s) {
+        const float* q = &ch.q[s * K];
+        const float* k = &ch.k[s * K];
+        const float b = ch.beta[s];
+        for (int64_t i = 0; i < K; ++i) {
+          // S_t do = S'_t do + beta k (u . do)
+          sc.dq[i] = scale * (ColumnSums::row(cs.sd, s, K, i) + b * k[i] * cs.udo[s]);
+          sc.dk[i] = b * (ColumnSums::row(cs.du, s, K, i) - ColumnSums::row(cs.sw, s, K, i));
+          sc.dg[i] = ColumnSums::row(cs.gg, s, K, i);
+        }
+        if (params.use_qk_l2norm) {
+          const float pq = dot(q, sc.dq.data(), K), pk = dot(k, sc.dk.data(), K);
+          for (int64_t i = 0; i < K; ++i) {
+            sc.dq[i] = ch.rq[s] * (sc.dq[i] - pq * q[i]);
+            sc.dk[i] = ch.rk[s] * (sc.dk[i] - pk * k[i]);
+          }
+        }
+        float dbeta = cs.wu[s];
+        if (params.use_beta_sigmoid) dbeta *= b * (1.f - b);
+        if (params.gate_mode != 0) {
+          const float* x = &ch.x[s * K];
+          const float* g = &ch.g[s * K];
+          for (int64_t i = 0; i < K; ++i) {
+            float dx;
+            if (params.gate_mode == 1) {
+              dx = -sc.dg[i] * a * sigmoid(x[i]);
+              dA += static_cast<double>(sc.dg[i]) * g[i];
+            } else {
+              const float sg = sigmoid(a * x[i]);
+              dx = sc.dg[i] * params.lower_bound * sg * (1.f - sg) * a;
+              dA += static_cast<double>(dx) * x[i];
+            }
+            dbias[i] += dx;
+            sc.dg[i] = dx;
+          }
+        }
+        const int64_t idx = p.token(sp.row, t0 + s, h);
+        store_row(out.dq, idx * K, K, sc.dq.data());
+        store_row(out.dk, idx * K, K, sc.dk.data());
+        store_row(out.dv, idx * V, V, &sc.dv_rows[s * vp]);
+        store_row(out.dg, idx * K, K, sc.dg.data());
+        store_row(out.dbeta, idx, 1, &dbeta);
+      }
+    }
+    p.store_state(sc.dS.data(), n, h, out.dinitial_state);
+    dA_part[item] = dA;
+  });
+
+  std::fill(out.dA_log, out.dA_log + shape.B * H, 0.f);
+  std::fill(out.ddt_bias, out.ddt_bias + shape.B * H * K, 0.f);
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t n = item / H, h = item % H;
+    const int64_t row = params.is_varlen ? 0 : n;
+    out.dA_log[row * H + h] += static_cast<float>(dA_part[item]);
+    for (int64_t i = 0; i < K; ++i)
+      out.ddt_bias[(row * H + h) * K + i] += static_cast<float>(dbias_part[item * K + i]);
+  }
+}
+
+}  // namespace jax_flashkda::cpu

@@ -1,0 +1,64 @@
+// Kimi Delta Attention on the CPU: the token recurrence of design §1, forward and backward.
+// Plain C++ (no XLA types) so the FFI handlers are the only code that knows about XLA.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace jax_flashkda::cpu {
+
+enum class DType { kF32, kBF16, kF16 };
+
+// A tensor the kernels read or write in its own dtype; all math happens in fp32.
+struct Tensor {
+  void* data;
+  DType dtype;
+};
+
+struct KdaShape {
+  int64_t B, T, H, K, V;
+  int64_t N;  // sequences: B, or len(cu_seqlens) - 1 when varlen
+};
+
+struct KdaParams {
+  float scale;
+  bool use_qk_l2norm;
+  bool use_beta_sigmoid;
+  int32_t gate_mode;  // 0: g is the log-decay, 1: softplus gate, 2: safe (sigmoid) gate
+  float lower_bound;
+  bool state_v_first;
+  bool is_varlen;
+};
+
+// The operands shared by forward and backward (contract operands 0-8).
+struct KdaInputs {
+  Tensor q, k, v, g, beta;
+  const float* A_log;          // [H]
+  const float* dt_bias;        // [H, K]
+  const float* initial_state;  // [N, H, K, V] or [N, H, V, K]
+  const int32_t* cu_seqlens;   // [N + 1], read only when is_varlen
+};
+
+struct KdaFwdOutputs {
+  Tensor o;            // [B, T, H, V]
+  float* final_state;  // same layout as initial_state
+};
+
+struct KdaBwdOutputs {
+  Tensor dq, dk, dv, dg, dbeta;
+  float* dA_log;           // [B, H], per batch row
+  float* ddt_bias;         // [B, H, K], per batch row
+  float* dinitial_state;   // same layout as initial_state
+};
+
+// Checks cu_seqlens (non-decreasing, inside [0, T]); returns an empty string when valid.
+std::string check_cu_seqlens(const KdaShape& shape, const int32_t* cu_seqlens);
+
+void kda_forward(const KdaShape& shape, const KdaParams& params, const KdaInputs& in,
+                 const KdaFwdOutputs& out);
+
+// do_ is [B, T, H, V]; dfinal_state has the state layout.
+void kda_backward(const KdaShape& shape, const KdaParams& params, const KdaInputs& in,
+                  Tensor do_, const float* dfinal_state, const KdaBwdOutputs& out);
+
+}  // namespace jax_flashkda::cpu
