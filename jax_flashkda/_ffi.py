@@ -18,6 +18,7 @@ import importlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -42,11 +43,11 @@ class CallConfig:
 
     def attributes(self):
         return dict(
-            scale=jnp.float32(self.scale),
+            scale=np.float32(self.scale),
             use_qk_l2norm=self.use_qk_l2norm,
             use_beta_sigmoid=self.use_beta_sigmoid,
-            gate_mode=jnp.int32(self.gate_mode),
-            lower_bound=jnp.float32(self.lower_bound),
+            gate_mode=np.int32(self.gate_mode),
+            lower_bound=np.float32(self.lower_bound),
             state_v_first=self.state_v_first,
             is_varlen=self.is_varlen,
         )

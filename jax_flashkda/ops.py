@@ -322,26 +322,54 @@ def _pure_vjp(cfg: _ffi.CallConfig, primals, cotangents):
     return vjp(cotangents)
 
 
+# Inside shard_map every value's type records the mesh axes it varies over. The custom call's
+# results carry none, so the custom_vjp restores them: outputs vary wherever an input does, and
+# each gradient gets its primal's type, summed over the axes its primal is replicated on (the
+# transpose of using a replicated value in per-shard work). Outside shard_map these are no-ops.
+
+def _varying_axes(x) -> frozenset:
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
+def _make_varying(x, axes):
+    missing = tuple(sorted(axes - _varying_axes(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _typed_like(grad, primal):
+    extra = tuple(sorted(_varying_axes(grad) - _varying_axes(primal)))
+    if extra:
+        grad = jax.lax.psum(grad, extra)
+    return _make_varying(grad, _varying_axes(primal))
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_vjp(cfg: _ffi.CallConfig):
     fwd = _ffi.fwd_call(cfg)
     bwd = _ffi.bwd_call(cfg)
 
-    @jax.custom_vjp
-    def run(q, k, v, g, beta, A_log, dt_bias, h0, cu):
-        return fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu)
+    def forward(*primals):
+        axes = frozenset().union(*map(_varying_axes, primals))
+        return tuple(_make_varying(out, axes) for out in fwd(*primals))
+
+    run = jax.custom_vjp(forward)
 
     def run_fwd(*primals):
-        return fwd(*primals), primals
+        return forward(*primals), primals
 
     def run_bwd(primals, cotangents):
         do, dht = cotangents
         platform = "cpu" if jax.default_backend() == "cpu" else "CUDA"
         if _ffi.has_target(platform, _ffi.BWD_TARGET):
-            dq, dk, dv, dg, dbeta, dA_log, ddt_bias, dh0 = bwd(*primals, do, dht)
+            axes = frozenset().union(*map(_varying_axes, primals + (do, dht)))
+            outs = tuple(_make_varying(x, axes) for x in bwd(*primals, do, dht))
+            dq, dk, dv, dg, dbeta, dA_log, ddt_bias, dh0 = outs
             grads = (dq, dk, dv, dg, dbeta, dA_log.sum(0), ddt_bias.sum(0), dh0)
         else:
             grads = _pure_vjp(cfg, primals, (do, dht))
+        grads = tuple(_typed_like(grad, primal) for grad, primal in zip(grads, primals))
         return grads + (None,)
 
     run.defvjp(run_fwd, run_bwd)

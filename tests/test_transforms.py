@@ -211,10 +211,9 @@ def test_shard_map_over_batch_and_heads(rng):
 
     grads = jax.jit(jax.grad(loss))(arrays)
     expected = jax.grad(lambda a: _loss(a, static, "chunked", weights))(arrays)
-    for name in ("q", "k", "v", "g", "beta", "initial_state"):
+    # A_log and dt_bias are replicated over the data axis: their gradients are summed over it.
+    for name in expected:
         assert rel_err(grads[name], expected[name]) < 1e-4, name
-    # A_log and dt_bias are per head: each shard sums its own batch rows, then the data axis
-    # adds them; shard_map leaves that sum to the user, so compare the psum'd total.
 
 
 @pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 host devices")
@@ -230,14 +229,14 @@ def test_sharded_jit_partitions_without_all_gather(rng):
     def grad_fn(a):
         return jax.grad(lambda a: _loss(a, static, "ffi", weights))(a)
 
-    for fn in (forward, grad_fn):
+    for fn, target in ((forward, "jax_flashkda_fwd"), (grad_fn, "jax_flashkda_bwd")):
         hlo = _compiled_text(fn, sharded)
         assert "all-gather" not in hlo, fn.__name__
-        assert "jax_flashkda_fwd" in hlo
+        assert f'custom_call_target="{target}"' in hlo
     o, ht = jax.jit(forward)(sharded)
     o_ref, ht_ref = _call(arrays, static, "recurrent")
     assert rel_err(o, o_ref) < 1e-4 and rel_err(ht, ht_ref) < 1e-4
-    assert o.sharding.spec[:3] == P("data", None, "model")
+    assert tuple(o.sharding.spec)[:3] == ("data", None, "model")
     grads = jax.jit(grad_fn)(sharded)
     expected = jax.grad(lambda a: _loss(a, static, "chunked", weights))(arrays)
     for name in expected:
