@@ -346,11 +346,11 @@ struct RecurrenceSmem {
   static constexpr int kStage = kV + kChunk * VP * 2;
   // A chunk record takes microseconds to arrive while a chunk computes in well under one, so
   // prefetch as deep as ~110 KB allows (two CTAs still fit on an SM).
-  static constexpr int kStages = std::min(8, std::max(3, 110 * 1024 / kStage));
+  static constexpr int kStages = std::min(8, std::max(4, 110 * 1024 / kStage));
   static constexpr int kOutPitch = 16 + 8;
   static constexpr int kOut = kStages * kStage;
   static constexpr int kBar = kOut + NW * kChunk * kOutPitch * 2;
-  static constexpr int kBytes = kBar + kStages * 8;
+  static constexpr int kBytes = kBar + 2 * kStages * 8;  // "full" and "empty" barriers
 };
 
 template <int K, int NW, typename Tin>
@@ -361,7 +361,8 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
   using R = Rec<K>;
   constexpr int BV = L::BV, KP = R::kPitch, VP = L::VP, kStages = L::kStages;
   extern __shared__ __align__(128) uint8_t smem[];
-  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::kBar);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::kBar);  // stage landed
+  uint64_t* empty = bars + kStages;  // every warp is done with the stage
 
   const int vb = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -390,13 +391,19 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
     }
   };
 
+  // Chunk c + kStages - 2 refills the stage of chunk c - 2, so a warp may trail the one that
+  // refills by a chunk without stalling it; warps never wait on each other otherwise.
+  constexpr int kAhead = kStages - 2;
   if (tid == 0) {
-    for (int i = 0; i < kStages; ++i) ptx::mbar_init(bars + i, 1);
+    for (int i = 0; i < kStages; ++i) {
+      ptx::mbar_init(bars + i, 1);
+      ptx::mbar_init(empty + i, NW);
+    }
     ptx::fence_mbar_init();
   }
   __syncthreads();
   if (warp == 0)
-    for (int c = 0; c < kStages - 1 && c < nch; ++c) issue(c);
+    for (int c = 0; c < kAhead && c < nch; ++c) issue(c);
 
   // Initial state, transposed into the accumulator layout.
   float s[K / 8][4];
@@ -416,9 +423,11 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
   Tin* out = static_cast<Tin*>(p.o);
   const int brow = (lane & 7) + ((lane >> 4) & 1) * 8, bcol = ((lane >> 3) & 1) * 8;
   for (int c = 0; c < nch; ++c) {
+    if (warp == 0 && c + kAhead < nch) {
+      if (c >= 2) ptx::mbar_wait(empty + (c - 2) % kStages, ((c - 2) / kStages) & 1);
+      issue(c + kAhead);
+    }
     ptx::mbar_wait(bars + c % kStages, (c / kStages) & 1);
-    __syncthreads();  // every warp is done with chunk c-1: its stage may be refilled
-    if (warp == 0 && c + kStages - 1 < nch) issue(c + kStages - 1);
 
     const uint8_t* st = smem + (c % kStages) * L::kStage;
     const __nv_bfloat16* qs = reinterpret_cast<const __nv_bfloat16*>(st + R::kQ);
@@ -494,6 +503,7 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
           ostage[tok * L::kOutPitch + v] = __float2bfloat16_rn(ot[nt][j]);
       }
     __syncwarp();
+    if (lane == 0) ptx::mbar_arrive(empty + c % kStages);
     {
       const int tok = lane >> 1, half = lane & 1;
       const int gt = c * kChunk + tok;
@@ -549,19 +559,17 @@ cudaError_t launch_recurrence(const FwdParams& p, const uint8_t* ws, int slots,
   return cudaGetLastError();
 }
 
-// Few CTAs per head share the workspace reads; enough CTAs fill the GPU. Take the widest value
-// block that still gives every SM a CTA.
+// The total number of warps is fixed (one per 16 value columns of every head); grouping them
+// four to a CTA lets them share one fetch of each chunk record. Measured on H100 at B=1 T=8192
+// H=96 and B=1 T=32768 H=16, four warps per CTA was as fast as or faster than 1, 2 or 8.
+// JAX_FLASHKDA_FWD_WARPS (1, 2, 4 or 8) overrides the choice, for tests and tuning.
 int pick_warps(const FwdParams& p) {
   if (const char* env = std::getenv("JAX_FLASHKDA_FWD_WARPS")) {
     const int w = std::atoi(env);
     if ((w == 1 || w == 2 || w == 4 || w == 8) && (p.V / 16) % w == 0) return w;
   }
-  int dev = 0, sms = 132;
-  if (cudaGetDevice(&dev) == cudaSuccess)
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  const long long heads = static_cast<long long>(p.H) * p.N;
-  for (int w = 8; w > 1; w >>= 1)
-    if ((p.V / 16) % w == 0 && heads * (p.V / (16 * w)) >= sms) return w;
+  for (int w = 4; w > 1; w >>= 1)
+    if ((p.V / 16) % w == 0) return w;
   return 1;
 }
 
