@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device call: install the carried wheels, build and install jax_flashkda, run the GPU
+# tests, then time everything side by side. Logs and the json land under $OUT.
+#   MODES="fwd fwd_bwd" CASES="..." IMPLS="..." TESTS=0 to skip the tests.
+# Peers that are not importable (FlashKDA is built separately, it is not on PyPI) are skipped.
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/kda_out}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+nvidia-smi -L
+if ls .whl/*.whl >/dev/null 2>&1; then
+  pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if ! JAX_FLASHKDA_CUDA=ON pip install -q --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1; then
+  tail -30 "$OUT/build.log"
+  exit 1
+fi
+grep -E "registers|spill" "$OUT/build.log" | sort | uniq -c | head -30 >"$OUT/ptxas.txt"
+python -c "import jax_flashkda as k; print('cuda:', k.cuda_unavailable_reason() or 'ready')"
+
+if [ "${TESTS:-1}" = 1 ]; then
+  (cd tests && timeout 420 pytest -q -rfE -m gpu -p no:cacheprovider . 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15)
+fi
+wait  # a peer build started beside this script
+timeout 540 python benchmarks/bench_gpu.py --modes ${MODES:-fwd fwd_bwd} \
+  ${CASES:+--cases $CASES} ${IMPLS:+--impls $IMPLS} --out "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log"
