@@ -23,6 +23,7 @@ python -c "import jax_flashkda as k; print('cuda:', k.cuda_unavailable_reason() 
 if [ "${TESTS:-1}" = 1 ]; then
   (cd tests && timeout 420 pytest -q -rfE -m gpu -p no:cacheprovider . 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15)
 fi
-wait  # a peer build started beside this script
+# A peer build started beside this script (PEER_BUILD_PID) must finish before the timings.
+while [ -n "${PEER_BUILD_PID:-}" ] && kill -0 "$PEER_BUILD_PID" 2>/dev/null; do sleep 2; done
 timeout 540 python benchmarks/bench_gpu.py --modes ${MODES:-fwd fwd_bwd} \
   ${CASES:+--cases $CASES} ${IMPLS:+--impls $IMPLS} --out "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log"
