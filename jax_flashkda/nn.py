@@ -1,0 +1,227 @@
+"""Flax (nnx) Kimi Delta Attention layer, built around :func:`jax_flashkda.kda`."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .ops import kda
+
+__all__ = ["KDACache", "KimiDeltaAttention"]
+
+
+class KDACache(NamedTuple):
+    """Decoding state of one :class:`KimiDeltaAttention` layer, one row per sequence.
+
+    ``state`` is the recurrent state ``[N, H, K, V]`` (float32); ``conv_q``, ``conv_k`` and
+    ``conv_v`` hold the last ``conv_size - 1`` inputs ``[N, conv_size - 1, H * D]`` of each short
+    convolution. ``N`` is the batch size, or the number of sequences with ``cu_seqlens``.
+    An all-zero cache is the same as no cache (an empty history).
+    """
+
+    state: jax.Array
+    conv_q: jax.Array
+    conv_k: jax.Array
+    conv_v: jax.Array
+
+
+def _short_conv(x, weight, past, cu_seqlens):
+    """Causal depthwise conv1d followed by SiLU, continuing from ``past`` inputs.
+
+    ``x`` is ``[B, T, C]``, ``weight`` ``[W, C]`` (``weight[-1]`` taps the current token),
+    ``past`` ``[N, W - 1, C]`` or None (zeros). With ``cu_seqlens`` (``B == 1``) every sequence
+    sees only its own tokens and its own row of ``past``. Returns the activations and the last
+    ``W - 1`` inputs of every sequence, so that the next call continues seamlessly.
+    """
+    w = weight.shape[0]
+    c = x.shape[-1]
+    weight = weight.astype(x.dtype)
+    if cu_seqlens is None:
+        b, t, _ = x.shape
+        if past is None:
+            past = jnp.zeros((b, w - 1, c), x.dtype)
+        ext = jnp.concatenate([past.astype(x.dtype), x], axis=1)
+        y = sum(ext[:, i : i + t] * weight[i] for i in range(w))
+        return jax.nn.silu(y), ext[:, t:]
+
+    n = cu_seqlens.shape[0] - 1
+    t = x.shape[1]
+    cu_seqlens = cu_seqlens.astype(jnp.int32)
+    if past is None:
+        past = jnp.zeros((n, w - 1, c), x.dtype)
+    # One flat buffer holding every sequence's history followed by the packed tokens; relative
+    # position p of sequence s lives at its token (p >= 0) or at its history row (p < 0).
+    buf = jnp.concatenate([past.astype(x.dtype).reshape(n * (w - 1), c), x[0]], axis=0)
+
+    def index(s, p):
+        return jnp.where(p >= 0, n * (w - 1) + cu_seqlens[s] + p, s * (w - 1) + (w - 1) + p)
+
+    tok = jnp.arange(t)
+    seq = jnp.searchsorted(cu_seqlens, tok, side="right") - 1
+    pos = tok - cu_seqlens[seq]
+    y = sum(buf[index(seq, pos - (w - 1) + i)] * weight[i] for i in range(w))
+    seqs = jnp.arange(n)[:, None]
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1])[:, None]
+    new_past = buf[index(seqs, lens - (w - 1) + jnp.arange(w - 1)[None, :])]
+    return jax.nn.silu(y)[None], new_past
+
+
+class KimiDeltaAttention(nnx.Module):
+    """Kimi Delta Attention block (the token mixer of Kimi Linear).
+
+    ``x -> q, k, v`` projections, each through a short causal depthwise convolution and SiLU;
+    a low-rank gate projection turned into per-channel decays inside the op (safe gate with
+    ``lower_bound``, ``A_log``, ``dt_bias``); beta logits per head; the KDA recurrence with
+    L2-normalised q and k; a per-head RMSNorm gated by a sigmoid of a low-rank output gate;
+    and an output projection back to ``hidden_size``. Key and value head size are both
+    ``head_dim``.
+
+    Args:
+      hidden_size: model width.
+      num_heads: number of KDA heads ``H``.
+      head_dim: key and value size per head.
+      conv_size: kernel width of the short convolutions.
+      gate_low_rank_dim: rank of the decay-gate projection (Kimi uses ``head_dim``).
+      lower_bound: lower bound of the per-channel log-decay, in ``[-5, 0)``; None selects the
+        unbounded ``-exp(A_log) * softplus`` gate.
+      norm_eps: epsilon of the gated output RMSNorm.
+      dtype: computation dtype of projections, convolutions and the op's inputs.
+      param_dtype: dtype of the weights (``A_log`` and ``dt_bias`` stay float32).
+      impl: forwarded to :func:`jax_flashkda.kda`.
+      rngs: random streams for initialisation.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        conv_size: int = 4,
+        gate_low_rank_dim: int | None = None,
+        lower_bound: float | None = -5.0,
+        norm_eps: float = 1e-5,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        impl: str = "auto",
+        rngs: nnx.Rngs,
+    ):
+        if conv_size < 1:
+            raise ValueError(f"conv_size must be >= 1, got {conv_size}")
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.conv_size = conv_size
+        self.lower_bound = lower_bound
+        self.norm_eps = norm_eps
+        self.dtype = dtype
+        self.impl = impl
+        rank = head_dim if gate_low_rank_dim is None else gate_low_rank_dim
+        width = num_heads * head_dim
+
+        linear = functools.partial(
+            nnx.Linear, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.q_proj = linear(hidden_size, width)
+        self.k_proj = linear(hidden_size, width)
+        self.v_proj = linear(hidden_size, width)
+        # A depthwise kernel has fan-in conv_size; PyTorch's Conv1d default bound 1/sqrt(fan_in).
+        bound = conv_size**-0.5
+        conv_init = functools.partial(
+            jax.random.uniform, shape=(conv_size, width), dtype=param_dtype, minval=-bound, maxval=bound
+        )
+        self.q_conv = nnx.Param(conv_init(rngs.params()))
+        self.k_conv = nnx.Param(conv_init(rngs.params()))
+        self.v_conv = nnx.Param(conv_init(rngs.params()))
+
+        self.f_down = linear(hidden_size, rank)
+        self.f_up = linear(rank, width)
+        self.b_proj = linear(hidden_size, num_heads)
+        # Decay rates are consumed by the op in float32 and are sensitive to rounding, so they
+        # stay float32 whatever param_dtype is.
+        self.A_log = nnx.Param(
+            jnp.log(jax.random.uniform(rngs.params(), (num_heads,), jnp.float32, 1.0, 16.0))
+        )
+        # Mamba's dt init: softplus(dt_bias) log-uniform in [1e-3, 1e-1], so that at start some
+        # channels forget fast and others remember over hundreds of tokens.
+        dt = jnp.exp(
+            jax.random.uniform(
+                rngs.params(), (width,), jnp.float32, jnp.log(1e-3), jnp.log(1e-1)
+            )
+        )
+        self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)))
+
+        self.g_down = linear(hidden_size, head_dim)
+        self.g_up = nnx.Linear(
+            head_dim, width, use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.o_norm_scale = nnx.Param(jnp.ones((head_dim,), param_dtype))
+        self.o_proj = linear(width, hidden_size)
+
+    def init_cache(self, batch_size: int) -> KDACache:
+        """An empty-history cache for ``batch_size`` sequences (equivalent to ``cache=None``)."""
+        width = self.num_heads * self.head_dim
+        conv = jnp.zeros((batch_size, self.conv_size - 1, width), self.dtype)
+        state = jnp.zeros((batch_size, self.num_heads, self.head_dim, self.head_dim), jnp.float32)
+        return KDACache(state, conv, conv, conv)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        cache: KDACache | None = None,
+        cu_seqlens: jax.Array | None = None,
+        return_cache: bool | None = None,
+    ) -> tuple[jax.Array, KDACache | None]:
+        """Mix tokens of ``x`` ``[B, T, hidden_size]``.
+
+        ``cache`` continues earlier calls (prefill, then ``T = 1`` decoding steps give the same
+        result as one call on the whole sequence). ``cu_seqlens`` ``[N + 1]`` packs N
+        independent sequences into a ``B == 1`` batch; the cache then has N rows.
+        ``return_cache`` (default: whether a cache was passed) asks for the updated cache; leave
+        it off in training, where computing the final state is wasted work.
+
+        Returns ``(y, new_cache)``: ``y`` ``[B, T, hidden_size]`` and the new cache or None.
+        """
+        if return_cache is None:
+            return_cache = cache is not None
+        b, t, _ = x.shape
+        h, d = self.num_heads, self.head_dim
+        past = (None, None, None) if cache is None else (cache.conv_q, cache.conv_k, cache.conv_v)
+
+        q, conv_q = _short_conv(self.q_proj(x), self.q_conv[...], past[0], cu_seqlens)
+        k, conv_k = _short_conv(self.k_proj(x), self.k_conv[...], past[1], cu_seqlens)
+        v, conv_v = _short_conv(self.v_proj(x), self.v_conv[...], past[2], cu_seqlens)
+        g = self.f_up(self.f_down(x))
+        beta = self.b_proj(x)
+
+        o, state = kda(
+            q.reshape(b, t, h, d),
+            k.reshape(b, t, h, d),
+            v.reshape(b, t, h, d),
+            g.reshape(b, t, h, d),
+            beta,
+            initial_state=None if cache is None else cache.state,
+            output_final_state=return_cache,
+            use_qk_l2norm_in_kernel=True,
+            use_gate_in_kernel=True,
+            use_beta_sigmoid_in_kernel=True,
+            A_log=self.A_log[...],
+            dt_bias=self.dt_bias[...],
+            lower_bound=self.lower_bound,
+            cu_seqlens=cu_seqlens,
+            impl=self.impl,
+        )
+
+        gate = self.g_up(self.g_down(x)).reshape(b, t, h, d).astype(jnp.float32)
+        o = o.astype(jnp.float32)
+        o = o * jax.lax.rsqrt(jnp.mean(o * o, axis=-1, keepdims=True) + self.norm_eps)
+        o = o * self.o_norm_scale[...].astype(jnp.float32) * jax.nn.sigmoid(gate)
+        y = self.o_proj(o.astype(self.dtype).reshape(b, t, h * d))
+
+        new_cache = KDACache(state, conv_q, conv_k, conv_v) if return_cache else None
+        return y, new_cache
