@@ -29,9 +29,10 @@ class SwiGLU(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm residual block: KDA token mixer, then a SwiGLU MLP."""
 
-    def __init__(self, hidden: int, heads: int, *, dtype, impl: str, rngs: nnx.Rngs):
+    def __init__(self, hidden: int, heads: int, *, dtype, impl: str, shard_axes, rngs: nnx.Rngs):
         self.attn_norm = nnx.RMSNorm(hidden, dtype=dtype, rngs=rngs)
-        self.attn = KimiDeltaAttention(hidden, heads, hidden // heads, dtype=dtype, impl=impl, rngs=rngs)
+        self.attn = KimiDeltaAttention(hidden, heads, hidden // heads, dtype=dtype, impl=impl,
+                                       shard_axes=shard_axes, rngs=rngs)
         self.mlp_norm = nnx.RMSNorm(hidden, dtype=dtype, rngs=rngs)
         self.mlp = SwiGLU(hidden, 4 * hidden, dtype=dtype, rngs=rngs)
 
@@ -54,13 +55,15 @@ class LM(nnx.Module):
         tie_embeddings: bool = True,
         dtype=jnp.float32,
         impl: str = "auto",
+        shard_axes: tuple[str | None, str | None] | None = None,
         rngs: nnx.Rngs,
     ):
         if hidden % heads:
             raise ValueError(f"hidden ({hidden}) must be a multiple of heads ({heads})")
         self.embed = nnx.Embed(vocab, hidden, dtype=dtype, rngs=rngs)
         self.blocks = nnx.List(
-            [Block(hidden, heads, dtype=dtype, impl=impl, rngs=rngs) for _ in range(layers)]
+            [Block(hidden, heads, dtype=dtype, impl=impl, shard_axes=shard_axes, rngs=rngs)
+             for _ in range(layers)]
         )
         self.norm = nnx.RMSNorm(hidden, dtype=dtype, rngs=rngs)
         self.head = None if tie_embeddings else nnx.Linear(hidden, vocab, use_bias=False, dtype=dtype, rngs=rngs)

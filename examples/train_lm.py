@@ -2,6 +2,7 @@
 
     python examples/train_lm.py [--steps 300] [--batch 16] [--seq-len 128] [--hidden 128]
                                 [--layers 2] [--heads 2] [--impl auto] [--seed 0]
+                                [--mesh data=2,model=1] [--report rows.json]
 
 Runs on whatever JAX backend is present. The loss starts near log(vocab) and falls towards the
 chain's entropy (the loss of a perfect model, printed as "oracle").
@@ -10,6 +11,8 @@ chain's entropy (the loss of a perfect model, printed as "oracle").
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import math
 import os
 import sys
@@ -18,6 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -34,9 +38,31 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--vocab", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--impl", default="auto", choices=["auto", "cuda", "chunked", "recurrent"])
+    p.add_argument("--impl", default="auto", choices=["auto", "cuda", "ffi", "chunked", "recurrent"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh", default=None,
+                   help="device mesh as axis=size pairs over the axes 'data' (batch) and 'model' "
+                        "(heads), e.g. data=2 or data=1,model=2; default: one device")
+    p.add_argument("--report", default=None,
+                   help="append a row {gpus, mesh, tokens_per_s (per device), gpu, date} to this json")
     return p.parse_args(argv)
+
+
+def make_mesh(spec: str | None):
+    """'data=2,model=1' -> a Mesh over the first data*model devices, or None."""
+    if not spec:
+        return None
+    sizes = {}
+    for part in spec.split(","):
+        name, _, size = part.partition("=")
+        if name not in ("data", "model") or not size.isdigit():
+            raise SystemExit(f"--mesh: expected axis=size with axes data/model, got {part!r}")
+        sizes[name] = int(size)
+    shape = (sizes.get("data", 1), sizes.get("model", 1))
+    if shape[0] * shape[1] > len(jax.devices()):
+        raise SystemExit(f"--mesh {spec} needs {shape[0] * shape[1]} devices, have {len(jax.devices())}")
+    # Auto axes: XLA propagates the shardings from the inputs and the layers' constraints.
+    return jax.make_mesh(shape, ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 def main(argv=None):
@@ -44,10 +70,20 @@ def main(argv=None):
     key = jax.random.key(args.seed)
     chain_key, data_key = jax.random.split(key)
     log_table = markov_chain(chain_key, args.vocab)
+    mesh = make_mesh(args.mesh)
+    if mesh is not None:
+        jax.set_mesh(mesh)
+        if args.batch % mesh.shape["data"] or args.heads % mesh.shape["model"]:
+            raise SystemExit("--batch must divide by the data axis and --heads by the model axis")
     model = LM(
-        args.vocab, args.hidden, args.layers, args.heads, impl=args.impl, rngs=nnx.Rngs(args.seed)
+        args.vocab, args.hidden, args.layers, args.heads, impl=args.impl,
+        shard_axes=None if mesh is None else ("data", "model"), rngs=nnx.Rngs(args.seed)
     )
+    if mesh is not None:
+        # Weights replicated; activations are split by batch and heads inside the layers.
+        nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
     optimizer = make_optimizer(model, args.lr, args.steps)
+    devices = 1 if mesh is None else mesh.size
     n_params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
     print(
         f"backend={jax.default_backend()} devices={jax.devices()} params={n_params:,} "
@@ -61,11 +97,13 @@ def main(argv=None):
     bar = tqdm(range(args.steps), desc="train", dynamic_ncols=True)
     for step in bar:
         tokens = sample_batch(jax.random.fold_in(data_key, step), log_table, args.batch, args.seq_len)
+        if mesh is not None:
+            tokens = jax.device_put(tokens, NamedSharding(mesh, P("data")))
         start = time.perf_counter()
         loss = float(train_step(model, optimizer, tokens))
         elapsed = time.perf_counter() - start
-        # The first step compiles; leave it out of the throughput.
-        if step > 0:
+        # The first steps compile (the second again once the optimizer state has its shardings).
+        if step > 1:
             timed_tokens += tokens_per_step
             timed_seconds += elapsed
         losses.append(loss)
@@ -77,7 +115,15 @@ def main(argv=None):
     floor = sum(oracle[-tail:]) / tail
     print(f"initial loss {first:.4f}  final loss {last:.4f} (mean of last {tail} steps)  oracle {floor:.4f}")
     if timed_seconds > 0:
-        print(f"throughput {timed_tokens / timed_seconds:,.0f} tokens/s (training, excluding compile)")
+        per_device = timed_tokens / timed_seconds / devices
+        print(f"throughput {timed_tokens / timed_seconds:,.0f} tokens/s, {per_device:,.0f} per device "
+              f"(training, excluding compile)")
+        if args.report:
+            rows = json.load(open(args.report)) if os.path.exists(args.report) else []
+            rows.append(dict(gpus=devices, mesh=args.mesh or "single", tokens_per_s=round(per_device),
+                             gpu=jax.devices()[0].device_kind, date=datetime.date.today().isoformat()))
+            with open(args.report, "w") as f:
+                json.dump(rows, f, indent=1)
     if not last < first - 0.5:
         print("the loss fell by less than 0.5 nats: too few steps, or a broken op", file=sys.stderr)
         return 1

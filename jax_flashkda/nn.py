@@ -92,6 +92,9 @@ class KimiDeltaAttention(nnx.Module):
       dtype: computation dtype of projections, convolutions and the op's inputs.
       param_dtype: dtype of the weights (``A_log`` and ``dt_bias`` stay float32).
       impl: forwarded to :func:`jax_flashkda.kda`.
+      shard_axes: ``(batch_axis, head_axis)`` mesh axis names (either may be None). Under a
+        ``jax.set_mesh`` mesh, q/k/v/g/beta are constrained to that sharding, so a sharded jit
+        runs the op on each device's batch and head shard with no gather.
       rngs: random streams for initialisation.
     """
 
@@ -108,6 +111,7 @@ class KimiDeltaAttention(nnx.Module):
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         impl: str = "auto",
+        shard_axes: tuple[str | None, str | None] | None = None,
         rngs: nnx.Rngs,
     ):
         if conv_size < 1:
@@ -120,6 +124,7 @@ class KimiDeltaAttention(nnx.Module):
         self.norm_eps = norm_eps
         self.dtype = dtype
         self.impl = impl
+        self.shard_axes = shard_axes
         rank = head_dim if gate_low_rank_dim is None else gate_low_rank_dim
         width = num_heads * head_dim
 
@@ -199,12 +204,10 @@ class KimiDeltaAttention(nnx.Module):
         g = self.f_up(self.f_down(x))
         beta = self.b_proj(x)
 
+        q, k, v, g = (self._shard(a.reshape(b, t, h, d)) for a in (q, k, v, g))
         o, state = kda(
-            q.reshape(b, t, h, d),
-            k.reshape(b, t, h, d),
-            v.reshape(b, t, h, d),
-            g.reshape(b, t, h, d),
-            beta,
+            q, k, v, g,
+            self._shard(beta),
             initial_state=None if cache is None else cache.state,
             output_final_state=return_cache,
             use_qk_l2norm_in_kernel=True,
@@ -225,3 +228,12 @@ class KimiDeltaAttention(nnx.Module):
 
         new_cache = KDACache(state, conv_q, conv_k, conv_v) if return_cache else None
         return y, new_cache
+
+    def _shard(self, x):
+        """Pins [B, T, H, ...] activations to (batch axis, -, head axis) of the current mesh, so
+        that under a sharded jit the projections split by heads and the op runs per shard."""
+        if self.shard_axes is None:
+            return x
+        batch_axis, head_axis = self.shard_axes
+        spec = jax.sharding.PartitionSpec(batch_axis, None, head_axis, *(None,) * (x.ndim - 3))
+        return jax.lax.with_sharding_constraint(x, spec)
