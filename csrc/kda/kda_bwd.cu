@@ -1,0 +1,1000 @@
+// Hopper backward of Kimi Delta Attention (K = V = 128, chunks of 16 tokens), in four launches.
+//
+// 1. prep (grid: chunk slots x heads, token-parallel): recomputes the chunk quantities of the
+//    forward (gate, l2norm, Γ, L, Aqk, T) and writes one record per (head, chunk) holding what
+//    the two chains read: Q̃, −W, K̃, Tβ, Aqk, e^{Γ_C}.
+// 2. chains (grid: value blocks x heads x 2N): z < N re-runs the forward recurrence and stores
+//    every chunk's incoming state S_c (bf16) and Vn = U − W S_c; z ≥ N runs the state gradient
+//    backwards over chunks,
+//        dVn = Aqkᵀ dO + K̃ dS',    dS = Diag(e^{Γ_C}) dS' + Q̃ᵀ dO − Wᵀ dVn,
+//    storing each chunk's outgoing-state gradient dS' (bf16) and dVn, and dS_0 as the
+//    initial-state gradient. Neither chain needs the other, so one launch runs both, which
+//    halves the sequential part when few heads leave the GPU idle.
+// 3. grad (grid: chunk slots x heads, token-parallel): from S_c, dS'_c, Vn, dVn and dO,
+//        dQ̃ = dO S_cᵀ, dK̃ = Vn dS'ᵀ, dW = −dVn S_cᵀ, dAqk = dO Vnᵀ, dM = dW (K⊙e^Γ)ᵀ + dVn Vᵀ
+//    (M = Tβ), then through T = (I+L)^-1, L and Aqk to q, k, β and Γ, the reverse in-chunk
+//    cumulative sum to g, and the l2norm / sigmoid / gate backwards; per-chunk partial sums of
+//    dA_log and ddt_bias.
+// 4. reduce (grid: batch rows x heads): sums those partials in a fixed order, so the result is
+//    bitwise reproducible (no atomics anywhere).
+//
+// Gate exactness: the chains only see e^{Γ_r}, e^{Γ_C−Γ_r} and e^{Γ_C} (all ≤ 1); the pair
+// terms of L and Aqk and their gradients use e^{Γ_r−Γ_s} per element, factored into
+// e^{Γ_r}·e^{−Γ_s} only when the safe gate bounds the span (≥ −80 over 16 tokens).
+#include "kda/kda_bwd.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "kda/ptx.cuh"
+
+namespace kda {
+namespace {
+
+constexpr int kC = 16;      // tokens per chunk
+constexpr int KD = 128;     // key channels
+constexpr int VD = 128;     // value channels
+constexpr int KP = KD + 8;  // bf16 row pitch (+16 bytes: conflict-free ldmatrix)
+constexpr int FP = KD + 4;  // fp32 row pitch
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Record of one (head, chunk), rows padded to KP so that one bulk copy lands it in the
+// ldmatrix-friendly shared layout:
+//   Q̃ = scale·Q⊙e^Γ [16,KP] (dtype of q) | −W [16,KP] bf16 | K̃ = K⊙e^{Γ_C−Γ} [16,KP] bf16 |
+//   Tβ [16,16] (dtype of q) | Aqk [16,16] (dtype of q) | e^{Γ_C} [K] f32
+// Q̃, Tβ and Aqk multiply dO or V inside mma, so they share the dtype of q/v.
+struct Rec {
+  static constexpr int kMat = kC * KP * 2;
+  static constexpr int kQ = 0, kW = kMat, kKt = 2 * kMat, kTb = 3 * kMat, kAqk = kTb + 512,
+                       kEg = kAqk + 512;
+  static constexpr int kBytes = kEg + 4 * KD;
+};
+
+int chunk_slots(const FwdParams& p) {
+  // Varlen: sequence n starts at slot cu[n]/16 + n, which never overlaps the previous one.
+  return p.is_varlen ? p.T / kC + p.N + 1 : p.B * ((p.T + kC - 1) / kC);
+}
+
+size_t align256(size_t x) { return (x + 255) & ~size_t{255}; }
+
+// Byte offsets of the workspace regions; per (head, slot) each.
+struct WsLayout {
+  size_t rec, states, dstates, vn, dvn, pdt, pda, total;
+  explicit WsLayout(const FwdParams& p) {
+    const size_t hs = static_cast<size_t>(chunk_slots(p)) * p.H;
+    size_t off = 0;
+    auto take = [&](size_t bytes) {
+      const size_t at = off;
+      off += align256(bytes);
+      return at;
+    };
+    rec = take(hs * Rec::kBytes);
+    states = take(hs * VD * KD * 2);   // Sᵀ_c [V][K] bf16
+    dstates = take(hs * VD * KD * 2);  // dS'ᵀ_c [V][K] bf16
+    vn = take(hs * kC * VD * 2);       // Vn [16][V] bf16
+    dvn = take(hs * kC * VD * 2);      // dVn [16][V] bf16
+    pdt = take(hs * KD * 4);           // ddt_bias partials [K] f32
+    pda = take(hs * 4);                // dA_log partials f32
+    total = off;
+  }
+};
+
+__device__ __forceinline__ float load_f(const void* base, DType t, size_t i) {
+  switch (t) {
+    case DType::kBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+    case DType::kF16: return __half2float(static_cast<const __half*>(base)[i]);
+    default: return static_cast<const float*>(base)[i];
+  }
+}
+
+__device__ __forceinline__ void store_f(void* base, DType t, size_t i, float x) {
+  switch (t) {
+    case DType::kBF16: static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(x); break;
+    case DType::kF16: static_cast<__half*>(base)[i] = __float2half_rn(x); break;
+    default: static_cast<float*>(base)[i] = x;
+  }
+}
+
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+template <typename Tin>
+__device__ __forceinline__ Tin from_float(float x) {
+  if constexpr (std::is_same_v<Tin, __half>) return __float2half_rn(x);
+  else return __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
+__device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(ptx::smem_addr(dst)), "l"(src)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+}
+
+// First global token row, slot of the first chunk, and length of sequence n.
+struct Seq {
+  long long row0;
+  int slot0;
+  int len;
+};
+
+__device__ __forceinline__ Seq seq_of(const FwdParams& p, int n) {
+  if (p.is_varlen) {
+    const int b = p.cu_seqlens[n], e = p.cu_seqlens[n + 1];
+    return {b, b / kC + n, e - b};
+  }
+  return {static_cast<long long>(n) * p.T, n * ((p.T + kC - 1) / kC), p.T};
+}
+
+// The chunk a slot holds: its first token row and length; len == 0 for unused slots.
+struct Chunk {
+  long long row0;
+  int len;
+};
+
+__device__ __forceinline__ Chunk locate(const FwdParams& p, int slot) {
+  int n = 0, c = slot;
+  if (p.N == 0) return {0, 0};
+  if (p.is_varlen) {
+    int lo = 0, hi = p.N - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (p.cu_seqlens[mid] / kC + mid <= slot) lo = mid; else hi = mid - 1;
+    }
+    n = lo;
+    c = slot - (p.cu_seqlens[n] / kC + n);
+  } else {
+    const int per = (p.T + kC - 1) / kC;
+    n = slot / per;
+    c = slot % per;
+  }
+  const Seq sq = seq_of(p, n);
+  if (c < 0 || c * kC >= sq.len) return {0, 0};
+  return {sq.row0 + static_cast<long long>(c) * kC, min(kC, sq.len - c * kC)};
+}
+
+// Sums acc[i], i < 32, over the CTA's 128 threads into out[i], visible to all threads after.
+__device__ __forceinline__ void block_sum32(float (&acc)[32], float (*red)[32], float* out) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  // Transposing butterfly: each round halves the values a lane carries, so after five rounds
+  // lane i holds the warp's sum of value i (31 shuffles instead of 32 x 5).
+#pragma unroll
+  for (int i = 0; i < 5; ++i) {
+    const int w = 16 >> i;
+    const bool upper = lane & w;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      if (j >= w) break;
+      const float send = upper ? acc[j] : acc[j + w];
+      const float keep = upper ? acc[j + w] : acc[j];
+      acc[j] = keep + __shfl_xor_sync(0xffffffffu, send, w);
+    }
+  }
+  red[warp][lane] = acc[0];
+  __syncthreads();
+  if (threadIdx.x < 32) out[lane] = (red[0][lane] + red[1][lane]) + (red[2][lane] + red[3][lane]);
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The chunk recompute shared by prep and grad: one CTA of 128 threads, thread d = key channel d.
+
+struct SetupSmem {
+  float X[kC][FP], Y[kC][FP], Z[kC][FP];  // row operands of the pair products
+};
+
+struct SmallSmem {
+  float LL[kC][kC + 1];  // Σ_d k_rd k_sd e^{Γ_rd−Γ_sd}, r > s (L without β)
+  float A[kC][kC + 1];   // Aqk, r ≥ s
+  float T[kC][kC + 1];   // (I+L)^-1, zeros above the diagonal
+  float beta[kC];        // after the sigmoid; 0 past the sequence
+  float sq[2 * kC];      // |q_r|², |k_r|² before l2norm
+  float dots[2 * kC];
+  float red[4][32];
+};
+
+// Leaves qn, kn (after l2norm), G (= Γ, cumulative log-decay) and xg (gate input + dt_bias) in
+// registers and LL, A, T, beta, sq in shared memory. Tokens past the sequence act as q = k = 0,
+// g = 0, β = 0, which changes nothing for the real ones.
+template <bool kFactored, typename Tin>
+__device__ __forceinline__ void chunk_setup(const FwdParams& p, const Chunk& ch, int h,
+                                            SetupSmem& ss, SmallSmem& sm, float (&qn)[kC],
+                                            float (&kn)[kC], float (&G)[kC], float (&xg)[kC]) {
+  const int d = threadIdx.x;
+  const float a_exp = p.gate_mode ? __expf(p.A_log[h]) : 0.f;
+  const float dtb = p.gate_mode ? p.dt_bias[h * KD + d] : 0.f;
+  const Tin* qp = static_cast<const Tin*>(p.q);
+  const Tin* kp = static_cast<const Tin*>(p.k);
+  const size_t i0 = (static_cast<size_t>(ch.row0) * p.H + h) * KD + d;
+  const size_t step = static_cast<size_t>(p.H) * KD;
+  float graw[kC];
+#pragma unroll
+  for (int r = 0; r < kC; ++r) {
+    const bool ok = r < ch.len;
+    const size_t i = i0 + (ok ? r : 0) * step;
+    qn[r] = ok ? to_float(qp[i]) : 0.f;
+    kn[r] = ok ? to_float(kp[i]) : 0.f;
+    graw[r] = ok ? load_f(p.g, p.g_dtype, i) : 0.f;
+  }
+#pragma unroll
+  for (int r = 0; r < kC; ++r) {
+    xg[r] = graw[r] + dtb;
+    float gv = graw[r];
+    if (p.gate_mode == 1) gv = -a_exp * softplus_f(xg[r]);
+    else if (p.gate_mode == 2) gv = p.lower_bound * sigmoid_f(a_exp * xg[r]);
+    G[r] = r < ch.len ? gv : 0.f;
+  }
+  if (d < kC) {
+    float b = 0.f;
+    if (d < ch.len) {
+      b = load_f(p.beta, p.beta_dtype, static_cast<size_t>(ch.row0 + d) * p.H + h);
+      if (p.use_beta_sigmoid) b = sigmoid_f(b);
+    }
+    sm.beta[d] = b;
+  }
+  if (p.use_qk_l2norm) {
+    float acc[32];
+#pragma unroll
+    for (int r = 0; r < kC; ++r) {
+      acc[r] = qn[r] * qn[r];
+      acc[kC + r] = kn[r] * kn[r];
+    }
+    block_sum32(acc, sm.red, sm.sq);
+#pragma unroll
+    for (int r = 0; r < kC; ++r) {
+      qn[r] *= rsqrtf(sm.sq[r] + 1e-6f);
+      kn[r] *= rsqrtf(sm.sq[kC + r] + 1e-6f);
+    }
+  }
+#pragma unroll
+  for (int r = 1; r < kC; ++r) G[r] += G[r - 1];
+#pragma unroll
+  for (int r = 0; r < kC; ++r) {
+    if constexpr (kFactored) {
+      const float e = __expf(G[r]);
+      ss.X[r][d] = p.scale * qn[r] * e;
+      ss.Y[r][d] = kn[r] * e;
+      ss.Z[r][d] = kn[r] * __expf(-G[r]);
+    } else {
+      ss.X[r][d] = p.scale * qn[r];
+      ss.Y[r][d] = kn[r];
+      ss.Z[r][d] = G[r] * kLog2e;
+    }
+  }
+  __syncthreads();
+  // 120 strictly-lower pairs (LL and Aqk), then the 16 diagonal ones (Aqk only).
+  for (int pr = d; pr < 136; pr += KD) {
+    int r, s;
+    if (pr < 120) {
+      r = 1;
+      while ((r + 1) * r / 2 <= pr) ++r;
+      s = pr - r * (r - 1) / 2;
+    } else {
+      r = s = pr - 120;
+    }
+    float acc_a = 0.f, acc_l = 0.f;
+#pragma unroll 4
+    for (int j = 0; j < KD; j += 4) {
+      const float4 x = *reinterpret_cast<const float4*>(&ss.X[r][j]);
+      const float4 y = *reinterpret_cast<const float4*>(&ss.Y[r][j]);
+      const float4 z = *reinterpret_cast<const float4*>(&ss.Z[s][j]);
+      if constexpr (kFactored) {
+        acc_a += x.x * z.x + x.y * z.y + x.z * z.z + x.w * z.w;
+        acc_l += y.x * z.x + y.y * z.y + y.z * z.z + y.w * z.w;
+      } else {
+        const float4 ys = *reinterpret_cast<const float4*>(&ss.Y[s][j]);
+        const float4 zr = *reinterpret_cast<const float4*>(&ss.Z[r][j]);
+        const float e0 = ys.x * exp2f(zr.x - z.x), e1 = ys.y * exp2f(zr.y - z.y);
+        const float e2 = ys.z * exp2f(zr.z - z.z), e3 = ys.w * exp2f(zr.w - z.w);
+        acc_a += x.x * e0 + x.y * e1 + x.z * e2 + x.w * e3;
+        acc_l += y.x * e0 + y.y * e1 + y.z * e2 + y.w * e3;
+      }
+    }
+    sm.A[r][s] = acc_a;
+    if (pr < 120) sm.LL[r][s] = acc_l;
+  }
+  __syncthreads();
+  if (d < kC) {
+    // Forward substitution for column d of T = (I+L)^-1, L[r][s] = β_r LL[r][s].
+    float tc[kC];
+#pragma unroll
+    for (int r = 0; r < kC; ++r) {
+      float v = (r == d) ? 1.f : 0.f;
+      float l = 0.f;
+#pragma unroll
+      for (int s = 0; s < r; ++s) l += sm.LL[r][s] * tc[s];
+      tc[r] = v - sm.beta[r] * l;
+    }
+#pragma unroll
+    for (int r = 0; r < kC; ++r) sm.T[r][d] = tc[r];
+  }
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel 1: the chain records.
+template <bool kFactored, typename Tin>
+__global__ void __launch_bounds__(KD) kda_bwd_prep_kernel(BwdParams p, uint8_t* __restrict__ recs,
+                                                          int slots) {
+  __shared__ __align__(16) SetupSmem ss;
+  __shared__ SmallSmem sm;
+  const int slot = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+  const Chunk ch = locate(p, slot);
+  if (ch.len == 0) return;
+  float qn[kC], kn[kC], G[kC], xg[kC];
+  chunk_setup<kFactored, Tin>(p, ch, h, ss, sm, qn, kn, G, xg);
+
+  uint8_t* rec = recs + (static_cast<size_t>(h) * slots + slot) * Rec::kBytes;
+  Tin* rq = reinterpret_cast<Tin*>(rec + Rec::kQ);
+  __nv_bfloat16* rw = reinterpret_cast<__nv_bfloat16*>(rec + Rec::kW);
+  __nv_bfloat16* rkt = reinterpret_cast<__nv_bfloat16*>(rec + Rec::kKt);
+  Tin* rtb = reinterpret_cast<Tin*>(rec + Rec::kTb);
+  Tin* raq = reinterpret_cast<Tin*>(rec + Rec::kAqk);
+  float* reg = reinterpret_cast<float*>(rec + Rec::kEg);
+
+  const float gc = G[kC - 1];
+  reg[d] = __expf(gc);
+  float kb[kC];  // β_s · k_s ⊙ e^{Γ_s}, so that W = T·kb
+#pragma unroll
+  for (int s = 0; s < kC; ++s) kb[s] = sm.beta[s] * kn[s] * __expf(G[s]);
+#pragma unroll
+  for (int r = 0; r < kC; ++r) {
+    rq[r * KP + d] = from_float<Tin>(p.scale * qn[r] * __expf(G[r]));
+    rkt[r * KP + d] = __float2bfloat16_rn(kn[r] * __expf(gc - G[r]));
+    float w = 0.f;
+#pragma unroll
+    for (int s = 0; s <= r; ++s) w += sm.T[r][s] * kb[s];
+    rw[r * KP + d] = __float2bfloat16_rn(-w);
+  }
+  for (int i = d; i < kC * kC; i += KD) {
+    const int r = i / kC, s = i % kC;
+    rtb[i] = from_float<Tin>(sm.T[r][s] * sm.beta[s]);
+    raq[i] = from_float<Tin>(s <= r ? sm.A[r][s] : 0.f);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel 2: the two chains. CTA = (value block of 16·NW columns, head, sequence and direction);
+// warp w owns value columns [16w, 16w+16) of the block and keeps its slice of S (or dS)
+// transposed in fp32 mma accumulators: s[nt][0..1] = (value g, key 8nt+2t+{0,1}),
+// s[nt][2..3] the same at value g+8 (g = lane/4, t = lane%4).
+template <int NW>
+struct ChainSmem {
+  static constexpr int BV = 16 * NW;
+  static constexpr int VP = BV + 8;
+  static constexpr int kStage = Rec::kBytes + kC * VP * 2;  // record + 16 rows of V or dO
+  static constexpr int kStages = 5;  // deep enough to hide a record's latency; 2 CTAs per SM
+  static constexpr int kRowPitch = 24;
+  static constexpr int kStateStage = kStages * kStage;               // per warp [16][KP] bf16
+  static constexpr int kRowStage = kStateStage + NW * kC * KP * 2;   // per warp [16][24] bf16
+  static constexpr int kBar = kRowStage + NW * kC * kRowPitch * 2;
+  static constexpr int kBytes = kBar + 2 * kStages * 8;  // "full" and "empty" barriers
+};
+
+template <int NW, typename Tin>
+__global__ void __launch_bounds__(NW * 32, 1) kda_bwd_chains_kernel(
+    BwdParams p, const uint8_t* __restrict__ recs, __nv_bfloat16* __restrict__ states,
+    __nv_bfloat16* __restrict__ dstates, __nv_bfloat16* __restrict__ vn_out,
+    __nv_bfloat16* __restrict__ dvn_out, int slots) {
+  using L = ChainSmem<NW>;
+  constexpr int BV = L::BV, VP = L::VP, kStages = L::kStages, RP = L::kRowPitch;
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBar);
+  uint64_t* empty = full + kStages;
+
+  const bool reverse = blockIdx.z >= static_cast<unsigned>(p.N);
+  const int vb = blockIdx.x, h = blockIdx.y, n = reverse ? blockIdx.z - p.N : blockIdx.z;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const Seq sq = seq_of(p, n);
+  const int nch = (sq.len + kC - 1) / kC;
+  const uint8_t* rec0 = recs + (static_cast<size_t>(h) * slots + sq.slot0) * Rec::kBytes;
+  const Tin* rows_src = static_cast<const Tin*>(reverse ? p.dout : p.v);
+  auto chunk_at = [&](int i) { return reverse ? nch - 1 - i : i; };
+
+  // Warp 0 fetches step i: the record in one bulk copy, the 16 rows of this CTA's value slice
+  // of V (or dO) in one each. Rows past the sequence repeat its first row: finite values that
+  // meet zero columns of Tβ (zero rows of Q̃ and Aqk).
+  auto issue = [&](int i) {
+    const int stage = i % kStages, c = chunk_at(i);
+    uint8_t* st = smem + stage * L::kStage;
+    if (lane == 0) {
+      ptx::mbar_arrive_expect_tx(full + stage, Rec::kBytes + kC * BV * 2);
+      ptx::bulk_g2s(st, rec0 + static_cast<size_t>(c) * Rec::kBytes, Rec::kBytes, full + stage);
+    }
+    __syncwarp();
+    if (lane < kC) {
+      const int tok = c * kC + (c * kC + lane < sq.len ? lane : 0);
+      ptx::bulk_g2s(st + Rec::kBytes + lane * VP * 2,
+                    rows_src + (static_cast<size_t>(sq.row0 + tok) * p.H + h) * VD + vb * BV,
+                    BV * 2, full + stage);
+    }
+  };
+
+  // Step i + kStages - 2 refills the stage of step i - 2, so a warp may trail the one that
+  // refills by a step without stalling it.
+  constexpr int kAhead = kStages - 2;
+  if (tid == 0) {
+    for (int i = 0; i < kStages; ++i) {
+      ptx::mbar_init(full + i, 1);
+      ptx::mbar_init(empty + i, NW);
+    }
+    ptx::fence_mbar_init();
+  }
+  __syncthreads();
+  if (warp == 0)
+    for (int i = 0; i < kAhead && i < nch; ++i) issue(i);
+
+  float s[KD / 8][4];
+  const size_t st_base = (static_cast<size_t>(n) * p.H + h) * KD * VD;
+  const int v_lo = vb * BV + warp * 16 + g;
+  auto st_index = [&](int nt, int j) {
+    const int v = v_lo + (j >> 1) * 8, key = nt * 8 + t * 2 + (j & 1);
+    return st_base + (p.state_v_first ? static_cast<size_t>(v) * KD + key
+                                      : static_cast<size_t>(key) * VD + v);
+  };
+  const float* s0 = reverse ? p.dfinal_state : p.initial_state;
+#pragma unroll
+  for (int nt = 0; nt < KD / 8; ++nt)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) s[nt][j] = s0[st_index(nt, j)];
+
+  __nv_bfloat16* sstage = reinterpret_cast<__nv_bfloat16*>(smem + L::kStateStage) + warp * kC * KP;
+  __nv_bfloat16* rstage = reinterpret_cast<__nv_bfloat16*>(smem + L::kRowStage) + warp * kC * RP;
+  __nv_bfloat16* st_out = reverse ? dstates : states;
+  __nv_bfloat16* row_out = reverse ? dvn_out : vn_out;
+  const int brow = (lane & 7) + ((lane >> 4) & 1) * 8, bcol = ((lane >> 3) & 1) * 8;
+  const int krow = (lane & 7) + ((lane >> 3) & 1) * 8;
+
+  for (int i = 0; i < nch; ++i) {
+    if (warp == 0 && i + kAhead < nch) {
+      if (i >= 2) ptx::mbar_wait(empty + (i - 2) % kStages, ((i - 2) / kStages) & 1);
+      issue(i + kAhead);
+    }
+    const int c = chunk_at(i);
+    const size_t hs = static_cast<size_t>(h) * slots + sq.slot0 + c;
+
+    // The state (gradient) this chunk starts from, as bf16 Sᵀ rows [value][key].
+#pragma unroll
+    for (int nt = 0; nt < KD / 8; ++nt) {
+      *reinterpret_cast<uint32_t*>(sstage + g * KP + nt * 8 + 2 * t) = ptx::pack_bf16(s[nt][0], s[nt][1]);
+      *reinterpret_cast<uint32_t*>(sstage + (g + 8) * KP + nt * 8 + 2 * t) =
+          ptx::pack_bf16(s[nt][2], s[nt][3]);
+    }
+    __syncwarp();
+    {
+      __nv_bfloat16* dst = st_out + (hs * VD + vb * BV + warp * 16) * KD;
+#pragma unroll
+      for (int it = 0; it < 8; ++it) {
+        const int e = it * 32 + lane, row = e >> 4, col = (e & 15) * 8;
+        *reinterpret_cast<uint4*>(dst + row * KD + col) =
+            *reinterpret_cast<const uint4*>(sstage + row * KP + col);
+      }
+    }
+
+    ptx::mbar_wait(full + i % kStages, (i / kStages) & 1);
+    const uint8_t* st = smem + (i % kStages) * L::kStage;
+    const Tin* qs = reinterpret_cast<const Tin*>(st + Rec::kQ);
+    const __nv_bfloat16* wsm = reinterpret_cast<const __nv_bfloat16*>(st + Rec::kW);
+    const __nv_bfloat16* kts = reinterpret_cast<const __nv_bfloat16*>(st + Rec::kKt);
+    const Tin* tbs = reinterpret_cast<const Tin*>(st + Rec::kTb);
+    const Tin* aqs = reinterpret_cast<const Tin*>(st + Rec::kAqk);
+    const float* egs = reinterpret_cast<const float*>(st + Rec::kEg);
+    const Tin* rs = reinterpret_cast<const Tin*>(st + Rec::kBytes);
+
+    // Rows of this step (transposed, [value][token]): Vnᵀ = Vᵀ(Tβ)ᵀ + Sᵀ(−W)ᵀ forwards,
+    // dVnᵀ = dOᵀ Aqk + dS'ᵀ K̃ᵀ backwards. Two accumulator sets halve the dependent chain.
+    uint32_t ar[4];
+    ptx::ldsm_x4_trans(ar, rs + brow * VP + warp * 16 + bcol);
+    float x0[2][4] = {}, x1[2][4] = {};
+    {
+      uint32_t b[4];
+      if (reverse) ptx::ldsm_x4_trans(b, aqs + krow * kC + (lane >> 4) * 8);
+      else ptx::ldsm_x4(b, tbs + brow * kC + bcol);
+      ptx::mma16816<Tin>(x1[0], ar, b[0], b[1]);
+      ptx::mma16816<Tin>(x1[1], ar, b[2], b[3]);
+    }
+    const __nv_bfloat16* red_rows = reverse ? kts : wsm;
+#pragma unroll
+    for (int ks = 0; ks < KD / 16; ++ks) {
+      float (&acc)[2][4] = (ks & 1) ? x1 : x0;
+      const uint32_t a[4] = {ptx::pack_bf16(s[2 * ks][0], s[2 * ks][1]),
+                             ptx::pack_bf16(s[2 * ks][2], s[2 * ks][3]),
+                             ptx::pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]),
+                             ptx::pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+      uint32_t b[4];
+      ptx::ldsm_x4(b, red_rows + brow * KP + ks * 16 + bcol);
+      ptx::mma16816<__nv_bfloat16>(acc[0], a, b[0], b[1]);
+      ptx::mma16816<__nv_bfloat16>(acc[1], a, b[2], b[3]);
+    }
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) x0[a][j] += x1[a][j];
+    const uint32_t ax[4] = {ptx::pack_bf16(x0[0][0], x0[0][1]), ptx::pack_bf16(x0[0][2], x0[0][3]),
+                            ptx::pack_bf16(x0[1][0], x0[1][1]), ptx::pack_bf16(x0[1][2], x0[1][3])};
+
+    // State step: Sᵀ ← Sᵀ·Diag(e^{Γ_C}) + VnᵀK̃ forwards;
+    // dSᵀ ← dS'ᵀ·Diag(e^{Γ_C}) + dOᵀQ̃ + dVnᵀ(−W) backwards.
+#pragma unroll
+    for (int nt = 0; nt < KD / 8; nt += 2) {
+      const float2 e0 = *reinterpret_cast<const float2*>(egs + nt * 8 + t * 2);
+      const float2 e1 = *reinterpret_cast<const float2*>(egs + nt * 8 + 8 + t * 2);
+      s[nt][0] *= e0.x; s[nt][1] *= e0.y; s[nt][2] *= e0.x; s[nt][3] *= e0.y;
+      s[nt + 1][0] *= e1.x; s[nt + 1][1] *= e1.y; s[nt + 1][2] *= e1.x; s[nt + 1][3] *= e1.y;
+      uint32_t b[4];
+      ptx::ldsm_x4_trans(b, (reverse ? wsm : kts) + krow * KP + (nt + (lane >> 4)) * 8);
+      ptx::mma16816<__nv_bfloat16>(s[nt], ax, b[0], b[1]);
+      ptx::mma16816<__nv_bfloat16>(s[nt + 1], ax, b[2], b[3]);
+      if (reverse) {
+        uint32_t bq[4];
+        ptx::ldsm_x4_trans(bq, qs + krow * KP + (nt + (lane >> 4)) * 8);
+        ptx::mma16816<Tin>(s[nt], ar, bq[0], bq[1]);
+        ptx::mma16816<Tin>(s[nt + 1], ar, bq[2], bq[3]);
+      }
+    }
+
+    // The rows, [token][value] in shared memory, then one 16-byte store per lane.
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        rstage[(nt * 8 + t * 2 + (j & 1)) * RP + g + (j >> 1) * 8] = __float2bfloat16_rn(x0[nt][j]);
+    __syncwarp();
+    if (lane == 0) ptx::mbar_arrive(empty + i % kStages);
+    {
+      const int tok = lane >> 1, half = lane & 1;
+      *reinterpret_cast<uint4*>(row_out + (hs * kC + tok) * VD + vb * BV + warp * 16 + half * 8) =
+          *reinterpret_cast<const uint4*>(rstage + tok * RP + half * 8);
+    }
+    __syncwarp();
+  }
+
+  if (reverse) {
+#pragma unroll
+    for (int nt = 0; nt < KD / 8; ++nt)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) p.dinitial_state[st_index(nt, j)] = s[nt][j];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel 3: the per-chunk gradients. CTA = (chunk slot, head), thread d = key channel d (and
+// value channel d for dv); warp w computes keys [32w, 32w+32) of the 16xK products.
+struct GradSmem {
+  __nv_bfloat16 S[VD][KP];   // Sᵀ_c; then dQ̃, dK̃, dW in fp32
+  __nv_bfloat16 dS[VD][KP];  // dS'ᵀ_c; then K⊙e^Γ and the 16x16 gradients in fp32
+  __nv_bfloat16 dO[kC][KP], Vn[kC][KP], dVn[kC][KP];
+  union {
+    SetupSmem set;
+    struct {
+      __nv_bfloat16 V[kC][KP];
+      float dAqk[kC][kC + 1], dMv[kC][kC + 1];
+    } r;
+  } u;
+  SmallSmem sm;
+};
+
+template <bool kFactored, typename Tin>
+__global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
+    BwdParams p, const __nv_bfloat16* __restrict__ states,
+    const __nv_bfloat16* __restrict__ dstates, const __nv_bfloat16* __restrict__ vn,
+    const __nv_bfloat16* __restrict__ dvn, float* __restrict__ pdt, float* __restrict__ pda,
+    int slots) {
+  extern __shared__ __align__(128) uint8_t smem_raw[];
+  GradSmem& sg = *reinterpret_cast<GradSmem*>(smem_raw);
+  const int slot = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+  const int lane = d & 31, warp = d >> 5, g = lane >> 2, t = lane & 3;
+  const size_t hs = static_cast<size_t>(h) * slots + slot;
+  const Chunk ch = locate(p, slot);
+  if (ch.len == 0) {  // unused slots still write their (zero) partial sums
+    pdt[hs * KD + d] = 0.f;
+    if (d == 0) pda[hs] = 0.f;
+    return;
+  }
+
+  {
+    const __nv_bfloat16* sgl = states + hs * VD * KD;
+    const __nv_bfloat16* dsgl = dstates + hs * VD * KD;
+#pragma unroll 4
+    for (int i = d; i < VD * KD / 8; i += KD) {
+      const int row = i >> 4, col = (i & 15) * 8;
+      cp_async16(&sg.S[row][col], sgl + row * KD + col);
+      cp_async16(&sg.dS[row][col], dsgl + row * KD + col);
+    }
+    for (int i = d; i < kC * VD / 8; i += KD) {
+      const int row = i >> 4, col = (i & 15) * 8;
+      cp_async16(&sg.Vn[row][col], vn + (hs * kC + row) * VD + col);
+      cp_async16(&sg.dVn[row][col], dvn + (hs * kC + row) * VD + col);
+    }
+  }
+  // dO and V rows wait in registers until the recompute's shared memory is free.
+  uint4 dor[2], vr[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int i = d + j * KD, row = i >> 4, col = (i & 15) * 8;
+    const bool ok = row < ch.len;
+    const size_t at = (static_cast<size_t>(ch.row0 + (ok ? row : 0)) * p.H + h) * VD + col;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    dor[j] = ok ? *reinterpret_cast<const uint4*>(static_cast<const Tin*>(p.dout) + at) : zero;
+    vr[j] = ok ? *reinterpret_cast<const uint4*>(static_cast<const Tin*>(p.v) + at) : zero;
+  }
+
+  float qn[kC], kn[kC], G[kC], xg[kC];
+  chunk_setup<kFactored, Tin>(p, ch, h, sg.u.set, sg.sm, qn, kn, G, xg);
+  SmallSmem& sm = sg.sm;
+
+  // All products below take bf16 operands (S and dS' are stored in bf16).
+  auto put_bf16 = [&](__nv_bfloat16* dst, uint4 x) {
+    if constexpr (std::is_same_v<Tin, __half>) {
+      const __half* hx = reinterpret_cast<const __half*>(&x);
+      uint32_t w[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) w[e] = ptx::pack_bf16(__half2float(hx[2 * e]), __half2float(hx[2 * e + 1]));
+      x = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+    *reinterpret_cast<uint4*>(dst) = x;
+  };
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int i = d + j * KD, row = i >> 4, col = (i & 15) * 8;
+    put_bf16(&sg.dO[row][col], dor[j]);
+    put_bf16(&sg.u.r.V[row][col], vr[j]);
+  }
+  cp_async_wait_all();
+  __syncthreads();
+
+  // dQ̃ = dO·S_cᵀ, dK̃ = Vn·dS'ᵀ, −dW = dVn·S_cᵀ (16 x 32 per warp, reduced over values);
+  // warp 0 also dAqk = dO·Vnᵀ, warp 1 dMv = dVn·Vᵀ.
+  float aq[4][4] = {}, ak[4][4] = {}, aw[4][4] = {}, a16[2][4] = {};
+  {
+    const int arow = (lane & 7) + ((lane >> 3) & 1) * 8, acol = (lane >> 4) * 8;
+    const int krow = (lane & 7) + ((lane >> 3) & 1) * 8;
+    const int brow = (lane & 7) + ((lane >> 4) & 1) * 8, bcol = ((lane >> 3) & 1) * 8;
+    const __nv_bfloat16* bsrc = warp == 0 ? &sg.Vn[0][0] : &sg.u.r.V[0][0];
+#pragma unroll
+    for (int ks = 0; ks < VD / 16; ++ks) {
+      uint32_t fo[4], fv[4], fd[4];
+      ptx::ldsm_x4(fo, &sg.dO[arow][ks * 16 + acol]);
+      ptx::ldsm_x4(fv, &sg.Vn[arow][ks * 16 + acol]);
+      ptx::ldsm_x4(fd, &sg.dVn[arow][ks * 16 + acol]);
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        uint32_t bs[4], bd[4];
+        const int col = warp * 32 + hf * 16 + (lane >> 4) * 8;
+        ptx::ldsm_x4_trans(bs, &sg.S[ks * 16 + krow][col]);
+        ptx::ldsm_x4_trans(bd, &sg.dS[ks * 16 + krow][col]);
+        ptx::mma16816<__nv_bfloat16>(aq[2 * hf], fo, bs[0], bs[1]);
+        ptx::mma16816<__nv_bfloat16>(aq[2 * hf + 1], fo, bs[2], bs[3]);
+        ptx::mma16816<__nv_bfloat16>(aw[2 * hf], fd, bs[0], bs[1]);
+        ptx::mma16816<__nv_bfloat16>(aw[2 * hf + 1], fd, bs[2], bs[3]);
+        ptx::mma16816<__nv_bfloat16>(ak[2 * hf], fv, bd[0], bd[1]);
+        ptx::mma16816<__nv_bfloat16>(ak[2 * hf + 1], fv, bd[2], bd[3]);
+      }
+      if (warp < 2) {
+        uint32_t af[4], bb[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) af[e] = warp == 0 ? fo[e] : fd[e];
+        ptx::ldsm_x4(bb, bsrc + brow * KP + ks * 16 + bcol);
+        ptx::mma16816<__nv_bfloat16>(a16[0], af, bb[0], bb[1]);
+        ptx::mma16816<__nv_bfloat16>(a16[1], af, bb[2], bb[3]);
+      }
+    }
+  }
+  // dD = rowsum(S_c ⊙ dS'), the gradient of e^{Γ_C} (key d).
+  float dD = 0.f;
+#pragma unroll 8
+  for (int v = 0; v < VD; ++v) dD += __bfloat162float(sg.S[v][d]) * __bfloat162float(sg.dS[v][d]);
+  // dv = (Tβ)ᵀ dVn (value d).
+  {
+    float col[kC];
+#pragma unroll
+    for (int r = 0; r < kC; ++r) col[r] = __bfloat162float(sg.dVn[r][d]);
+    Tin* dvp = static_cast<Tin*>(p.dv);
+#pragma unroll
+    for (int s = 0; s < kC; ++s) {
+      float acc = 0.f;
+#pragma unroll
+      for (int r = s; r < kC; ++r) acc += sm.T[r][s] * col[r];
+      if (s < ch.len)
+        dvp[(static_cast<size_t>(ch.row0 + s) * p.H + h) * VD + d] = from_float<Tin>(acc * sm.beta[s]);
+    }
+  }
+  __syncthreads();  // S and dS' are dead from here on
+
+  float (*dQt)[FP] = reinterpret_cast<float(*)[FP]>(&sg.S[0][0]);
+  float (*dKt)[FP] = dQt + kC;
+  float (*dWm)[FP] = dQt + 2 * kC;
+  float (*KG)[FP] = reinterpret_cast<float(*)[FP]>(&sg.dS[0][0]);
+  float (*dM)[kC + 1] = reinterpret_cast<float(*)[kC + 1]>(&KG[kC][0]);
+  float (*Xm)[kC + 1] = dM + kC;
+  float (*dL)[kC + 1] = Xm + kC;
+  float (*dLb)[kC + 1] = dL + kC;
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = g + (e >> 1) * 8, key = warp * 32 + j * 8 + 2 * t + (e & 1);
+      dQt[row][key] = aq[j][e];
+      dKt[row][key] = ak[j][e];
+      dWm[row][key] = -aw[j][e];
+    }
+  if (warp < 2) {
+    float (*F)[kC + 1] = warp == 0 ? sg.u.r.dAqk : sg.u.r.dMv;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) F[g + (e >> 1) * 8][nt * 8 + 2 * t + (e & 1)] = a16[nt][e];
+  }
+  float eg[kC];
+#pragma unroll
+  for (int r = 0; r < kC; ++r) {
+    eg[r] = __expf(G[r]);
+    KG[r][d] = kn[r] * eg[r];
+  }
+  __syncthreads();
+
+  // dM = dMv + dW·(K⊙e^Γ)ᵀ on M's support r ≥ s; two entries per thread.
+#pragma unroll
+  for (int e2 = 0; e2 < 2; ++e2) {
+    const int e = d + e2 * KD, r = e >> 4, s = e & 15;
+    float m = 0.f;
+    if (r >= s) {
+      m = sg.u.r.dMv[r][s];
+#pragma unroll 8
+      for (int j = 0; j < KD; j += 4) {
+        const float4 w = *reinterpret_cast<const float4*>(&dWm[r][j]);
+        const float4 k4 = *reinterpret_cast<const float4*>(&KG[s][j]);
+        m += w.x * k4.x + w.y * k4.y + w.z * k4.z + w.w * k4.w;
+      }
+    }
+    dM[r][s] = m;
+  }
+  __syncthreads();
+  // With dT[i][j] = dM[i][j]·β_j:  Xm = Tᵀ dT,  dL = −Xm Tᵀ (strictly lower part).
+#pragma unroll
+  for (int e2 = 0; e2 < 2; ++e2) {
+    const int e = d + e2 * KD, r = e >> 4, j = e & 15;
+    float acc = 0.f;
+#pragma unroll
+    for (int i = 0; i < kC; ++i) acc += sm.T[i][r] * dM[i][j];
+    Xm[r][j] = acc * sm.beta[j];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int e2 = 0; e2 < 2; ++e2) {
+    const int e = d + e2 * KD, r = e >> 4, s = e & 15;
+    float acc = 0.f;
+    if (r > s) {
+#pragma unroll
+      for (int j = 0; j < kC; ++j) acc -= Xm[r][j] * sm.T[s][j];
+    }
+    dL[r][s] = acc;
+    dLb[r][s] = acc * sm.beta[r];
+  }
+  __syncthreads();
+
+  if (d < kC && d < ch.len) {
+    // dβ_r through M = Tβ (column r) and through L = Diag(β)·LL (row r).
+    const int r = d;
+    float db = 0.f;
+    for (int i = r; i < kC; ++i) db += dM[i][r] * sm.T[i][r];
+    for (int s = 0; s < r; ++s) db += dL[r][s] * sm.LL[r][s];
+    if (p.use_beta_sigmoid) db *= sm.beta[r] * (1.f - sm.beta[r]);
+    store_f(p.dbeta, p.beta_dtype, static_cast<size_t>(ch.row0 + r) * p.H + h, db);
+  }
+
+  // Per key channel d: dq, dk and dΓ (before the in-chunk cumulative sum).
+  float dq[kC], dk[kC], dG[kC];
+  {
+    float dWc[kC];
+#pragma unroll
+    for (int r = 0; r < kC; ++r) dWc[r] = dWm[r][d];
+    const float gc = G[kC - 1];
+    float dGC = dD * __expf(gc);
+#pragma unroll
+    for (int r = 0; r < kC; ++r) {
+      const float dqt = dQt[r][d], dkt = dKt[r][d];
+      float dkw = 0.f;  // gradient of k_r⊙e^{Γ_r} through W = Tβ·(K⊙e^Γ)
+#pragma unroll
+      for (int i = r; i < kC; ++i) dkw += sm.T[i][r] * dWc[i];
+      dkw *= sm.beta[r];
+      const float ekt = __expf(gc - G[r]);
+      const float tk = dkt * kn[r] * ekt;
+      dq[r] = p.scale * eg[r] * dqt;
+      dk[r] = eg[r] * dkw + ekt * dkt;
+      dG[r] = dqt * p.scale * qn[r] * eg[r] + dkw * kn[r] * eg[r] - tk;
+      dGC += tk;
+    }
+    float egi[kC] = {};
+    if constexpr (kFactored) {
+#pragma unroll
+      for (int r = 0; r < kC; ++r) egi[r] = __expf(-G[r]);
+    }
+    // Pair terms of Aqk (r ≥ s) and L (r > s), with e^{Γ_r−Γ_s} per pair.
+#pragma unroll
+    for (int r = 0; r < kC; ++r) {
+      const float sq_r = p.scale * qn[r];
+#pragma unroll
+      for (int s = 0; s <= r; ++s) {
+        float E = 1.f;
+        if (s < r) {
+          if constexpr (kFactored) E = eg[r] * egi[s];
+          else E = exp2f((G[r] - G[s]) * kLog2e);
+        }
+        const float ka = sg.u.r.dAqk[r][s] * E;
+        dq[r] += p.scale * ka * kn[s];
+        dk[s] += ka * sq_r;
+        if (s < r) {
+          const float le = dLb[r][s] * E;
+          dk[r] += le * kn[s];
+          dk[s] += le * kn[r];
+          const float P = (le * kn[r] + ka * sq_r) * kn[s];
+          dG[r] += P;
+          dG[s] -= P;
+        }
+      }
+    }
+    dG[kC - 1] += dGC;
+#pragma unroll
+    for (int r = kC - 2; r >= 0; --r) dG[r] += dG[r + 1];
+  }
+
+  if (p.use_qk_l2norm) {
+    float acc[32];
+#pragma unroll
+    for (int r = 0; r < kC; ++r) {
+      acc[r] = qn[r] * dq[r];
+      acc[kC + r] = kn[r] * dk[r];
+    }
+    block_sum32(acc, sm.red, sm.dots);
+#pragma unroll
+    for (int r = 0; r < kC; ++r) {
+      dq[r] = rsqrtf(sm.sq[r] + 1e-6f) * (dq[r] - sm.dots[r] * qn[r]);
+      dk[r] = rsqrtf(sm.sq[kC + r] + 1e-6f) * (dk[r] - sm.dots[kC + r] * kn[r]);
+    }
+  }
+
+  const float a_exp = p.gate_mode ? __expf(p.A_log[h]) : 0.f;
+  float dA = 0.f, ddt = 0.f;
+  Tin* dqp = static_cast<Tin*>(p.dq);
+  Tin* dkp = static_cast<Tin*>(p.dk);
+#pragma unroll
+  for (int r = 0; r < kC; ++r) {
+    if (r < ch.len) {
+      float out = dG[r];
+      if (p.gate_mode == 1) {
+        const float x = xg[r];
+        out = -dG[r] * a_exp * sigmoid_f(x);
+        dA += dG[r] * (-a_exp * softplus_f(x));
+        ddt += out;
+      } else if (p.gate_mode == 2) {
+        const float x = xg[r];
+        const float sx = sigmoid_f(a_exp * x);
+        out = dG[r] * p.lower_bound * sx * (1.f - sx) * a_exp;
+        dA += out * x;
+        ddt += out;
+      }
+      const size_t idx = (static_cast<size_t>(ch.row0 + r) * p.H + h) * KD + d;
+      dqp[idx] = from_float<Tin>(dq[r]);
+      dkp[idx] = from_float<Tin>(dk[r]);
+      store_f(p.dg, p.g_dtype, idx, out);
+    }
+  }
+  pdt[hs * KD + d] = ddt;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) dA += __shfl_xor_sync(0xffffffffu, dA, o);
+  if (lane == 0) sm.red[0][warp] = dA;
+  __syncthreads();
+  if (d == 0) pda[hs] = (sm.red[0][0] + sm.red[0][1]) + (sm.red[0][2] + sm.red[0][3]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel 4: per batch row and head, the partial sums in slot order; and, varlen, zero
+// gradients for the tokens after the last sequence (they reach no output).
+template <typename Tin>
+__global__ void __launch_bounds__(KD) kda_bwd_reduce_kernel(BwdParams p, const float* __restrict__ pdt,
+                                                            const float* __restrict__ pda, int slots) {
+  __shared__ float red[KD / 32];
+  const int b = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+  const int per = p.is_varlen ? slots : slots / p.B;
+  const size_t first = static_cast<size_t>(h) * slots + (p.is_varlen ? 0 : b * per);
+  float acc = 0.f;
+#pragma unroll 16
+  for (int i = 0; i < per; ++i) acc += pdt[(first + i) * KD + d];
+  p.ddt_bias[(static_cast<size_t>(b) * p.H + h) * KD + d] = acc;
+  float a = 0.f;
+  for (int i = d; i < per; i += KD) a += pda[first + i];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+  if ((d & 31) == 0) red[d >> 5] = a;
+  __syncthreads();
+  if (d == 0) p.dA_log[b * p.H + h] = (red[0] + red[1]) + (red[2] + red[3]);
+
+  if (p.is_varlen) {
+    for (long long tok = p.cu_seqlens[p.N]; tok < p.T; ++tok) {
+      const size_t row = static_cast<size_t>(tok) * p.H + h;
+      static_cast<Tin*>(p.dq)[row * KD + d] = from_float<Tin>(0.f);
+      static_cast<Tin*>(p.dk)[row * KD + d] = from_float<Tin>(0.f);
+      static_cast<Tin*>(p.dv)[row * VD + d] = from_float<Tin>(0.f);
+      store_f(p.dg, p.g_dtype, row * KD + d, 0.f);
+      if (d == 0) store_f(p.dbeta, p.beta_dtype, row, 0.f);
+    }
+  }
+}
+
+#define KDA_TRY(expr)                          \
+  do {                                         \
+    const cudaError_t err_ = (expr);           \
+    if (err_ != cudaSuccess) return err_;      \
+  } while (0)
+
+constexpr int kChainWarps = 4;
+
+template <typename Tin, bool kFactored>
+cudaError_t bwd_t(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
+  const int slots = chunk_slots(p);
+  const WsLayout lay(p);
+  auto* states = reinterpret_cast<__nv_bfloat16*>(ws + lay.states);
+  auto* dstates = reinterpret_cast<__nv_bfloat16*>(ws + lay.dstates);
+  auto* vn = reinterpret_cast<__nv_bfloat16*>(ws + lay.vn);
+  auto* dvn = reinterpret_cast<__nv_bfloat16*>(ws + lay.dvn);
+  auto* pdt = reinterpret_cast<float*>(ws + lay.pdt);
+  auto* pda = reinterpret_cast<float*>(ws + lay.pda);
+  if (slots > 0) {
+    kda_bwd_prep_kernel<kFactored, Tin><<<dim3(slots, p.H), KD, 0, stream>>>(p, ws + lay.rec, slots);
+    KDA_TRY(cudaGetLastError());
+  }
+  if (p.N > 0) {
+    using L = ChainSmem<kChainWarps>;
+    auto chains = kda_bwd_chains_kernel<kChainWarps, Tin>;
+    KDA_TRY(cudaFuncSetAttribute(chains, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes));
+    chains<<<dim3(VD / L::BV, p.H, 2 * p.N), kChainWarps * 32, L::kBytes, stream>>>(
+        p, ws + lay.rec, states, dstates, vn, dvn, slots);
+    KDA_TRY(cudaGetLastError());
+  }
+  if (slots > 0) {
+    auto grad = kda_bwd_grad_kernel<kFactored, Tin>;
+    constexpr int bytes = sizeof(GradSmem);
+    KDA_TRY(cudaFuncSetAttribute(grad, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    grad<<<dim3(slots, p.H), KD, bytes, stream>>>(p, states, dstates, vn, dvn, pdt, pda, slots);
+    KDA_TRY(cudaGetLastError());
+  }
+  kda_bwd_reduce_kernel<Tin><<<dim3(p.B, p.H), KD, 0, stream>>>(p, pdt, pda, slots);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+const char* bwd_unsupported(const BwdParams& p) {
+  if (p.qkv_dtype != DType::kBF16 && p.qkv_dtype != DType::kF16)
+    return "q, k, v and do must be bfloat16 or float16 on the CUDA target";
+  if (p.K != KD || p.V != VD) return "the CUDA backward supports K = V = 128 only";
+  if (p.gate_mode < 0 || p.gate_mode > 2) return "gate_mode must be 0, 1 or 2";
+  if (p.N > 32767 || p.H > 65535 || p.B > 65535)
+    return "the CUDA backward supports at most 32767 sequences, 65535 heads and batch rows";
+  return nullptr;
+}
+
+size_t bwd_workspace_bytes(const BwdParams& p) { return WsLayout(p).total; }
+
+cudaError_t bwd(const BwdParams& p, void* workspace, cudaStream_t stream) {
+  if (bwd_unsupported(p)) return cudaErrorInvalidValue;
+  if (p.B == 0 || p.H == 0) return cudaSuccess;
+  uint8_t* ws = static_cast<uint8_t*>(workspace);
+  const bool factored = p.gate_mode == 2 && p.lower_bound >= -5.f && p.lower_bound < 0.f;
+  const bool f16 = p.qkv_dtype == DType::kF16;
+  if (f16) return factored ? bwd_t<__half, true>(p, ws, stream) : bwd_t<__half, false>(p, ws, stream);
+  return factored ? bwd_t<__nv_bfloat16, true>(p, ws, stream)
+                  : bwd_t<__nv_bfloat16, false>(p, ws, stream);
+}
+
+}  // namespace kda

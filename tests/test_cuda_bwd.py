@@ -1,0 +1,167 @@
+"""The Hopper CUDA backward (`jax_flashkda_bwd`, platform CUDA) through the public op:
+`jax.grad` of `kda(..., impl="cuda")` against `jax.grad` of the float64 token recurrence."""
+
+import os
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from jax_flashkda import _ffi, kda
+
+pytestmark = pytest.mark.gpu
+
+# fla's Triton kernels land near these on bf16 inputs (issue 4). dA_log is one number per head,
+# a sum of T·K terms of both signs: the ~3e-3 bf16-level noise of dg shows up amplified by the
+# cancellation (up to 1.4e-2 seen with H = 2), so it gets the looser bound.
+TOL = dict(q=8e-3, k=8e-3, v=8e-3, g=1e-2, beta=1e-2, h0=8e-3, A_log=2e-2, dt_bias=8e-3)
+NAMES = ("q", "k", "v", "g", "beta", "h0", "A_log", "dt_bias")
+
+
+def make_case(rng, *, B=1, T=40, H=2, gate_mode=2, l2norm=True, beta_sigmoid=True,
+              v_first=False, seqlens=None, extreme=False, dtype=jnp.bfloat16,
+              g_dtype=jnp.float32, beta_dtype=jnp.float32):
+    """Random inputs (as numpy float64 holding values exact in their dtypes) and static kwargs."""
+    K = V = 128
+    N = B
+    static = dict(use_qk_l2norm_in_kernel=l2norm, use_beta_sigmoid_in_kernel=beta_sigmoid,
+                  state_v_first=v_first, use_gate_in_kernel=gate_mode > 0)
+    if seqlens is not None:
+        B, T, N = 1, int(sum(seqlens)), len(seqlens)
+        static["cu_seqlens"] = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32)
+    q = rng.standard_normal((B, T, H, K))
+    k = rng.standard_normal((B, T, H, K))
+    if not l2norm:  # keep the delta rule contractive: |k|² β ≤ 2
+        q, k = q / np.sqrt(K), k / np.sqrt(K)
+    v = rng.standard_normal((B, T, H, V))
+    if gate_mode == 0:
+        g = -np.exp(rng.standard_normal((B, T, H, K)) - 2.0)
+        if extreme:  # whole-token resets and single channels decayed to -1000
+            g[:, ::7] = -1000.0
+            g[rng.random(g.shape) < 0.05] = -1000.0
+            g[rng.random(g.shape) < 0.05] = -30.0
+    else:
+        g = rng.standard_normal((B, T, H, K)) * (4.0 if extreme else 1.0)
+    beta = rng.standard_normal((B, T, H)) if beta_sigmoid else rng.uniform(0.05, 1.0, (B, T, H))
+    h0 = 0.3 * rng.standard_normal((N, H, V, K) if v_first else (N, H, K, V))
+    x = dict(q=q, k=k, v=v, g=g, beta=beta, h0=h0)
+    if gate_mode:
+        x["A_log"] = rng.uniform(-1.0, 1.0 + (1.5 if extreme else 0.0), (H,))
+        x["dt_bias"] = 0.5 * rng.standard_normal((H, K))
+        if gate_mode == 2:
+            static["lower_bound"] = -5.0
+    dtypes = dict(q=dtype, k=dtype, v=dtype, g=g_dtype, beta=beta_dtype, h0=jnp.float32,
+                  A_log=jnp.float32, dt_bias=jnp.float32)
+    x = {n: np.asarray(jnp.asarray(a, dtypes[n]).astype(jnp.float32), np.float64)
+         for n, a in x.items()}
+    do = np.asarray(jnp.asarray(rng.standard_normal((B, T, H, V)), dtype).astype(jnp.float32),
+                    np.float64)
+    dht = rng.standard_normal(h0.shape)
+    return x, dtypes, static, do, dht
+
+
+def _loss(names, static, impl, out_dtype):
+    def loss(args, do, dht):
+        kw = dict(static)
+        kw.update({n: args[n] for n in ("A_log", "dt_bias") if n in names})
+        o, ht = kda(args["q"], args["k"], args["v"], args["g"], args["beta"],
+                    initial_state=args["h0"], output_final_state=True, impl=impl, **kw)
+        return jnp.sum(o.astype(out_dtype) * do) + jnp.sum(ht.astype(out_dtype) * dht)
+    return loss
+
+
+def cuda_grads(x, dtypes, static, do, dht):
+    args = {n: jnp.asarray(a, dtypes[n]) for n, a in x.items()}
+    f = jax.jit(jax.grad(_loss(tuple(x), static, "cuda", jnp.float32)))
+    g = f(args, jnp.asarray(do, jnp.float32), jnp.asarray(dht, jnp.float32))
+    return {n: np.asarray(a.astype(jnp.float32), np.float64) for n, a in g.items()}
+
+
+def reference_grads(x, static, do, dht):
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        with jax.default_device(jax.devices("cpu")[0]):
+            args = {n: jnp.asarray(a, jnp.float64) for n, a in x.items()}
+            f = jax.jit(jax.grad(_loss(tuple(x), static, "recurrent", jnp.float64)))
+            g = f(args, jnp.asarray(do), jnp.asarray(dht))
+            return {n: np.asarray(a) for n, a in g.items()}
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
+def rel(x, ref):
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def check(case, label, tol_scale=1.0):
+    assert _ffi.has_target("CUDA", _ffi.BWD_TARGET), "the CUDA backward is not registered"
+    x, dtypes, static, do, dht = case
+    got = cuda_grads(x, dtypes, static, do, dht)
+    ref = reference_grads(x, static, do, dht)
+    errs = {}
+    for n in got:
+        assert np.isfinite(got[n]).all(), f"{label}: d{n} has non-finite entries"
+        errs[n] = rel(got[n], ref[n])
+    line = " ".join(f"d{n}={errs[n]:.2e}" for n in NAMES if n in errs)
+    print(f"relerr {label}: {line}")
+    if os.environ.get("KDA_BWD_ERRLOG"):
+        with open(os.environ["KDA_BWD_ERRLOG"], "a") as fh:
+            fh.write(f"{label}: {line}\n")
+    bad = {n: e for n, e in errs.items() if not e <= TOL[n] * tol_scale}
+    assert not bad, f"{label}: relative errors over tolerance: {bad}"
+    return got
+
+
+@pytest.mark.parametrize("gate_mode", [0, 1, 2])
+@pytest.mark.parametrize("T", [1, 45])
+def test_gate_modes(rng, gate_mode, T):
+    check(make_case(rng, B=2, T=T, H=2, gate_mode=gate_mode), f"gate{gate_mode} B=2 T={T}")
+
+
+@pytest.mark.parametrize("v_first", [False, True])
+@pytest.mark.parametrize("l2norm,beta_sigmoid", [(True, False), (False, True), (False, False)])
+def test_flags_and_layouts(rng, v_first, l2norm, beta_sigmoid):
+    check(make_case(rng, B=2, T=33, H=2, v_first=v_first, l2norm=l2norm,
+                    beta_sigmoid=beta_sigmoid),
+          f"l2norm={l2norm} sigmoid={beta_sigmoid} v_first={v_first}")
+
+
+@pytest.mark.parametrize("gate_mode", [0, 2])
+def test_varlen_with_empty_sequences(rng, gate_mode):
+    case = make_case(rng, H=2, gate_mode=gate_mode, seqlens=[0, 17, 0, 40, 5, 16, 0])
+    got = check(case, f"varlen gate{gate_mode}")
+    dht = case[4]
+    for n in (0, 2, 6):  # an empty sequence hands the final-state cotangent straight through
+        np.testing.assert_allclose(got["h0"][n], np.asarray(dht[n], np.float32), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("gate_mode", [0, 1])
+def test_extreme_decays(rng, gate_mode):
+    case = make_case(rng, T=70, H=2, gate_mode=gate_mode, extreme=True)
+    if gate_mode == 0:
+        assert case[0]["g"].min() == -1000.0
+    check(case, f"extreme gate{gate_mode}")
+
+
+@pytest.mark.parametrize("dtype,g_dtype,beta_dtype", [
+    (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16),
+    (jnp.float16, jnp.float32, jnp.float16),
+])
+def test_dtypes(rng, dtype, g_dtype, beta_dtype):
+    check(make_case(rng, T=37, H=2, dtype=dtype, g_dtype=g_dtype, beta_dtype=beta_dtype),
+          f"dtypes {jnp.dtype(dtype).name}/{jnp.dtype(g_dtype).name}/{jnp.dtype(beta_dtype).name}")
+
+
+def test_long_sequence(rng):
+    check(make_case(rng, B=1, T=600, H=2, gate_mode=2), "long T=600")
+
+
+def test_deterministic(rng):
+    x, dtypes, static, do, dht = make_case(rng, B=2, T=100, H=4, gate_mode=2)
+    a = cuda_grads(x, dtypes, static, do, dht)
+    b = cuda_grads(x, dtypes, static, do, dht)
+    for n in a:
+        assert np.array_equal(a[n], b[n]), f"d{n} differs between two runs"
