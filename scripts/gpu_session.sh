@@ -36,7 +36,8 @@ fi
 if [ "${NCU:-0}" = 1 ]; then
   for shape in ${NCU_SHAPES:-big long}; do
     timeout 200 ncu --kernel-name regex:kda_ --launch-skip 2 --launch-count 2 \
-      --section SpeedOfLight --section WarpStateStats \
+      --section SpeedOfLight --section WarpStateStats --section Occupancy \
+      --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio \
       python scripts/bench_cuda_fwd.py --shapes "$shape" --iters 1 >"$OUT/ncu_$shape.log" 2>&1
     echo "ncu $shape:"
     grep -E "^  [a-z_: ]*kda_|Duration|Memory Throughput|Compute \(SM\) Throughput|DRAM Throughput|Stall|Warp Cycles Per Issued" \

@@ -1,8 +1,8 @@
 // Hopper forward of Kimi Delta Attention in two launches.
 //
-// 1. prep (grid: chunk slots x heads, token-parallel): gate activation, l2norm, the in-chunk
-//    cumulative decay Γ, the 16x16 matrices L and Aqk, T = (I+L)^-1, and the per-chunk operands
-//    of the recurrence, written to a workspace record per (head, chunk).
+// 1. prep (persistent CTAs over the (chunk slot, head) items, token-parallel): gate activation,
+//    l2norm, the in-chunk cumulative decay Γ, the 16x16 matrices L and Aqk, T = (I+L)^-1, and
+//    the per-chunk operands of the recurrence, written to a workspace record per (head, chunk).
 // 2. recurrence (grid: value blocks x heads x sequences): each warp owns 16 value columns of the
 //    state S (all K keys), kept transposed in fp32 mma accumulators for the whole sequence, so the
 //    accumulator layout doubles as the bf16 A/B operand layout and S never leaves registers.
@@ -88,250 +88,336 @@ __device__ __forceinline__ Seq seq_of(const FwdParams& p, int n) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Kernel 1: one CTA of K threads per (chunk slot, head); thread d owns key channel d.
-template <int K, bool kFactored, typename Tin>
-__global__ void __launch_bounds__(K) kda_prep_kernel(FwdParams p, uint8_t* __restrict__ ws,
-                                                     int slots) {
-  constexpr int KP = K + 4;  // padding keeps the pair loop's row reads off one bank
-  constexpr int kWarps = K / 32;
-  // Row operands of the pair products: fp32 [16][KP] for the exact path, bf16 [16][KH] (mma
-  // operands, ldmatrix-friendly pitch) for the factored one.
-  constexpr int KH = K + 8;
-  __shared__ __align__(16) uint8_t xyz[3][kChunk * KP * 4];
-  auto X = reinterpret_cast<float(*)[KP]>(xyz[0]);
-  auto Y = reinterpret_cast<float(*)[KP]>(xyz[1]);
-  auto Z = reinterpret_cast<float(*)[KP]>(xyz[2]);
-  auto Xh = reinterpret_cast<__nv_bfloat16(*)[KH]>(xyz[0]);
-  auto Yh = reinterpret_cast<__nv_bfloat16(*)[KH]>(xyz[1]);
-  auto Zh = reinterpret_cast<__nv_bfloat16(*)[KH]>(xyz[2]);
-  __shared__ float Ls[kChunk][kChunk + 1], As[kChunk][kChunk + 1];
-  __shared__ __align__(16) float Tb[kChunk][kChunk];
-  __shared__ float beta_s[kChunk], red[kWarps][32], rnorm[32];
+// Kernel 1: persistent CTAs of K threads (thread d owns key channel d), each walking the items
+// (chunk slot, head) i = blockIdx.x + j·gridDim.x. With one CTA per item, an item's loads were
+// exposed (ncu: mostly stalled on global loads). Here the q/k/g rows of the next item are in
+// flight (cp.async) while one item is computed, the next item's scalars are prefetched into
+// registers, and the finished record leaves shared memory in one bulk store. The loads are then
+// hidden and the kernel is bound by its own instruction latencies (barriers, the serial
+// cumulative sum and substitution), so resident warps matter more than pipeline depth: measured
+// on H100 at B=1 T=8192 H=96, two stages at four CTAs per SM beat three stages at three.
+constexpr int kPrepStages = 2;
+constexpr int kPrepCtasPerSm = 4;
 
-  const int slot = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
-  const int lane = d & 31, warp = d >> 5;
+struct PrepItem {
+  long long row0;  // first token row of the chunk
+  int h, slot, len;  // len == 0: nothing to do (a varlen gap slot, or past the work)
+};
 
-  // Which sequence and chunk this slot holds (varlen slots between sequences stay unused).
-  int n = 0, c = slot;
+__device__ __forceinline__ PrepItem prep_item(const FwdParams& p, int slots, long long i) {
+  PrepItem it{0, 0, 0, 0};
+  if (i >= static_cast<long long>(slots) * p.H) return it;
+  // Heads vary fastest, so the CTAs running at one time read neighbouring rows of q, k and g.
+  it.slot = static_cast<int>(i / p.H);
+  it.h = static_cast<int>(i % p.H);
+  int n = 0, c = it.slot;
   if (p.is_varlen) {
     int lo = 0, hi = p.N - 1;
     while (lo < hi) {
       const int mid = (lo + hi + 1) >> 1;
-      if (p.cu_seqlens[mid] / kChunk + mid <= slot) lo = mid; else hi = mid - 1;
+      if (p.cu_seqlens[mid] / kChunk + mid <= it.slot) lo = mid; else hi = mid - 1;
     }
     n = lo;
-    c = slot - (p.cu_seqlens[n] / kChunk + n);
+    c = it.slot - (p.cu_seqlens[n] / kChunk + n);
   } else {
     const int per = (p.T + kChunk - 1) / kChunk;
-    n = slot / per;
-    c = slot % per;
+    n = it.slot / per;
+    c = it.slot % per;
   }
   const Seq sq = seq_of(p, n);
-  if (c < 0 || c * kChunk >= sq.len) return;
-  const int len = min(kChunk, sq.len - c * kChunk);
-  const long long row0 = sq.row0 + static_cast<long long>(c) * kChunk;
+  if (c < 0 || c * kChunk >= sq.len) return it;
+  it.len = min(kChunk, sq.len - c * kChunk);
+  it.row0 = sq.row0 + static_cast<long long>(c) * kChunk;
+  return it;
+}
 
-  uint8_t* rec = ws + (static_cast<size_t>(h) * slots + slot) * Rec<K>::kBytes;
+// Dynamic shared memory of the prep kernel: the record being built (in its global layout), the
+// input stages (q, k: [16][K] Tin; g: [16][K] of its own dtype), and the pair-product operands.
+template <int K, bool kFactored>
+struct PrepSmem {
+  static constexpr int kStage0 = (Rec<K>::kBytes + 127) / 128 * 128;
+  static constexpr int kScratch = kFactored ? 2 * kChunk * (K + 8) * 2 : 3 * kChunk * (K + 4) * 4;
+  __host__ __device__ static int stage_bytes(const FwdParams& p) {
+    return kChunk * K * (4 + (p.g_dtype == DType::kF32 ? 4 : 2));
+  }
+  static int bytes(const FwdParams& p) { return kStage0 + kPrepStages * stage_bytes(p) + kScratch; }
+};
+
+template <int K, bool kFactored, typename Tin>
+__global__ void __launch_bounds__(K, kPrepCtasPerSm)
+    kda_prep_kernel(FwdParams p, uint8_t* __restrict__ ws, int slots) {
+  using SL = PrepSmem<K, kFactored>;
+  constexpr int KP = K + 4;  // padding keeps the pair loop's row reads off one bank
+  constexpr int kWarps = K / 32;
+  // Row operands of the pair products: fp32 [16][KP] for the exact path, bf16 [16][KH] (mma
+  // operands, ldmatrix-friendly pitch, the record's own pitch) for the factored one.
+  constexpr int KH = K + 8;
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint8_t* rec = smem;
+  const int gb = p.g_dtype == DType::kF32 ? 4 : 2;
+  const int stage_bytes = SL::stage_bytes(p);
+  uint8_t* stages = smem + SL::kStage0;
+  uint8_t* scratch = stages + kPrepStages * stage_bytes;
+  auto X = reinterpret_cast<float(*)[KP]>(scratch);
+  auto Y = reinterpret_cast<float(*)[KP]>(scratch + kChunk * KP * 4);
+  auto Z = reinterpret_cast<float(*)[KP]>(scratch + 2 * kChunk * KP * 4);
+  auto Yh = reinterpret_cast<__nv_bfloat16(*)[KH]>(scratch);
+  auto Zh = reinterpret_cast<__nv_bfloat16(*)[KH]>(scratch + kChunk * KH * 2);
+  __shared__ float Ls[kChunk][kChunk + 1], As[kChunk][kChunk + 1];
+  __shared__ __align__(16) float Tb[kChunk][kChunk];
+  __shared__ float beta_s[kChunk], red[kWarps][32], rnorm[32];
+
+  const int d = threadIdx.x, lane = d & 31, warp = d >> 5;
+  const long long grid = gridDim.x;
+
   __nv_bfloat16* rq = reinterpret_cast<__nv_bfloat16*>(rec + Rec<K>::kQ);
   __nv_bfloat16* rw = reinterpret_cast<__nv_bfloat16*>(rec + Rec<K>::kW);
   __nv_bfloat16* rkt = reinterpret_cast<__nv_bfloat16*>(rec + Rec<K>::kKt);
   __nv_bfloat16* raq = reinterpret_cast<__nv_bfloat16*>(rec + Rec<K>::kAqk);
+  Tin* rtb = reinterpret_cast<Tin*>(rec + Rec<K>::kTb);
   float* reg = reinterpret_cast<float*>(rec + Rec<K>::kEg);
 
-  const float a_exp = p.gate_mode ? __expf(p.A_log[h]) : 0.f;
-  const float dtb = p.gate_mode ? p.dt_bias[h * K + d] : 0.f;
-
-  // Tokens past the end of the sequence act as q = k = 0, g = 0, β = 0: they then change
-  // neither the state nor any real token's output. All loads of the chunk are issued before
-  // any is used (dtype dispatch sits outside the loops), so their latencies overlap.
-  float qv[kChunk], kv[kChunk], G[kChunk];
-  uint32_t graw[kChunk];
-  const Tin* qp = static_cast<const Tin*>(p.q);
-  const Tin* kp = static_cast<const Tin*>(p.k);
-  const size_t i0 = (static_cast<size_t>(row0) * p.H + h) * K + d;
-  const size_t step = static_cast<size_t>(p.H) * K;
-  const bool g32 = p.g_dtype == DType::kF32;
+  // Rows past the end of the sequence load the chunk's first row (finite values the compute
+  // replaces by q = k = 0, g = 0, β = 0: they then change neither the state nor any output).
+  auto load_item = [&](const PrepItem& it, int stage) {
+    if (it.len == 0) return;
+    uint8_t* st = stages + stage * stage_bytes;
+    constexpr int kQkPieces = K * 2 / 16;  // 16-byte pieces per q or k row
+    const size_t rs = static_cast<size_t>(p.H) * K;
+    const size_t e0 = (static_cast<size_t>(it.row0) * p.H + it.h) * K;
 #pragma unroll
-  for (int r = 0; r < kChunk; ++r) {
-    const bool ok = r < len;
-    const size_t i = i0 + (ok ? r : 0) * step;
-    qv[r] = ok ? to_float(qp[i]) : 0.f;
-    kv[r] = ok ? to_float(kp[i]) : 0.f;
-    graw[r] = !ok ? 0u : g32 ? static_cast<const uint32_t*>(p.g)[i]
-                             : static_cast<const uint16_t*>(p.g)[i];
-  }
-#pragma unroll
-  for (int r = 0; r < kChunk; ++r) {
-    const float x = bits_to_float(graw[r], p.g_dtype);
-    if (p.gate_mode == 1) {
-      const float y = x + dtb;
-      G[r] = -a_exp * (y > 20.f ? y : log1pf(__expf(y)));
-    } else if (p.gate_mode == 2) {
-      G[r] = p.lower_bound * sigmoid_f(a_exp * (x + dtb));
-    } else {
-      G[r] = x;
+    for (int i = d; i < kChunk * kQkPieces; i += K) {
+      const int r = i / kQkPieces, pc = i % kQkPieces;
+      const size_t e = e0 + (r < it.len ? r : 0) * rs + pc * 8;
+      ptx::cp_async16(st + i * 16, static_cast<const Tin*>(p.q) + e);
+      ptx::cp_async16(st + kChunk * K * 2 + i * 16, static_cast<const Tin*>(p.k) + e);
     }
-    if (r >= len) G[r] = 0.f;
-  }
-  if (d < kChunk) {
-    float b = 0.f;
-    if (d < len) {
-      b = load_f(p.beta, p.beta_dtype, static_cast<size_t>(row0 + d) * p.H + h);
-      if (p.use_beta_sigmoid) b = sigmoid_f(b);
+    const int g_pieces = K * gb / 16;
+    for (int i = d; i < kChunk * g_pieces; i += K) {
+      const int r = i / g_pieces, pc = i % g_pieces;
+      const size_t e = e0 + (r < it.len ? r : 0) * rs;
+      ptx::cp_async16(st + 2 * kChunk * K * 2 + i * 16,
+                      static_cast<const uint8_t*>(p.g) + e * gb + pc * 16);
     }
-    beta_s[d] = b;
-  }
+  };
+  // β (thread d < 16 holds token d), dt_bias and A_log of an item, one item ahead.
+  auto load_scalars = [&](const PrepItem& it, float& b, float& dtb, float& alog) {
+    b = 0.f;
+    if (it.len > 0 && d < it.len)
+      b = load_f(p.beta, p.beta_dtype, static_cast<size_t>(it.row0 + d) * p.H + it.h);
+    dtb = p.gate_mode && it.len > 0 ? p.dt_bias[it.h * K + d] : 0.f;
+    alog = p.gate_mode && it.len > 0 ? p.A_log[it.h] : 0.f;
+  };
 
-  if (p.use_qk_l2norm) {
-    // 32 row sums (16 of q², 16 of k²) over the CTA: a transposing butterfly leaves lane i of
-    // each warp with the warp's partial sum of value i.
-    float acc[32];
+  const long long n_items = static_cast<long long>(slots) * p.H;
+#pragma unroll
+  for (int s = 0; s < kPrepStages - 1; ++s) {
+    load_item(prep_item(p, slots, blockIdx.x + s * grid), s);
+    ptx::cp_async_commit();
+  }
+  float nb, ndtb, nalog;
+  load_scalars(prep_item(p, slots, blockIdx.x), nb, ndtb, nalog);
+
+  int stage = 0;
+  for (long long i = blockIdx.x; i < n_items;
+       i += grid, stage = stage + 1 == kPrepStages ? 0 : stage + 1) {
+    // The stage refilled here was last read at the start of the previous item, before its
+    // barriers.
+    load_item(prep_item(p, slots, i + (kPrepStages - 1) * grid),
+              stage == 0 ? kPrepStages - 1 : stage - 1);
+    ptx::cp_async_commit();
+    const float beta_raw = nb, dtb = ndtb, a_log = nalog;
+    const PrepItem it = prep_item(p, slots, i);
+    load_scalars(prep_item(p, slots, i + grid), nb, ndtb, nalog);
+    ptx::cp_async_wait<kPrepStages - 1>();
+    if (d == 0) ptx::bulk_wait_read_all();  // the previous record has left `rec`
+    __syncthreads();
+    if (it.len == 0) continue;
+    const int len = it.len, h = it.h;
+
+    const uint8_t* st = stages + stage * stage_bytes;
+    const Tin* q_s = reinterpret_cast<const Tin*>(st);
+    const Tin* k_s = reinterpret_cast<const Tin*>(st + kChunk * K * 2);
+    const uint8_t* g_s = st + 2 * kChunk * K * 2;
+    const float a_exp = p.gate_mode ? __expf(a_log) : 0.f;
+
+    float qv[kChunk], kv[kChunk], G[kChunk];
 #pragma unroll
     for (int r = 0; r < kChunk; ++r) {
-      acc[r] = qv[r] * qv[r];
-      acc[kChunk + r] = kv[r] * kv[r];
-    }
-#pragma unroll
-    for (int i = 0; i < 5; ++i) {
-      const int w = 16 >> i;
-      const bool upper = lane & w;
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        if (j >= w) break;
-        const float send = upper ? acc[j] : acc[j + w];
-        const float keep = upper ? acc[j + w] : acc[j];
-        acc[j] = keep + __shfl_xor_sync(0xffffffffu, send, w);
-      }
-    }
-    red[warp][lane] = acc[0];
-    __syncthreads();
-    if (d < 32) {
-      float s = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) s += red[w][d];
-      rnorm[d] = rsqrtf(s + 1e-6f);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int r = 0; r < kChunk; ++r) {
-      qv[r] *= rnorm[r];
-      kv[r] *= rnorm[kChunk + r];
-    }
-  }
-
-#pragma unroll
-  for (int r = 1; r < kChunk; ++r) G[r] += G[r - 1];
-
-  const float gc = G[kChunk - 1];
-  reg[d] = __expf(gc);
-  float kd[kChunk];  // K⊙e^Γ, kept for W
-#pragma unroll
-  for (int r = 0; r < kChunk; ++r) {
-    const float e = __expf(G[r]);
-    const float qd = p.scale * qv[r] * e;
-    kd[r] = kv[r] * e;
-    rq[r * Rec<K>::kPitch + d] = __float2bfloat16_rn(qd);
-    rkt[r * Rec<K>::kPitch + d] = __float2bfloat16_rn(kv[r] * __expf(gc - G[r]));
-    if constexpr (kFactored) {
-      Xh[r][d] = __float2bfloat16_rn(qd);
-      Yh[r][d] = __float2bfloat16_rn(kd[r]);
-      Zh[r][d] = __float2bfloat16_rn(kv[r] * __expf(-G[r]));
-    } else {
-      X[r][d] = p.scale * qv[r];
-      Y[r][d] = kv[r];
-      Z[r][d] = G[r] * 1.4426950408889634f;
-    }
-  }
-  __syncthreads();
-
-  if constexpr (kFactored) {
-    // L = Diag(β)·(K⊙e^Γ)(K⊙e^−Γ)ᵀ on warp 0, Aqk = Q̃(K⊙e^−Γ)ᵀ on warp 1, as 16x16xK mma.
-    if (warp < 2) {
-      const __nv_bfloat16* a_rows = warp == 0 ? &Yh[0][0] : &Xh[0][0];
-      const int g = lane >> 2, t = lane & 3;
-      float acc[2][4] = {};
-#pragma unroll
-      for (int ks = 0; ks < K / 16; ++ks) {
-        uint32_t a[4], b[4];
-        ptx::ldsm_x4(a, a_rows + ((lane & 7) + ((lane >> 3) & 1) * 8) * KH + ks * 16 +
-                            (lane >> 4) * 8);
-        ptx::ldsm_x4(b, &Zh[(lane & 7) + ((lane >> 4) & 1) * 8][ks * 16 + ((lane >> 3) & 1) * 8]);
-        ptx::mma16816<__nv_bfloat16>(acc[0], a, b[0], b[1]);
-        ptx::mma16816<__nv_bfloat16>(acc[1], a, b[2], b[3]);
-      }
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int r = g + (j >> 1) * 8, c2 = nt * 8 + t * 2 + (j & 1);
-          if (warp == 0) Ls[r][c2] = beta_s[r] * acc[nt][j];
-          else As[r][c2] = acc[nt][j];
-        }
-    }
-  } else {
-    // Exact: e^{Γ_r−Γ_s} per element. 120 strictly-lower pairs (L and Aqk), then the 16
-    // diagonal ones (Aqk only).
-    for (int pr = d; pr < 136; pr += K) {
-      int r, s;
-      if (pr < 120) {
-        r = 1;
-        while ((r + 1) * r / 2 <= pr) ++r;
-        s = pr - r * (r - 1) / 2;
+      const bool ok = r < len;
+      qv[r] = ok ? to_float(q_s[r * K + d]) : 0.f;
+      kv[r] = ok ? to_float(k_s[r * K + d]) : 0.f;
+      const uint32_t graw = gb == 4 ? reinterpret_cast<const uint32_t*>(g_s)[r * K + d]
+                                    : reinterpret_cast<const uint16_t*>(g_s)[r * K + d];
+      const float x = bits_to_float(graw, p.g_dtype);
+      if (p.gate_mode == 1) {
+        const float y = x + dtb;
+        G[r] = -a_exp * (y > 20.f ? y : log1pf(__expf(y)));
+      } else if (p.gate_mode == 2) {
+        G[r] = p.lower_bound * sigmoid_f(a_exp * (x + dtb));
       } else {
-        r = s = pr - 120;
+        G[r] = x;
       }
-      float acc_a = 0.f, acc_l = 0.f;
-#pragma unroll 4
-      for (int j = 0; j < K; j += 4) {
-        const float4 x = *reinterpret_cast<const float4*>(&X[r][j]);
-        const float4 y = *reinterpret_cast<const float4*>(&Y[r][j]);
-        const float4 ys = *reinterpret_cast<const float4*>(&Y[s][j]);
-        const float4 gr = *reinterpret_cast<const float4*>(&Z[r][j]);
-        const float4 gs = *reinterpret_cast<const float4*>(&Z[s][j]);
-        const float z0 = ys.x * exp2f(gr.x - gs.x), z1 = ys.y * exp2f(gr.y - gs.y);
-        const float z2 = ys.z * exp2f(gr.z - gs.z), z3 = ys.w * exp2f(gr.w - gs.w);
-        acc_a += x.x * z0 + x.y * z1 + x.z * z2 + x.w * z3;
-        acc_l += y.x * z0 + y.y * z1 + y.z * z2 + y.w * z3;
+      if (!ok) G[r] = 0.f;
+    }
+    if (d < kChunk) beta_s[d] = d < len && p.use_beta_sigmoid ? sigmoid_f(beta_raw) : beta_raw;
+
+    if (p.use_qk_l2norm) {
+      // 32 row sums (16 of q², 16 of k²) over the CTA: a transposing butterfly leaves lane i of
+      // each warp with the warp's partial sum of value i.
+      float acc[32];
+#pragma unroll
+      for (int r = 0; r < kChunk; ++r) {
+        acc[r] = qv[r] * qv[r];
+        acc[kChunk + r] = kv[r] * kv[r];
       }
-      As[r][s] = acc_a;
-      Ls[r][s] = beta_s[r] * acc_l;
-    }
-  }
-  __syncthreads();
-  for (int i = d; i < kChunk * kChunk; i += K) {
-    const int r = i / kChunk, s = i % kChunk;
-    raq[i] = __float2bfloat16_rn(s <= r ? As[r][s] : 0.f);
-  }
-  if (d < kChunk) {
-    // Forward substitution for column j = d of T = (I+L)^-1 (unit lower triangular).
-    float tc[kChunk];
 #pragma unroll
-    for (int r = 0; r < kChunk; ++r) {
-      float v = (r == d) ? 1.f : 0.f;
+      for (int s = 0; s < 5; ++s) {
+        const int w = 16 >> s;
+        const bool upper = lane & w;
 #pragma unroll
-      for (int s = 0; s < r; ++s) v -= Ls[r][s] * tc[s];
-      tc[r] = v;
-    }
-    const float b = beta_s[d];
+        for (int j = 0; j < 16; ++j) {
+          if (j >= w) break;
+          const float send = upper ? acc[j] : acc[j + w];
+          const float keep = upper ? acc[j + w] : acc[j];
+          acc[j] = keep + __shfl_xor_sync(0xffffffffu, send, w);
+        }
+      }
+      red[warp][lane] = acc[0];
+      __syncthreads();
+      if (d < 32) {
+        float s = 0.f;
 #pragma unroll
-    for (int r = 0; r < kChunk; ++r) {
-      const float tb = tc[r] * b;
-      Tb[r][d] = tb;
-      reinterpret_cast<Tin*>(rec + Rec<K>::kTb)[r * kChunk + d] = Tin(tb);
+        for (int w = 0; w < kWarps; ++w) s += red[w][d];
+        rnorm[d] = rsqrtf(s + 1e-6f);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int r = 0; r < kChunk; ++r) {
+        qv[r] *= rnorm[r];
+        kv[r] *= rnorm[kChunk + r];
+      }
     }
-  }
-  __syncthreads();
 
 #pragma unroll
-  for (int r = 0; r < kChunk; ++r) {
-    float w = 0.f;
+    for (int r = 1; r < kChunk; ++r) G[r] += G[r - 1];
+
+    const float gc = G[kChunk - 1];
+    reg[d] = __expf(gc);
+    float kd[kChunk];  // K⊙e^Γ, kept for W
 #pragma unroll
-    for (int s4 = 0; s4 <= r; s4 += 4) {  // whole-row broadcast reads; Tb[r][s > r] = 0
-      const float4 tb = *reinterpret_cast<const float4*>(&Tb[r][s4]);
-      w += tb.x * kd[s4] + tb.y * kd[s4 + 1] + tb.z * kd[s4 + 2] + tb.w * kd[s4 + 3];
+    for (int r = 0; r < kChunk; ++r) {
+      const float e = __expf(G[r]);
+      const float qd = p.scale * qv[r] * e;
+      kd[r] = kv[r] * e;
+      rq[r * KH + d] = __float2bfloat16_rn(qd);
+      rkt[r * KH + d] = __float2bfloat16_rn(kv[r] * __expf(gc - G[r]));
+      if constexpr (kFactored) {
+        Yh[r][d] = __float2bfloat16_rn(kd[r]);
+        Zh[r][d] = __float2bfloat16_rn(kv[r] * __expf(-G[r]));
+      } else {
+        X[r][d] = p.scale * qv[r];
+        Y[r][d] = kv[r];
+        Z[r][d] = G[r] * 1.4426950408889634f;
+      }
     }
-    rw[r * Rec<K>::kPitch + d] = __float2bfloat16_rn(-w);
+    __syncthreads();
+
+    if constexpr (kFactored) {
+      // L = Diag(β)·(K⊙e^Γ)(K⊙e^−Γ)ᵀ on warp 0, Aqk = Q̃(K⊙e^−Γ)ᵀ on warp 1, as 16x16xK mma.
+      if (warp < 2) {
+        const __nv_bfloat16* a_rows = warp == 0 ? &Yh[0][0] : rq;
+        const int g = lane >> 2, t = lane & 3;
+        float acc[2][4] = {};
+#pragma unroll
+        for (int ks = 0; ks < K / 16; ++ks) {
+          uint32_t a[4], b[4];
+          ptx::ldsm_x4(a, a_rows + ((lane & 7) + ((lane >> 3) & 1) * 8) * KH + ks * 16 +
+                              (lane >> 4) * 8);
+          ptx::ldsm_x4(b, &Zh[(lane & 7) + ((lane >> 4) & 1) * 8][ks * 16 + ((lane >> 3) & 1) * 8]);
+          ptx::mma16816<__nv_bfloat16>(acc[0], a, b[0], b[1]);
+          ptx::mma16816<__nv_bfloat16>(acc[1], a, b[2], b[3]);
+        }
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int r = g + (j >> 1) * 8, c2 = nt * 8 + t * 2 + (j & 1);
+            if (warp == 0) Ls[r][c2] = beta_s[r] * acc[nt][j];
+            else As[r][c2] = acc[nt][j];
+          }
+      }
+    } else {
+      // Exact: e^{Γ_r−Γ_s} per element. 120 strictly-lower pairs (L and Aqk), then the 16
+      // diagonal ones (Aqk only).
+      for (int pr = d; pr < 136; pr += K) {
+        int r, s;
+        if (pr < 120) {
+          r = 1;
+          while ((r + 1) * r / 2 <= pr) ++r;
+          s = pr - r * (r - 1) / 2;
+        } else {
+          r = s = pr - 120;
+        }
+        float acc_a = 0.f, acc_l = 0.f;
+#pragma unroll 4
+        for (int j = 0; j < K; j += 4) {
+          const float4 x = *reinterpret_cast<const float4*>(&X[r][j]);
+          const float4 y = *reinterpret_cast<const float4*>(&Y[r][j]);
+          const float4 ys = *reinterpret_cast<const float4*>(&Y[s][j]);
+          const float4 gr = *reinterpret_cast<const float4*>(&Z[r][j]);
+          const float4 gs = *reinterpret_cast<const float4*>(&Z[s][j]);
+          const float z0 = ys.x * exp2f(gr.x - gs.x), z1 = ys.y * exp2f(gr.y - gs.y);
+          const float z2 = ys.z * exp2f(gr.z - gs.z), z3 = ys.w * exp2f(gr.w - gs.w);
+          acc_a += x.x * z0 + x.y * z1 + x.z * z2 + x.w * z3;
+          acc_l += y.x * z0 + y.y * z1 + y.z * z2 + y.w * z3;
+        }
+        As[r][s] = acc_a;
+        Ls[r][s] = beta_s[r] * acc_l;
+      }
+    }
+    __syncthreads();
+    for (int e = d; e < kChunk * kChunk; e += K) {
+      const int r = e / kChunk, s = e % kChunk;
+      raq[e] = __float2bfloat16_rn(s <= r ? As[r][s] : 0.f);
+    }
+    if (d < kChunk) {
+      // Forward substitution for column j = d of T = (I+L)^-1 (unit lower triangular).
+      float tc[kChunk];
+#pragma unroll
+      for (int r = 0; r < kChunk; ++r) {
+        float v = (r == d) ? 1.f : 0.f;
+#pragma unroll
+        for (int s = 0; s < r; ++s) v -= Ls[r][s] * tc[s];
+        tc[r] = v;
+      }
+      const float b = beta_s[d];
+#pragma unroll
+      for (int r = 0; r < kChunk; ++r) {
+        const float tb = tc[r] * b;
+        Tb[r][d] = tb;
+        rtb[r * kChunk + d] = Tin(tb);
+      }
+    }
+    __syncthreads();
+
+#pragma unroll
+    for (int r = 0; r < kChunk; ++r) {
+      float w = 0.f;
+#pragma unroll
+      for (int s4 = 0; s4 <= r; s4 += 4) {  // whole-row broadcast reads; Tb[r][s > r] = 0
+        const float4 tb = *reinterpret_cast<const float4*>(&Tb[r][s4]);
+        w += tb.x * kd[s4] + tb.y * kd[s4 + 1] + tb.z * kd[s4 + 2] + tb.w * kd[s4 + 3];
+      }
+      rw[r * KH + d] = __float2bfloat16_rn(-w);
+    }
+    ptx::fence_proxy_async_smem();
+    __syncthreads();
+    if (d == 0)
+      ptx::bulk_s2g(ws + (static_cast<size_t>(h) * slots + it.slot) * Rec<K>::kBytes, rec,
+                    Rec<K>::kBytes);
   }
+  if (d == 0) ptx::bulk_wait_all();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -539,14 +625,35 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
     if (err_ != cudaSuccess) return err_;      \
   } while (0)
 
+int sm_count() {
+  static const int n = [] {
+    int dev = 0, v = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+      return 132;
+    return v;
+  }();
+  return n;
+}
+
+template <int K, bool kFactored, typename Tin>
+cudaError_t launch_prep_as(const FwdParams& p, uint8_t* ws, int slots, cudaStream_t stream) {
+  auto kernel = kda_prep_kernel<K, kFactored, Tin>;
+  const int smem = PrepSmem<K, kFactored>::bytes(p);
+  KDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  int per_sm = 0;
+  KDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, K, smem));
+  const long long items = static_cast<long long>(slots) * p.H;
+  const int grid = static_cast<int>(std::min<long long>(items, std::max(per_sm, 1) * sm_count()));
+  kernel<<<grid, K, smem, stream>>>(p, ws, slots);
+  return cudaGetLastError();
+}
+
 template <int K, typename Tin>
 cudaError_t launch_prep(const FwdParams& p, uint8_t* ws, int slots, cudaStream_t stream) {
   const bool factored = p.gate_mode == 2 && p.lower_bound >= -5.f && p.lower_bound < 0.f;
-  if (factored)
-    kda_prep_kernel<K, true, Tin><<<dim3(slots, p.H), K, 0, stream>>>(p, ws, slots);
-  else
-    kda_prep_kernel<K, false, Tin><<<dim3(slots, p.H), K, 0, stream>>>(p, ws, slots);
-  return cudaGetLastError();
+  return factored ? launch_prep_as<K, true, Tin>(p, ws, slots, stream)
+                  : launch_prep_as<K, false, Tin>(p, ws, slots, stream);
 }
 
 template <int K, int NW, typename Tin>
