@@ -1,10 +1,11 @@
-"""Times the pure-JAX paths on CPU: chunked (chunk sizes 16/32/64) against the recurrence.
+"""Times the CPU paths: the C++ FFI target, chunked pure JAX (chunk 16/32/64), the recurrence.
 
 B=1, T=4096, H=4, K=V=128, fp32, Kimi's fused mode (qk l2norm, safe gate lower_bound=-5, beta
 sigmoid). Forward, and forward+backward (gradients of every input), each under jit, after a
-warm-up, median of several runs. Writes benchmarks/results/cpu_pure_jax.json.
+warm-up, median of several runs. Writes benchmarks/results/cpu.json and cpu.md; the ratio of
+cpu_target to chunked_c64 decides what `impl="auto"` takes on CPU (ops._AUTO_PREFERS_CPU_TARGET).
 
-    PYTHONPATH=. python benchmarks/bench_cpu_pure.py [--runs 5]
+    python benchmarks/bench_cpu.py [--runs 5]
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_flashkda import kda
 from jax_flashkda.chunked import kda_chunked
 from jax_flashkda.reference import kda_recurrent
 
 B, T, H, K, V = 1, 4096, 4, 128, 128
 CASE = f"B{B}_T{T}_H{H}_K{K}_V{V}_f32_fused"
-OUT = pathlib.Path(__file__).parent / "results" / "cpu_pure_jax.json"
+OUT = pathlib.Path(__file__).parent / "results" / "cpu.json"
 
 
 def inputs():
@@ -66,7 +68,7 @@ def main():
     x = inputs()
     order = ("q", "k", "v", "g", "beta", "A_log", "dt_bias")
     operands = tuple(x[n] for n in order)
-    impls = {"recurrent": kda_recurrent}
+    impls = {"recurrent": kda_recurrent, "cpu_target": functools.partial(kda, impl="ffi", output_final_state=True)}
     for c in (16, 32, 64):
         impls[f"chunked_c{c}"] = functools.partial(kda_chunked, chunk_size=c)
 
@@ -91,6 +93,13 @@ def main():
         print(f"{r['impl']:14s} {r['mode']:8s} {r['ms']:10.1f} {base[r['mode']] / r['ms']:12.1f}x")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(rows, indent=1) + "\n")
+    lines = [f"# CPU paths: {device}, {date}", "", f"Case {CASE}, median ms of jitted calls.", "",
+             "| impl | fwd ms | fwd+bwd ms | fwd+bwd vs recurrent |", "|---|---|---|---|"]
+    ms = {(r["impl"], r["mode"]): r["ms"] for r in rows}
+    for name in impls:
+        lines.append(f"| {name} | {ms[(name, 'fwd')]} | {ms[(name, 'fwd+bwd')]} | "
+                     f"{base['fwd+bwd'] / ms[(name, 'fwd+bwd')]:.1f}× |")
+    OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
