@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for the CUDA backward: build _kda_cuda with CMake, run tests/test_cuda_bwd.py,
-# sanitize once (SANITIZE=1), time forward/backward at the two benchmark shapes (BENCH=1).
+# time forward/backward at the two benchmark shapes (BENCH=1), sanitize once (SANITIZE=1).
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/kda_out}
@@ -22,16 +22,16 @@ if [ "${TESTS:-1}" = 1 ]; then
   cat "$OUT/relerr.log" 2>/dev/null
 fi
 
+if [ "${BENCH:-1}" = 1 ]; then
+  for shape in big long; do
+    timeout 150 "$PY" scripts/bench_cuda_bwd.py --shape $shape 2>&1 | tee -a "$OUT/bench.log" | tail -3
+  done
+fi
+
 if [ "${SANITIZE:-0}" = 1 ]; then
   for tool in memcheck racecheck; do
     timeout 240 compute-sanitizer --tool $tool --kernel-name regex=kda_bwd --print-limit 20 \
       "$PY" scripts/sanitize_bwd_case.py >"$OUT/sanitize_$tool.log" 2>&1
     echo "compute-sanitizer $tool rc=$?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -2 | tr '\n' ' ')"
-  done
-fi
-
-if [ "${BENCH:-1}" = 1 ]; then
-  for shape in big long; do
-    timeout 150 "$PY" scripts/bench_cuda_bwd.py --shape $shape 2>&1 | tee -a "$OUT/bench.log" | tail -3
   done
 fi

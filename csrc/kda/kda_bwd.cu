@@ -2,7 +2,7 @@
 //
 // 1. prep (grid: chunk slots x heads, token-parallel): recomputes the chunk quantities of the
 //    forward (gate, l2norm, Γ, L, Aqk, T) and writes one record per (head, chunk) holding what
-//    the two chains read: Q̃, −W, K̃, Tβ, Aqk, e^{Γ_C}.
+//    the two chains read: Q̃, −W, K̃, Tβ, Aqk, e^{Γ_C}; and, for grad, T and L in fp32.
 // 2. chains (grid: value blocks x heads x 2N): z < N re-runs the forward recurrence and stores
 //    every chunk's incoming state S_c (bf16) and Vn = U − W S_c; z ≥ N runs the state gradient
 //    backwards over chunks,
@@ -53,6 +53,13 @@ struct Rec {
   static constexpr int kBytes = kEg + 4 * KD;
 };
 
+// What prep hands to grad besides the record: the exact 16x16 factors and the l2norm sums.
+struct Aux {
+  float T[kC][kC];   // (I+L)^-1, zeros above the diagonal
+  float LL[kC][kC];  // Σ_d k_rd k_sd e^{Γ_rd−Γ_sd} for r > s (L without β), zeros elsewhere
+  float sq[2 * kC];  // |q_r|², |k_r|² before l2norm
+};
+
 int chunk_slots(const FwdParams& p) {
   // Varlen: sequence n starts at slot cu[n]/16 + n, which never overlaps the previous one.
   return p.is_varlen ? p.T / kC + p.N + 1 : p.B * ((p.T + kC - 1) / kC);
@@ -62,7 +69,7 @@ size_t align256(size_t x) { return (x + 255) & ~size_t{255}; }
 
 // Byte offsets of the workspace regions; per (head, slot) each.
 struct WsLayout {
-  size_t rec, states, dstates, vn, dvn, pdt, pda, total;
+  size_t rec, aux, states, dstates, vn, dvn, pdt, pda, total;
   explicit WsLayout(const FwdParams& p) {
     const size_t hs = static_cast<size_t>(chunk_slots(p)) * p.H;
     size_t off = 0;
@@ -72,6 +79,7 @@ struct WsLayout {
       return at;
     };
     rec = take(hs * Rec::kBytes);
+    aux = take(hs * sizeof(Aux));
     states = take(hs * VD * KD * 2);   // Sᵀ_c [V][K] bf16
     dstates = take(hs * VD * KD * 2);  // dS'ᵀ_c [V][K] bf16
     vn = take(hs * kC * VD * 2);       // Vn [16][V] bf16
@@ -115,8 +123,14 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
                : "memory");
 }
 
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+// Waits until at most N of this thread's committed cp.async groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // First global token row, slot of the first chunk, and length of sequence n.
@@ -185,29 +199,15 @@ __device__ __forceinline__ void block_sum32(float (&acc)[32], float (*red)[32], 
 }
 
 // ---------------------------------------------------------------------------------------------
-// The chunk recompute shared by prep and grad: one CTA of 128 threads, thread d = key channel d.
-
-struct SetupSmem {
-  float X[kC][FP], Y[kC][FP], Z[kC][FP];  // row operands of the pair products
-};
-
-struct SmallSmem {
-  float LL[kC][kC + 1];  // Σ_d k_rd k_sd e^{Γ_rd−Γ_sd}, r > s (L without β)
-  float A[kC][kC + 1];   // Aqk, r ≥ s
-  float T[kC][kC + 1];   // (I+L)^-1, zeros above the diagonal
-  float beta[kC];        // after the sigmoid; 0 past the sequence
-  float sq[2 * kC];      // |q_r|², |k_r|² before l2norm
-  float dots[2 * kC];
-  float red[4][32];
-};
-
-// Leaves qn, kn (after l2norm), G (= Γ, cumulative log-decay) and xg (gate input + dt_bias) in
-// registers and LL, A, T, beta, sq in shared memory. Tokens past the sequence act as q = k = 0,
-// g = 0, β = 0, which changes nothing for the real ones.
-template <bool kFactored, typename Tin>
-__device__ __forceinline__ void chunk_setup(const FwdParams& p, const Chunk& ch, int h,
-                                            SetupSmem& ss, SmallSmem& sm, float (&qn)[kC],
-                                            float (&kn)[kC], float (&G)[kC], float (&xg)[kC]) {
+// Per-channel chunk inputs, shared by prep and grad: one CTA of 128 threads, thread d = key
+// channel d. Leaves qn, kn (after l2norm), G (= Γ, cumulative log-decay) and xg (gate input +
+// dt_bias) in registers and β in beta_s. Tokens past the sequence act as q = k = 0, g = 0,
+// β = 0, which changes nothing for the real ones. `norms()` returns the 32 squared norms of
+// q and k rows once they are available to every thread (called only with l2norm).
+template <typename Tin, typename Norms>
+__device__ __forceinline__ void load_chunk(const FwdParams& p, const Chunk& ch, int h,
+                                           float* beta_s, float (&qn)[kC], float (&kn)[kC],
+                                           float (&G)[kC], float (&xg)[kC], Norms norms) {
   const int d = threadIdx.x;
   const float a_exp = p.gate_mode ? __expf(p.A_log[h]) : 0.f;
   const float dtb = p.gate_mode ? p.dt_bias[h * KD + d] : 0.f;
@@ -238,60 +238,87 @@ __device__ __forceinline__ void chunk_setup(const FwdParams& p, const Chunk& ch,
       b = load_f(p.beta, p.beta_dtype, static_cast<size_t>(ch.row0 + d) * p.H + h);
       if (p.use_beta_sigmoid) b = sigmoid_f(b);
     }
-    sm.beta[d] = b;
+    beta_s[d] = b;
   }
   if (p.use_qk_l2norm) {
-    float acc[32];
+    const float* sq = norms(qn, kn);
 #pragma unroll
     for (int r = 0; r < kC; ++r) {
-      acc[r] = qn[r] * qn[r];
-      acc[kC + r] = kn[r] * kn[r];
-    }
-    block_sum32(acc, sm.red, sm.sq);
-#pragma unroll
-    for (int r = 0; r < kC; ++r) {
-      qn[r] *= rsqrtf(sm.sq[r] + 1e-6f);
-      kn[r] *= rsqrtf(sm.sq[kC + r] + 1e-6f);
+      qn[r] *= rsqrtf(sq[r] + 1e-6f);
+      kn[r] *= rsqrtf(sq[kC + r] + 1e-6f);
     }
   }
 #pragma unroll
   for (int r = 1; r < kC; ++r) G[r] += G[r - 1];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel 1: the chain records and the exact factors for grad.
+struct PrepSmem {
+  float X[kC][FP], Y[kC][FP], Z[kC][FP];  // row operands of the pair products
+  float LL[kC][kC + 1], A[kC][kC + 1], T[kC][kC + 1];
+  float beta[kC], sq[2 * kC], diag[2 * kC], red[4][32];
+};
+
+template <bool kFactored, typename Tin>
+__global__ void __launch_bounds__(KD) kda_bwd_prep_kernel(BwdParams p, uint8_t* __restrict__ recs,
+                                                          Aux* __restrict__ auxs, int slots) {
+  __shared__ __align__(16) PrepSmem sm;
+  const int slot = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+  const Chunk ch = locate(p, slot);
+  if (ch.len == 0) return;
+  float qn[kC], kn[kC], G[kC], xg[kC];
+  load_chunk<Tin>(p, ch, h, sm.beta, qn, kn, G, xg, [&](const float (&q)[kC], const float (&k)[kC]) {
+    float acc[32];
+#pragma unroll
+    for (int r = 0; r < kC; ++r) {
+      acc[r] = q[r] * q[r];
+      acc[kC + r] = k[r] * k[r];
+    }
+    block_sum32(acc, sm.red, sm.sq);
+    return static_cast<const float*>(sm.sq);
+  });
+
 #pragma unroll
   for (int r = 0; r < kC; ++r) {
     if constexpr (kFactored) {
       const float e = __expf(G[r]);
-      ss.X[r][d] = p.scale * qn[r] * e;
-      ss.Y[r][d] = kn[r] * e;
-      ss.Z[r][d] = kn[r] * __expf(-G[r]);
+      sm.X[r][d] = p.scale * qn[r] * e;
+      sm.Y[r][d] = kn[r] * e;
+      sm.Z[r][d] = kn[r] * __expf(-G[r]);
     } else {
-      ss.X[r][d] = p.scale * qn[r];
-      ss.Y[r][d] = kn[r];
-      ss.Z[r][d] = G[r] * kLog2e;
+      sm.X[r][d] = p.scale * qn[r];
+      sm.Y[r][d] = kn[r];
+      sm.Z[r][d] = G[r] * kLog2e;
     }
   }
-  __syncthreads();
-  // 120 strictly-lower pairs (LL and Aqk), then the 16 diagonal ones (Aqk only).
-  for (int pr = d; pr < 136; pr += KD) {
-    int r, s;
-    if (pr < 120) {
-      r = 1;
-      while ((r + 1) * r / 2 <= pr) ++r;
-      s = pr - r * (r - 1) / 2;
-    } else {
-      r = s = pr - 120;
+  {
+    // The diagonal of Aqk (e^0 = 1) is a per-token sum over channels.
+    float acc[32];
+#pragma unroll
+    for (int r = 0; r < kC; ++r) {
+      acc[r] = p.scale * qn[r] * kn[r];
+      acc[kC + r] = 0.f;
     }
+    block_sum32(acc, sm.red, sm.diag);  // its barriers also publish X, Y, Z
+  }
+  // The 120 strictly-lower pairs, one per thread: LL and Aqk.
+  if (d < 120) {
+    int r = 1;
+    while ((r + 1) * r / 2 <= d) ++r;
+    const int s = d - r * (r - 1) / 2;
     float acc_a = 0.f, acc_l = 0.f;
 #pragma unroll 4
     for (int j = 0; j < KD; j += 4) {
-      const float4 x = *reinterpret_cast<const float4*>(&ss.X[r][j]);
-      const float4 y = *reinterpret_cast<const float4*>(&ss.Y[r][j]);
-      const float4 z = *reinterpret_cast<const float4*>(&ss.Z[s][j]);
+      const float4 x = *reinterpret_cast<const float4*>(&sm.X[r][j]);
+      const float4 y = *reinterpret_cast<const float4*>(&sm.Y[r][j]);
+      const float4 z = *reinterpret_cast<const float4*>(&sm.Z[s][j]);
       if constexpr (kFactored) {
         acc_a += x.x * z.x + x.y * z.y + x.z * z.z + x.w * z.w;
         acc_l += y.x * z.x + y.y * z.y + y.z * z.z + y.w * z.w;
       } else {
-        const float4 ys = *reinterpret_cast<const float4*>(&ss.Y[s][j]);
-        const float4 zr = *reinterpret_cast<const float4*>(&ss.Z[r][j]);
+        const float4 ys = *reinterpret_cast<const float4*>(&sm.Y[s][j]);
+        const float4 zr = *reinterpret_cast<const float4*>(&sm.Z[r][j]);
         const float e0 = ys.x * exp2f(zr.x - z.x), e1 = ys.y * exp2f(zr.y - z.y);
         const float e2 = ys.z * exp2f(zr.z - z.z), e3 = ys.w * exp2f(zr.w - z.w);
         acc_a += x.x * e0 + x.y * e1 + x.z * e2 + x.w * e3;
@@ -299,7 +326,7 @@ __device__ __forceinline__ void chunk_setup(const FwdParams& p, const Chunk& ch,
       }
     }
     sm.A[r][s] = acc_a;
-    if (pr < 120) sm.LL[r][s] = acc_l;
+    sm.LL[r][s] = acc_l;
   }
   __syncthreads();
   if (d < kC) {
@@ -307,32 +334,18 @@ __device__ __forceinline__ void chunk_setup(const FwdParams& p, const Chunk& ch,
     float tc[kC];
 #pragma unroll
     for (int r = 0; r < kC; ++r) {
-      float v = (r == d) ? 1.f : 0.f;
       float l = 0.f;
 #pragma unroll
       for (int s = 0; s < r; ++s) l += sm.LL[r][s] * tc[s];
-      tc[r] = v - sm.beta[r] * l;
+      tc[r] = (r == d ? 1.f : 0.f) - sm.beta[r] * l;
     }
 #pragma unroll
     for (int r = 0; r < kC; ++r) sm.T[r][d] = tc[r];
   }
   __syncthreads();
-}
 
-// ---------------------------------------------------------------------------------------------
-// Kernel 1: the chain records.
-template <bool kFactored, typename Tin>
-__global__ void __launch_bounds__(KD) kda_bwd_prep_kernel(BwdParams p, uint8_t* __restrict__ recs,
-                                                          int slots) {
-  __shared__ __align__(16) SetupSmem ss;
-  __shared__ SmallSmem sm;
-  const int slot = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
-  const Chunk ch = locate(p, slot);
-  if (ch.len == 0) return;
-  float qn[kC], kn[kC], G[kC], xg[kC];
-  chunk_setup<kFactored, Tin>(p, ch, h, ss, sm, qn, kn, G, xg);
-
-  uint8_t* rec = recs + (static_cast<size_t>(h) * slots + slot) * Rec::kBytes;
+  const size_t hs = static_cast<size_t>(h) * slots + slot;
+  uint8_t* rec = recs + hs * Rec::kBytes;
   Tin* rq = reinterpret_cast<Tin*>(rec + Rec::kQ);
   __nv_bfloat16* rw = reinterpret_cast<__nv_bfloat16*>(rec + Rec::kW);
   __nv_bfloat16* rkt = reinterpret_cast<__nv_bfloat16*>(rec + Rec::kKt);
@@ -354,37 +367,39 @@ __global__ void __launch_bounds__(KD) kda_bwd_prep_kernel(BwdParams p, uint8_t* 
     for (int s = 0; s <= r; ++s) w += sm.T[r][s] * kb[s];
     rw[r * KP + d] = __float2bfloat16_rn(-w);
   }
+  Aux& aux = auxs[hs];
   for (int i = d; i < kC * kC; i += KD) {
     const int r = i / kC, s = i % kC;
     rtb[i] = from_float<Tin>(sm.T[r][s] * sm.beta[s]);
-    raq[i] = from_float<Tin>(s <= r ? sm.A[r][s] : 0.f);
+    raq[i] = from_float<Tin>(s < r ? sm.A[r][s] : s == r ? sm.diag[r] : 0.f);
+    aux.T[r][s] = sm.T[r][s];
+    aux.LL[r][s] = s < r ? sm.LL[r][s] : 0.f;
   }
+  if (d < 2 * kC) aux.sq[d] = p.use_qk_l2norm ? sm.sq[d] : 0.f;
 }
-
 // ---------------------------------------------------------------------------------------------
 // Kernel 2: the two chains. CTA = (value block of 16·NW columns, head, sequence and direction);
 // warp w owns value columns [16w, 16w+16) of the block and keeps its slice of S (or dS)
 // transposed in fp32 mma accumulators: s[nt][0..1] = (value g, key 8nt+2t+{0,1}),
 // s[nt][2..3] the same at value g+8 (g = lane/4, t = lane%4).
-template <int NW>
+template <int NW, int kStages_>
 struct ChainSmem {
   static constexpr int BV = 16 * NW;
   static constexpr int VP = BV + 8;
   static constexpr int kStage = Rec::kBytes + kC * VP * 2;  // record + 16 rows of V or dO
-  static constexpr int kStages = 5;  // deep enough to hide a record's latency; 2 CTAs per SM
+  static constexpr int kStages = kStages_;
   static constexpr int kRowPitch = 24;
-  static constexpr int kStateStage = kStages * kStage;               // per warp [16][KP] bf16
-  static constexpr int kRowStage = kStateStage + NW * kC * KP * 2;   // per warp [16][24] bf16
+  static constexpr int kRowStage = kStages * kStage;  // per warp [16][24] bf16
   static constexpr int kBar = kRowStage + NW * kC * kRowPitch * 2;
   static constexpr int kBytes = kBar + 2 * kStages * 8;  // "full" and "empty" barriers
 };
 
-template <int NW, typename Tin>
-__global__ void __launch_bounds__(NW * 32, 1) kda_bwd_chains_kernel(
+template <int NW, int kStages_, int kMinBlocks, typename Tin>
+__global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     BwdParams p, const uint8_t* __restrict__ recs, __nv_bfloat16* __restrict__ states,
     __nv_bfloat16* __restrict__ dstates, __nv_bfloat16* __restrict__ vn_out,
     __nv_bfloat16* __restrict__ dvn_out, int slots) {
-  using L = ChainSmem<NW>;
+  using L = ChainSmem<NW, kStages_>;
   constexpr int BV = L::BV, VP = L::VP, kStages = L::kStages, RP = L::kRowPitch;
   extern __shared__ __align__(128) uint8_t smem[];
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBar);
@@ -447,7 +462,6 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_bwd_chains_kernel(
 #pragma unroll
     for (int j = 0; j < 4; ++j) s[nt][j] = s0[st_index(nt, j)];
 
-  __nv_bfloat16* sstage = reinterpret_cast<__nv_bfloat16*>(smem + L::kStateStage) + warp * kC * KP;
   __nv_bfloat16* rstage = reinterpret_cast<__nv_bfloat16*>(smem + L::kRowStage) + warp * kC * RP;
   __nv_bfloat16* st_out = reverse ? dstates : states;
   __nv_bfloat16* row_out = reverse ? dvn_out : vn_out;
@@ -462,21 +476,14 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_bwd_chains_kernel(
     const int c = chunk_at(i);
     const size_t hs = static_cast<size_t>(h) * slots + sq.slot0 + c;
 
-    // The state (gradient) this chunk starts from, as bf16 Sᵀ rows [value][key].
-#pragma unroll
-    for (int nt = 0; nt < KD / 8; ++nt) {
-      *reinterpret_cast<uint32_t*>(sstage + g * KP + nt * 8 + 2 * t) = ptx::pack_bf16(s[nt][0], s[nt][1]);
-      *reinterpret_cast<uint32_t*>(sstage + (g + 8) * KP + nt * 8 + 2 * t) =
-          ptx::pack_bf16(s[nt][2], s[nt][3]);
-    }
-    __syncwarp();
+    // The state (gradient) this chunk starts from, as bf16 Sᵀ rows [value][key], straight from
+    // the fragments: half-sector stores whose neighbours follow at once, merged in L2.
     {
-      __nv_bfloat16* dst = st_out + (hs * VD + vb * BV + warp * 16) * KD;
+      __nv_bfloat16* dst = st_out + (hs * VD + v_lo) * KD + 2 * t;
 #pragma unroll
-      for (int it = 0; it < 8; ++it) {
-        const int e = it * 32 + lane, row = e >> 4, col = (e & 15) * 8;
-        *reinterpret_cast<uint4*>(dst + row * KD + col) =
-            *reinterpret_cast<const uint4*>(sstage + row * KP + col);
+      for (int nt = 0; nt < KD / 8; ++nt) {
+        *reinterpret_cast<uint32_t*>(dst + nt * 8) = ptx::pack_bf16(s[nt][0], s[nt][1]);
+        *reinterpret_cast<uint32_t*>(dst + 8 * KD + nt * 8) = ptx::pack_bf16(s[nt][2], s[nt][3]);
       }
     }
 
@@ -566,26 +573,25 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_bwd_chains_kernel(
   }
 }
 
+
 // ---------------------------------------------------------------------------------------------
 // Kernel 3: the per-chunk gradients. CTA = (chunk slot, head), thread d = key channel d (and
 // value channel d for dv); warp w computes keys [32w, 32w+32) of the 16xK products.
 struct GradSmem {
   __nv_bfloat16 S[VD][KP];   // Sᵀ_c; then dQ̃, dK̃, dW in fp32
-  __nv_bfloat16 dS[VD][KP];  // dS'ᵀ_c; then K⊙e^Γ and the 16x16 gradients in fp32
-  __nv_bfloat16 dO[kC][KP], Vn[kC][KP], dVn[kC][KP];
-  union {
-    SetupSmem set;
-    struct {
-      __nv_bfloat16 V[kC][KP];
-      float dAqk[kC][kC + 1], dMv[kC][kC + 1];
-    } r;
-  } u;
-  SmallSmem sm;
+  __nv_bfloat16 dS[VD][KP];  // dS'ᵀ_c; then K⊙e^Γ and 16x16 temporaries in fp32
+  __nv_bfloat16 dO[kC][KP], Vn[kC][KP], dVn[kC][KP], V[kC][KP];
+  Aux aux;
+  // Rows and columns (transposed copies) for whole-row broadcast reads; zeros off the support.
+  float dAqk[kC][kC], dAqkT[kC][kC];  // r ≥ s
+  float dLb[kC][kC], dLbT[kC][kC];    // β_r·dL[r][s], r > s
+  float dMv[kC][kC + 1];
+  float beta[kC], dbl[kC], dots[2 * kC], red[4][32];
 };
 
 template <bool kFactored, typename Tin>
 __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
-    BwdParams p, const __nv_bfloat16* __restrict__ states,
+    BwdParams p, const Aux* __restrict__ auxs, const __nv_bfloat16* __restrict__ states,
     const __nv_bfloat16* __restrict__ dstates, const __nv_bfloat16* __restrict__ vn,
     const __nv_bfloat16* __restrict__ dvn, float* __restrict__ pdt, float* __restrict__ pda,
     int slots) {
@@ -602,6 +608,10 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
   }
 
   {
+    const uint8_t* src = reinterpret_cast<const uint8_t*>(auxs + hs);
+    for (int i = d; i < static_cast<int>(sizeof(Aux) / 16); i += KD)
+      cp_async16(reinterpret_cast<uint8_t*>(&sg.aux) + i * 16, src + i * 16);
+    cp_async_commit();
     const __nv_bfloat16* sgl = states + hs * VD * KD;
     const __nv_bfloat16* dsgl = dstates + hs * VD * KD;
 #pragma unroll 4
@@ -615,8 +625,9 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
       cp_async16(&sg.Vn[row][col], vn + (hs * kC + row) * VD + col);
       cp_async16(&sg.dVn[row][col], dvn + (hs * kC + row) * VD + col);
     }
+    cp_async_commit();
   }
-  // dO and V rows wait in registers until the recompute's shared memory is free.
+  // dO and V rows wait in registers while the chunk inputs load.
   uint4 dor[2], vr[2];
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
@@ -629,8 +640,11 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
   }
 
   float qn[kC], kn[kC], G[kC], xg[kC];
-  chunk_setup<kFactored, Tin>(p, ch, h, sg.u.set, sg.sm, qn, kn, G, xg);
-  SmallSmem& sm = sg.sm;
+  load_chunk<Tin>(p, ch, h, sg.beta, qn, kn, G, xg, [&](const float (&)[kC], const float (&)[kC]) {
+    cp_async_wait<1>();  // the aux record
+    __syncthreads();
+    return static_cast<const float*>(sg.aux.sq);
+  });
 
   // All products below take bf16 operands (S and dS' are stored in bf16).
   auto put_bf16 = [&](__nv_bfloat16* dst, uint4 x) {
@@ -638,7 +652,8 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
       const __half* hx = reinterpret_cast<const __half*>(&x);
       uint32_t w[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) w[e] = ptx::pack_bf16(__half2float(hx[2 * e]), __half2float(hx[2 * e + 1]));
+      for (int e = 0; e < 4; ++e)
+        w[e] = ptx::pack_bf16(__half2float(hx[2 * e]), __half2float(hx[2 * e + 1]));
       x = make_uint4(w[0], w[1], w[2], w[3]);
     }
     *reinterpret_cast<uint4*>(dst) = x;
@@ -647,10 +662,11 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
   for (int j = 0; j < 2; ++j) {
     const int i = d + j * KD, row = i >> 4, col = (i & 15) * 8;
     put_bf16(&sg.dO[row][col], dor[j]);
-    put_bf16(&sg.u.r.V[row][col], vr[j]);
+    put_bf16(&sg.V[row][col], vr[j]);
   }
-  cp_async_wait_all();
+  cp_async_wait<0>();
   __syncthreads();
+  const Aux& aux = sg.aux;
 
   // dQ̃ = dO·S_cᵀ, dK̃ = Vn·dS'ᵀ, −dW = dVn·S_cᵀ (16 x 32 per warp, reduced over values);
   // warp 0 also dAqk = dO·Vnᵀ, warp 1 dMv = dVn·Vᵀ.
@@ -659,7 +675,7 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
     const int arow = (lane & 7) + ((lane >> 3) & 1) * 8, acol = (lane >> 4) * 8;
     const int krow = (lane & 7) + ((lane >> 3) & 1) * 8;
     const int brow = (lane & 7) + ((lane >> 4) & 1) * 8, bcol = ((lane >> 3) & 1) * 8;
-    const __nv_bfloat16* bsrc = warp == 0 ? &sg.Vn[0][0] : &sg.u.r.V[0][0];
+    const __nv_bfloat16* bsrc = warp == 0 ? &sg.Vn[0][0] : &sg.V[0][0];
 #pragma unroll
     for (int ks = 0; ks < VD / 16; ++ks) {
       uint32_t fo[4], fv[4], fd[4];
@@ -703,9 +719,9 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
     for (int s = 0; s < kC; ++s) {
       float acc = 0.f;
 #pragma unroll
-      for (int r = s; r < kC; ++r) acc += sm.T[r][s] * col[r];
+      for (int r = s; r < kC; ++r) acc += aux.T[r][s] * col[r];
       if (s < ch.len)
-        dvp[(static_cast<size_t>(ch.row0 + s) * p.H + h) * VD + d] = from_float<Tin>(acc * sm.beta[s]);
+        dvp[(static_cast<size_t>(ch.row0 + s) * p.H + h) * VD + d] = from_float<Tin>(acc * sg.beta[s]);
     }
   }
   __syncthreads();  // S and dS' are dead from here on
@@ -716,8 +732,6 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
   float (*KG)[FP] = reinterpret_cast<float(*)[FP]>(&sg.dS[0][0]);
   float (*dM)[kC + 1] = reinterpret_cast<float(*)[kC + 1]>(&KG[kC][0]);
   float (*Xm)[kC + 1] = dM + kC;
-  float (*dL)[kC + 1] = Xm + kC;
-  float (*dLb)[kC + 1] = dL + kC;
 #pragma unroll
   for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -728,11 +742,19 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
       dWm[row][key] = -aw[j][e];
     }
   if (warp < 2) {
-    float (*F)[kC + 1] = warp == 0 ? sg.u.r.dAqk : sg.u.r.dMv;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) F[g + (e >> 1) * 8][nt * 8 + 2 * t + (e & 1)] = a16[nt][e];
+      for (int e = 0; e < 4; ++e) {
+        const int r = g + (e >> 1) * 8, s = nt * 8 + 2 * t + (e & 1);
+        if (warp == 0) {
+          const float a = r >= s ? a16[nt][e] : 0.f;
+          sg.dAqk[r][s] = a;
+          sg.dAqkT[s][r] = a;
+        } else {
+          sg.dMv[r][s] = a16[nt][e];
+        }
+      }
   }
   float eg[kC];
 #pragma unroll
@@ -748,7 +770,7 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
     const int e = d + e2 * KD, r = e >> 4, s = e & 15;
     float m = 0.f;
     if (r >= s) {
-      m = sg.u.r.dMv[r][s];
+      m = sg.dMv[r][s];
 #pragma unroll 8
       for (int j = 0; j < KD; j += 4) {
         const float4 w = *reinterpret_cast<const float4*>(&dWm[r][j]);
@@ -765,30 +787,43 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
     const int e = d + e2 * KD, r = e >> 4, j = e & 15;
     float acc = 0.f;
 #pragma unroll
-    for (int i = 0; i < kC; ++i) acc += sm.T[i][r] * dM[i][j];
-    Xm[r][j] = acc * sm.beta[j];
+    for (int i = 0; i < kC; ++i) acc += aux.T[i][r] * dM[i][j];
+    Xm[r][j] = acc * sg.beta[j];
   }
   __syncthreads();
+  float dl[2];
 #pragma unroll
   for (int e2 = 0; e2 < 2; ++e2) {
     const int e = d + e2 * KD, r = e >> 4, s = e & 15;
     float acc = 0.f;
     if (r > s) {
 #pragma unroll
-      for (int j = 0; j < kC; ++j) acc -= Xm[r][j] * sm.T[s][j];
+      for (int j = 0; j < kC; ++j) acc -= Xm[r][j] * aux.T[s][j];
     }
-    dL[r][s] = acc;
-    dLb[r][s] = acc * sm.beta[r];
+    dl[e2] = acc;
+    sg.dLb[r][s] = acc * sg.beta[r];
+    sg.dLbT[s][r] = acc * sg.beta[r];
+  }
+  {
+    // dβ_r through L = Diag(β)·LL (row r): a 16-lane reduction within each half-warp row.
+    float part = 0.f;
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+      const int e = d + e2 * KD, r = e >> 4, s = e & 15;
+      part = dl[e2] * aux.LL[r][s];
+#pragma unroll
+      for (int o = 8; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+      if (s == 0) sg.dbl[r] = part;
+    }
   }
   __syncthreads();
 
   if (d < kC && d < ch.len) {
-    // dβ_r through M = Tβ (column r) and through L = Diag(β)·LL (row r).
+    // dβ_r through M = Tβ (column r), plus the L part.
     const int r = d;
-    float db = 0.f;
-    for (int i = r; i < kC; ++i) db += dM[i][r] * sm.T[i][r];
-    for (int s = 0; s < r; ++s) db += dL[r][s] * sm.LL[r][s];
-    if (p.use_beta_sigmoid) db *= sm.beta[r] * (1.f - sm.beta[r]);
+    float db = sg.dbl[r];
+    for (int i = r; i < kC; ++i) db += dM[i][r] * aux.T[i][r];
+    if (p.use_beta_sigmoid) db *= sg.beta[r] * (1.f - sg.beta[r]);
     store_f(p.dbeta, p.beta_dtype, static_cast<size_t>(ch.row0 + r) * p.H + h, db);
   }
 
@@ -805,8 +840,8 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
       const float dqt = dQt[r][d], dkt = dKt[r][d];
       float dkw = 0.f;  // gradient of k_r⊙e^{Γ_r} through W = Tβ·(K⊙e^Γ)
 #pragma unroll
-      for (int i = r; i < kC; ++i) dkw += sm.T[i][r] * dWc[i];
-      dkw *= sm.beta[r];
+      for (int i = r; i < kC; ++i) dkw += aux.T[i][r] * dWc[i];
+      dkw *= sg.beta[r];
       const float ekt = __expf(gc - G[r]);
       const float tk = dkt * kn[r] * ekt;
       dq[r] = p.scale * eg[r] * dqt;
@@ -814,27 +849,61 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
       dG[r] = dqt * p.scale * qn[r] * eg[r] + dkw * kn[r] * eg[r] - tk;
       dGC += tk;
     }
-    float egi[kC] = {};
-    if constexpr (kFactored) {
+    dG[kC - 1] += dGC;
+  }
+  // Pair terms of Aqk (r ≥ s) and L (r > s), weighted by e^{Γ_r−Γ_s}.
+  if constexpr (kFactored) {
+    // e^{Γ_r−Γ_s} = e^{Γ_r}·e^{−Γ_s} (bounded span): four 16x16 by 16-vector products,
+    //   A1 = dAqk·(k⊙e^{−Γ}), A2 = dLb·(k⊙e^{−Γ}), B1 = dAqkᵀ·(q⊙e^Γ), B2 = dLbᵀ·(k⊙e^Γ).
+    float egi[kC], kgi[kC];
 #pragma unroll
-      for (int r = 0; r < kC; ++r) egi[r] = __expf(-G[r]);
+    for (int r = 0; r < kC; ++r) {
+      egi[r] = __expf(-G[r]);
+      kgi[r] = kn[r] * egi[r];
     }
-    // Pair terms of Aqk (r ≥ s) and L (r > s), with e^{Γ_r−Γ_s} per pair.
+#pragma unroll
+    for (int r = 0; r < kC; ++r) {
+      float a1 = 0.f, a2 = 0.f;
+#pragma unroll
+      for (int s4 = 0; s4 <= r; s4 += 4) {
+        const float4 a = *reinterpret_cast<const float4*>(&sg.dAqk[r][s4]);
+        const float4 l = *reinterpret_cast<const float4*>(&sg.dLb[r][s4]);
+        a1 += a.x * kgi[s4] + a.y * kgi[s4 + 1] + a.z * kgi[s4 + 2] + a.w * kgi[s4 + 3];
+        a2 += l.x * kgi[s4] + l.y * kgi[s4 + 1] + l.z * kgi[s4 + 2] + l.w * kgi[s4 + 3];
+      }
+      dq[r] += p.scale * eg[r] * a1;
+      dk[r] += eg[r] * a2;
+      dG[r] += eg[r] * (kn[r] * a2 + p.scale * qn[r] * a1);
+    }
+#pragma unroll
+    for (int s = 0; s < kC; ++s) {
+      float b1 = 0.f, b2 = 0.f;
+#pragma unroll
+      for (int r4 = s & ~3; r4 < kC; r4 += 4) {
+        const float4 a = *reinterpret_cast<const float4*>(&sg.dAqkT[s][r4]);
+        const float4 l = *reinterpret_cast<const float4*>(&sg.dLbT[s][r4]);
+        b1 += a.x * (qn[r4] * eg[r4]) + a.y * (qn[r4 + 1] * eg[r4 + 1]) +
+              a.z * (qn[r4 + 2] * eg[r4 + 2]) + a.w * (qn[r4 + 3] * eg[r4 + 3]);
+        b2 += l.x * (kn[r4] * eg[r4]) + l.y * (kn[r4 + 1] * eg[r4 + 1]) +
+              l.z * (kn[r4 + 2] * eg[r4 + 2]) + l.w * (kn[r4 + 3] * eg[r4 + 3]);
+      }
+      const float b = b2 + p.scale * b1;
+      dk[s] += egi[s] * b;
+      dG[s] -= kgi[s] * b;
+    }
+  } else {
+    // Exact: e^{Γ_r−Γ_s} per pair (any gate).
 #pragma unroll
     for (int r = 0; r < kC; ++r) {
       const float sq_r = p.scale * qn[r];
 #pragma unroll
       for (int s = 0; s <= r; ++s) {
-        float E = 1.f;
-        if (s < r) {
-          if constexpr (kFactored) E = eg[r] * egi[s];
-          else E = exp2f((G[r] - G[s]) * kLog2e);
-        }
-        const float ka = sg.u.r.dAqk[r][s] * E;
+        const float E = s < r ? exp2f((G[r] - G[s]) * kLog2e) : 1.f;
+        const float ka = sg.dAqk[r][s] * E;
         dq[r] += p.scale * ka * kn[s];
         dk[s] += ka * sq_r;
         if (s < r) {
-          const float le = dLb[r][s] * E;
+          const float le = sg.dLb[r][s] * E;
           dk[r] += le * kn[s];
           dk[s] += le * kn[r];
           const float P = (le * kn[r] + ka * sq_r) * kn[s];
@@ -843,10 +912,9 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
         }
       }
     }
-    dG[kC - 1] += dGC;
-#pragma unroll
-    for (int r = kC - 2; r >= 0; --r) dG[r] += dG[r + 1];
   }
+#pragma unroll
+  for (int r = kC - 2; r >= 0; --r) dG[r] += dG[r + 1];
 
   if (p.use_qk_l2norm) {
     float acc[32];
@@ -855,11 +923,11 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
       acc[r] = qn[r] * dq[r];
       acc[kC + r] = kn[r] * dk[r];
     }
-    block_sum32(acc, sm.red, sm.dots);
+    block_sum32(acc, sg.red, sg.dots);
 #pragma unroll
     for (int r = 0; r < kC; ++r) {
-      dq[r] = rsqrtf(sm.sq[r] + 1e-6f) * (dq[r] - sm.dots[r] * qn[r]);
-      dk[r] = rsqrtf(sm.sq[kC + r] + 1e-6f) * (dk[r] - sm.dots[kC + r] * kn[r]);
+      dq[r] = rsqrtf(aux.sq[r] + 1e-6f) * (dq[r] - sg.dots[r] * qn[r]);
+      dk[r] = rsqrtf(aux.sq[kC + r] + 1e-6f) * (dk[r] - sg.dots[kC + r] * kn[r]);
     }
   }
 
@@ -892,11 +960,10 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
   pdt[hs * KD + d] = ddt;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) dA += __shfl_xor_sync(0xffffffffu, dA, o);
-  if (lane == 0) sm.red[0][warp] = dA;
+  if (lane == 0) sg.red[0][warp] = dA;
   __syncthreads();
-  if (d == 0) pda[hs] = (sm.red[0][0] + sm.red[0][1]) + (sm.red[0][2] + sm.red[0][3]);
+  if (d == 0) pda[hs] = (sg.red[0][0] + sg.red[0][1]) + (sg.red[0][2] + sg.red[0][3]);
 }
-
 // ---------------------------------------------------------------------------------------------
 // Kernel 4: per batch row and head, the partial sums in slot order; and, varlen, zero
 // gradients for the tokens after the last sequence (they reach no output).
@@ -939,10 +1006,26 @@ __global__ void __launch_bounds__(KD) kda_bwd_reduce_kernel(BwdParams p, const f
 
 constexpr int kChainWarps = 4;
 
+// The chains are latency-bound (a dependent step per chunk): with one CTA per SM or fewer, a
+// deep record prefetch hides the fetch latency; with more, four stages and three CTAs per SM
+// keep every chain of a large batch resident at once (two waves would double the time).
+template <int kStages, int kMinBlocks, typename Tin>
+cudaError_t launch_chains(const BwdParams& p, const uint8_t* recs, __nv_bfloat16* states,
+                          __nv_bfloat16* dstates, __nv_bfloat16* vn, __nv_bfloat16* dvn,
+                          int slots, cudaStream_t stream) {
+  using L = ChainSmem<kChainWarps, kStages>;
+  auto chains = kda_bwd_chains_kernel<kChainWarps, kStages, kMinBlocks, Tin>;
+  KDA_TRY(cudaFuncSetAttribute(chains, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes));
+  chains<<<dim3(VD / L::BV, p.H, 2 * p.N), kChainWarps * 32, L::kBytes, stream>>>(
+      p, recs, states, dstates, vn, dvn, slots);
+  return cudaGetLastError();
+}
+
 template <typename Tin, bool kFactored>
 cudaError_t bwd_t(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
   const int slots = chunk_slots(p);
   const WsLayout lay(p);
+  auto* auxs = reinterpret_cast<Aux*>(ws + lay.aux);
   auto* states = reinterpret_cast<__nv_bfloat16*>(ws + lay.states);
   auto* dstates = reinterpret_cast<__nv_bfloat16*>(ws + lay.dstates);
   auto* vn = reinterpret_cast<__nv_bfloat16*>(ws + lay.vn);
@@ -950,22 +1033,25 @@ cudaError_t bwd_t(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
   auto* pdt = reinterpret_cast<float*>(ws + lay.pdt);
   auto* pda = reinterpret_cast<float*>(ws + lay.pda);
   if (slots > 0) {
-    kda_bwd_prep_kernel<kFactored, Tin><<<dim3(slots, p.H), KD, 0, stream>>>(p, ws + lay.rec, slots);
+    kda_bwd_prep_kernel<kFactored, Tin><<<dim3(slots, p.H), KD, 0, stream>>>(p, ws + lay.rec,
+                                                                            auxs, slots);
     KDA_TRY(cudaGetLastError());
   }
   if (p.N > 0) {
-    using L = ChainSmem<kChainWarps>;
-    auto chains = kda_bwd_chains_kernel<kChainWarps, Tin>;
-    KDA_TRY(cudaFuncSetAttribute(chains, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes));
-    chains<<<dim3(VD / L::BV, p.H, 2 * p.N), kChainWarps * 32, L::kBytes, stream>>>(
-        p, ws + lay.rec, states, dstates, vn, dvn, slots);
-    KDA_TRY(cudaGetLastError());
+    int sms = 0, dev = 0;
+    KDA_TRY(cudaGetDevice(&dev));
+    KDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    const long long ctas = static_cast<long long>(VD / (16 * kChainWarps)) * p.H * 2 * p.N;
+    KDA_TRY((ctas <= sms
+                 ? launch_chains<12, 1, Tin>(p, ws + lay.rec, states, dstates, vn, dvn, slots, stream)
+                 : launch_chains<4, 3, Tin>(p, ws + lay.rec, states, dstates, vn, dvn, slots, stream)));
   }
   if (slots > 0) {
     auto grad = kda_bwd_grad_kernel<kFactored, Tin>;
     constexpr int bytes = sizeof(GradSmem);
     KDA_TRY(cudaFuncSetAttribute(grad, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    grad<<<dim3(slots, p.H), KD, bytes, stream>>>(p, states, dstates, vn, dvn, pdt, pda, slots);
+    grad<<<dim3(slots, p.H), KD, bytes, stream>>>(p, auxs, states, dstates, vn, dvn, pdt, pda,
+                                                  slots);
     KDA_TRY(cudaGetLastError());
   }
   kda_bwd_reduce_kernel<Tin><<<dim3(p.B, p.H), KD, 0, stream>>>(p, pdt, pda, slots);
