@@ -1,7 +1,8 @@
-// XLA FFI handler of the Hopper CUDA target (see docs/ffi_contract.md).
+// XLA FFI handlers of the Hopper CUDA target: jax_flashkda_fwd and jax_flashkda_bwd on platform
+// "CUDA" (buffers and attributes in docs/ffi_contract.md).
 #pragma once
 
 #include "xla/ffi/api/ffi.h"
 
-// jax_flashkda_fwd on platform "CUDA".
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flashkda_fwd_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flashkda_bwd_cuda);
