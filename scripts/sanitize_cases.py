@@ -1,0 +1,31 @@
+"""Small forward and backward calls for compute-sanitizer: each kernel family once.
+
+    compute-sanitizer --tool memcheck --kernel-name regex=kda_ python scripts/sanitize_cases.py
+"""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+import test_cuda_bwd  # noqa: E402
+import test_cuda_fwd  # noqa: E402
+
+rng = np.random.default_rng(0)
+for warps, kw in [("1", dict(gate_mode=2)), ("4", dict(gate_mode=0, extreme=True)),
+                  ("2", dict(gate_mode=1, seqlens=[0, 19, 33], tail=5)),
+                  ("8", dict(gate_mode=2, K=64, V=128)), ("1", dict(gate_mode=2, T=1))]:
+    os.environ["JAX_FLASHKDA_FWD_WARPS"] = warps
+    arrays, attrs = test_cuda_fwd.make_case(rng, H=2, **kw)
+    jax.block_until_ready(test_cuda_fwd.cuda_fwd(*arrays, **attrs))
+os.environ.pop("JAX_FLASHKDA_FWD_WARPS")
+
+for kw in [dict(gate_mode=2, T=37), dict(gate_mode=0, extreme=True, T=40),
+           dict(gate_mode=1, seqlens=[0, 19, 33, 0], v_first=True),
+           dict(gate_mode=2, T=1, dtype=jnp.float16)]:
+    x, dtypes, static, do, dht = test_cuda_bwd.make_case(rng, H=2, **kw)
+    test_cuda_bwd.cuda_grads(x, dtypes, static, do, dht)
+print("sanitize cases done")

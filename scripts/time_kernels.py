@@ -1,0 +1,100 @@
+"""Our kernels alone, for tuning: forward, backward and forward+backward times and the peak
+memory forward+backward adds, at the shapes of design.md §6 (l2norm + safe gate -5 + beta
+sigmoid, bf16, D = 128, fp32 state). Side-by-side numbers with the peers come from
+benchmarks/bench_gpu.py; this prints only our own milliseconds.
+
+    python scripts/time_kernels.py [--shapes big long] [--warps auto,1,2,4,8] [--iters 30]
+
+JAX_FLASHKDA_FWD_WARPS selects the forward's warps per CTA; --warps times each in turn.
+"""
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_flashkda import _ffi, kda
+
+SHAPES = {"big": (1, 8192, 96), "long": (1, 32768, 16)}
+D = 128
+CFG = _ffi.CallConfig(scale=D ** -0.5, use_qk_l2norm=True, use_beta_sigmoid=True,
+                      gate_mode=_ffi.GATE_SAFE, lower_bound=-5.0, state_v_first=False,
+                      is_varlen=False)
+
+
+def inputs(B, T, H, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 9)
+    bf = jnp.bfloat16
+    x = tuple(jax.random.normal(ks[i], (B, T, H, D), bf) for i in range(4))
+    x += (jax.random.normal(ks[4], (B, T, H), bf), jax.random.uniform(ks[5], (H,), jnp.float32),
+          0.5 * jax.random.normal(ks[6], (H, D), jnp.float32),
+          0.3 * jax.random.normal(ks[7], (B, H, D, D), jnp.float32))
+    return x, jax.random.normal(ks[8], (B, T, H, D), bf)
+
+
+def forward(q, k, v, g, beta, A_log, dt_bias, h0):
+    return kda(q, k, v, g, beta, A_log=A_log, dt_bias=dt_bias, initial_state=h0,
+               output_final_state=True, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+               use_beta_sigmoid_in_kernel=True, lower_bound=-5.0, impl="cuda")
+
+
+def forward_backward(args, do):
+    (o, ht), vjp = jax.vjp(forward, *args)
+    return o, vjp((do, jnp.zeros_like(ht)))
+
+
+def backward_only(args, do):
+    h0 = args[7]
+    return _ffi._bwd_raw(CFG, *args, jnp.zeros((1,), jnp.int32), do, jnp.zeros_like(h0))
+
+
+def median_min_ms(f, args, iters):
+    for _ in range(3):
+        jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(ts)), 1e3 * float(np.min(ts))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--warps", default="auto")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--no-backward", action="store_true")
+    a = ap.parse_args()
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind}")
+    fwd = jax.jit(forward)
+    for name in a.shapes:
+        B, T, H = SHAPES[name]
+        args, do = inputs(B, T, H)
+        for warps in a.warps.split(","):
+            if warps == "auto":
+                os.environ.pop("JAX_FLASHKDA_FWD_WARPS", None)
+            else:
+                os.environ["JAX_FLASHKDA_FWD_WARPS"] = warps
+            med, best = median_min_ms(fwd, args, a.iters)
+            print(f"{name} B={B} T={T} H={H} warps={warps}: fwd {med:.3f} ms (min {best:.3f})")
+        os.environ.pop("JAX_FLASHKDA_FWD_WARPS", None)
+        if a.no_backward:
+            continue
+        base = dev.memory_stats()["bytes_in_use"]
+        step = jax.jit(forward_backward)
+        jax.block_until_ready(step(args, do))
+        peak_gib = (dev.memory_stats()["peak_bytes_in_use"] - base) / 2 ** 30
+        fb = median_min_ms(step, (args, do), a.iters)
+        b = median_min_ms(jax.jit(backward_only), (args, do), a.iters)
+        print(f"{name}: bwd {b[0]:.3f} ms | fwd+bwd {fb[0]:.3f} ms (min {fb[1]:.3f}) | "
+              f"peak extra {peak_gib:.2f} GiB")
+        del args, do
+
+
+if __name__ == "__main__":
+    main()
