@@ -118,21 +118,6 @@ __device__ __forceinline__ Tin from_float(float x) {
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(ptx::smem_addr(dst)), "l"(src)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-// Waits until at most N of this thread's committed cp.async groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // First global token row, slot of the first chunk, and length of sequence n.
 struct Seq {
   long long row0;
@@ -610,22 +595,22 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
   {
     const uint8_t* src = reinterpret_cast<const uint8_t*>(auxs + hs);
     for (int i = d; i < static_cast<int>(sizeof(Aux) / 16); i += KD)
-      cp_async16(reinterpret_cast<uint8_t*>(&sg.aux) + i * 16, src + i * 16);
-    cp_async_commit();
+      ptx::cp_async16(reinterpret_cast<uint8_t*>(&sg.aux) + i * 16, src + i * 16);
+    ptx::cp_async_commit();
     const __nv_bfloat16* sgl = states + hs * VD * KD;
     const __nv_bfloat16* dsgl = dstates + hs * VD * KD;
 #pragma unroll 4
     for (int i = d; i < VD * KD / 8; i += KD) {
       const int row = i >> 4, col = (i & 15) * 8;
-      cp_async16(&sg.S[row][col], sgl + row * KD + col);
-      cp_async16(&sg.dS[row][col], dsgl + row * KD + col);
+      ptx::cp_async16(&sg.S[row][col], sgl + row * KD + col);
+      ptx::cp_async16(&sg.dS[row][col], dsgl + row * KD + col);
     }
     for (int i = d; i < kC * VD / 8; i += KD) {
       const int row = i >> 4, col = (i & 15) * 8;
-      cp_async16(&sg.Vn[row][col], vn + (hs * kC + row) * VD + col);
-      cp_async16(&sg.dVn[row][col], dvn + (hs * kC + row) * VD + col);
+      ptx::cp_async16(&sg.Vn[row][col], vn + (hs * kC + row) * VD + col);
+      ptx::cp_async16(&sg.dVn[row][col], dvn + (hs * kC + row) * VD + col);
     }
-    cp_async_commit();
+    ptx::cp_async_commit();
   }
   // dO and V rows wait in registers while the chunk inputs load.
   uint4 dor[2], vr[2];
@@ -641,7 +626,7 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
 
   float qn[kC], kn[kC], G[kC], xg[kC];
   load_chunk<Tin>(p, ch, h, sg.beta, qn, kn, G, xg, [&](const float (&)[kC], const float (&)[kC]) {
-    cp_async_wait<1>();  // the aux record
+    ptx::cp_async_wait<1>();  // the aux record
     __syncthreads();
     return static_cast<const float*>(sg.aux.sq);
   });
@@ -664,7 +649,7 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
     put_bf16(&sg.dO[row][col], dor[j]);
     put_bf16(&sg.V[row][col], vr[j]);
   }
-  cp_async_wait<0>();
+  ptx::cp_async_wait<0>();
   __syncthreads();
   const Aux& aux = sg.aux;
 
