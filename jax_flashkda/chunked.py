@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jax_flashkda.preprocess import compute_dtype, preprocess
+from jax_flashkda.preprocess import prepare
 from jax_flashkda.reference import sequence_layout
 
 SUB_CHUNK = 16
@@ -223,22 +223,12 @@ def kda_chunked(q, k, v, g, beta, *, scale=None, initial_state=None,
     C = chunk_size
     sub = min(SUB_CHUNK, C)
     assert C % sub == 0, f"chunk_size {C} must be a multiple of {sub}"
-    dtype = compute_dtype(q, k, v, g, beta)
-    scale = K ** -0.5 if scale is None else scale
-    q, k, g, beta = preprocess(
-        q, k, g, beta, use_qk_l2norm=use_qk_l2norm_in_kernel, use_gate=use_gate_in_kernel,
-        use_beta_sigmoid=use_beta_sigmoid_in_kernel, A_log=A_log, dt_bias=dt_bias,
-        lower_bound=lower_bound, dtype=dtype)
-    vc = jnp.asarray(v, dtype)
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-
-    if initial_state is None:
-        h0 = jnp.zeros((N, H, K, V), dtype)
-    else:
-        h0 = jnp.asarray(initial_state, dtype)
-        if state_v_first:
-            h0 = jnp.swapaxes(h0, -1, -2)
-    assert h0.shape == (N, H, K, V), (h0.shape, (N, H, K, V))
+    q, k, vc, g, beta, scale, h0 = prepare(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state, state_v_first=state_v_first,
+        num_sequences=N, use_qk_l2norm=use_qk_l2norm_in_kernel, use_gate=use_gate_in_kernel,
+        use_beta_sigmoid=use_beta_sigmoid_in_kernel, A_log=A_log, dt_bias=dt_bias,
+        lower_bound=lower_bound)
 
     # Padding tokens (q = k = v = 0, beta = 0, g = 0) neither decay nor update the state.
     if cu_seqlens is None:

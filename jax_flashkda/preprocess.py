@@ -57,3 +57,28 @@ def preprocess(q, k, g, beta, *, use_qk_l2norm: bool, use_gate: bool, use_beta_s
     g = gate_activation(g, A_log, dt_bias, lower_bound, use_gate)
     beta = beta_activation(beta, use_beta_sigmoid)
     return q, k, g, beta
+
+
+def prepare(q, k, v, g, beta, *, scale, initial_state, state_v_first, num_sequences,
+            use_qk_l2norm, use_gate, use_beta_sigmoid, A_log, dt_bias, lower_bound):
+    """Everything the pure paths do before their recurrence.
+
+    Returns (q, k, v, g, beta, scale, h0): inputs preprocessed into the compute dtype,
+    the default scale K ** -0.5 applied, and the incoming states as [N, H, K, V] (zeros when
+    None), whatever the caller's layout.
+    """
+    _, _, h, kd = q.shape
+    vd = v.shape[-1]
+    dtype = compute_dtype(q, k, v, g, beta)
+    q, k, g, beta = preprocess(
+        q, k, g, beta, use_qk_l2norm=use_qk_l2norm, use_gate=use_gate,
+        use_beta_sigmoid=use_beta_sigmoid, A_log=A_log, dt_bias=dt_bias,
+        lower_bound=lower_bound, dtype=dtype)
+    if initial_state is None:
+        h0 = jnp.zeros((num_sequences, h, kd, vd), dtype)
+    else:
+        h0 = jnp.asarray(initial_state, dtype)
+        if state_v_first:
+            h0 = jnp.swapaxes(h0, -1, -2)
+    assert h0.shape == (num_sequences, h, kd, vd), (h0.shape, (num_sequences, h, kd, vd))
+    return q, k, jnp.asarray(v, dtype), g, beta, kd ** -0.5 if scale is None else scale, h0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jax_flashkda.preprocess import compute_dtype, preprocess
+from jax_flashkda.preprocess import prepare
 
 
 def sequence_layout(cu_seqlens: jax.Array, num_tokens: int):
@@ -63,14 +63,6 @@ def kda_recurrent(q, k, v, g, beta, *, scale=None, initial_state=None,
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dtype = compute_dtype(q, k, v, g, beta)
-    scale = K ** -0.5 if scale is None else scale
-    q, k, g, beta = preprocess(
-        q, k, g, beta, use_qk_l2norm=use_qk_l2norm_in_kernel, use_gate=use_gate_in_kernel,
-        use_beta_sigmoid=use_beta_sigmoid_in_kernel, A_log=A_log, dt_bias=dt_bias,
-        lower_bound=lower_bound, dtype=dtype)
-    vc = jnp.asarray(v, dtype)
-
     if cu_seqlens is None:
         N = B
         seq = jnp.zeros((T,), jnp.int32)
@@ -80,13 +72,11 @@ def kda_recurrent(q, k, v, g, beta, *, scale=None, initial_state=None,
         N = cu_seqlens.shape[0] - 1
         seq, start = sequence_layout(cu_seqlens, T)
 
-    if initial_state is None:
-        h0 = jnp.zeros((N, H, K, V), dtype)
-    else:
-        h0 = jnp.asarray(initial_state, dtype)
-        if state_v_first:
-            h0 = jnp.swapaxes(h0, -1, -2)
-    assert h0.shape == (N, H, K, V), (h0.shape, (N, H, K, V))
+    q, k, vc, g, beta, scale, h0 = prepare(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state, state_v_first=state_v_first,
+        num_sequences=N, use_qk_l2norm=use_qk_l2norm_in_kernel, use_gate=use_gate_in_kernel,
+        use_beta_sigmoid=use_beta_sigmoid_in_kernel, A_log=A_log, dt_bias=dt_bias,
+        lower_bound=lower_bound)
     # Per row, the states it owns: its own [1,H,K,V] slot, or all N sequences when varlen.
     h0_rows = h0.reshape(B, N // B, H, K, V)
 
