@@ -40,7 +40,8 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=
       use_qk_l2norm_in_kernel: l2-normalise q and k per head.
       use_gate_in_kernel: g is the raw gate; with x = g + dt_bias[h], the log-decay is
         `lower_bound * sigmoid(exp(A_log[h]) * x)` when `lower_bound` is given (in [-5, 0)),
-        else `-exp(A_log[h]) * softplus(x)`. A_log: [H]; dt_bias: [H, K] or [H * K].
+        else `-exp(A_log[h]) * softplus(x)`. A_log: [H] (may be None with `lower_bound`,
+        meaning exp(A_log) = 1, as in fla); dt_bias: [H, K] or [H * K], zeros when None.
       use_beta_sigmoid_in_kernel: beta <- sigmoid(beta).
       state_v_first: state layout [N, H, V, K].
       cu_seqlens: int [N + 1] offsets cutting the tokens of a B == 1 batch into N
