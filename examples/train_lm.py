@@ -24,6 +24,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+import jax_flashkda
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kda_lm import LM, make_optimizer, markov_chain, oracle_loss, sample_batch, train_step  # noqa: E402
 
@@ -33,13 +35,17 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=None,
+                   help="model width; default 256 (head_dim 128, what the CUDA kernels take) where "
+                        "the kernels can run, else 128")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--vocab", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--impl", default="auto", choices=["auto", "cuda", "ffi", "chunked", "recurrent"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype; auto: bfloat16 where the CUDA kernels can run, else float32")
     p.add_argument("--mesh", default=None,
                    help="device mesh as axis=size pairs over the axes 'data' (batch) and 'model' "
                         "(heads), e.g. data=2 or data=1,model=2; default: one device")
@@ -67,6 +73,11 @@ def make_mesh(spec: str | None):
 
 def main(argv=None):
     args = parse_args(argv)
+    kernels_ready = jax_flashkda.cuda_unavailable_reason() is None
+    if args.hidden is None:
+        args.hidden = 128 * args.heads if kernels_ready else 128
+    dtype = {"auto": jnp.bfloat16 if kernels_ready else jnp.float32,
+             "float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     key = jax.random.key(args.seed)
     chain_key, data_key = jax.random.split(key)
     log_table = markov_chain(chain_key, args.vocab)
@@ -76,7 +87,7 @@ def main(argv=None):
         if args.batch % mesh.shape["data"] or args.heads % mesh.shape["model"]:
             raise SystemExit("--batch must divide by the data axis and --heads by the model axis")
     model = LM(
-        args.vocab, args.hidden, args.layers, args.heads, impl=args.impl,
+        args.vocab, args.hidden, args.layers, args.heads, dtype=dtype, impl=args.impl,
         shard_axes=None if mesh is None else ("data", "model"), rngs=nnx.Rngs(args.seed)
     )
     if mesh is not None:
@@ -85,9 +96,13 @@ def main(argv=None):
     optimizer = make_optimizer(model, args.lr, args.steps)
     devices = 1 if mesh is None else mesh.size
     n_params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    head_dim = args.hidden // args.heads
+    reason = jax_flashkda.cuda_unavailable_reason(dtype, head_dim, head_dim)
+    path = "CUDA kernels" if reason is None else f"not the CUDA kernels ({reason})"
     print(
         f"backend={jax.default_backend()} devices={jax.devices()} params={n_params:,} "
-        f"vocab={args.vocab} (log vocab {math.log(args.vocab):.3f})"
+        f"vocab={args.vocab} (log vocab {math.log(args.vocab):.3f}) dtype={jnp.dtype(dtype).name}\n"
+        f"kda: {path}"
     )
 
     tokens_per_step = args.batch * (args.seq_len - 1)
