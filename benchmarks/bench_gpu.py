@@ -100,6 +100,19 @@ def floor_ms(x, bandwidth, mode):
     return total / bandwidth * 1e3
 
 
+def jax_timings(call, args):
+    """Jitted forward and forward+backward (gradients of every argument) of a JAX op."""
+    fwd = jax.jit(call)
+
+    def loss(*a):
+        o, ht = call(*a)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(ht)
+
+    fwd_bwd = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
+    return ({"fwd": lambda: fwd(*args), "fwd_bwd": lambda: fwd_bwd(*args)}, jax_sync,
+            lambda: xla_temp_gib(fwd_bwd, args))
+
+
 def ours(x, cu, impl):
     def call(q, k, v, g, beta, A_log, dt_bias, h0):
         return kda(q, k, v, g, beta, initial_state=h0, output_final_state=True,
@@ -108,16 +121,7 @@ def ours(x, cu, impl):
                    lower_bound=LOWER_BOUND, cu_seqlens=cu, impl=impl)
 
     args = [x[n] for n in ("q", "k", "v", "g", "beta", "A_log", "dt_bias", "h0")]
-    fwd = jax.jit(call)
-
-    def loss(*a):
-        o, ht = call(*a)
-        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(ht)
-
-    fwd_bwd = jax.jit(jax.grad(loss, argnums=tuple(range(8))))
-
-    return ({"fwd": lambda: fwd(*args), "fwd_bwd": lambda: fwd_bwd(*args)}, jax_sync,
-            lambda: xla_temp_gib(fwd_bwd, args))
+    return jax_timings(call, args)
 
 
 def peer_fla(x, cu):
@@ -200,16 +204,7 @@ def peer_jla(x, cu):
                        use_qk_l2norm=True)
 
     args = (x["q"], x["k"], x["v"], g, beta, x["h0"])
-    fwd = jax.jit(call)
-
-    def loss(*a):
-        o, ht = call(*a)
-        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(ht)
-
-    fwd_bwd = jax.jit(jax.grad(loss, argnums=tuple(range(6))))
-
-    return ({"fwd": lambda: fwd(*args), "fwd_bwd": lambda: fwd_bwd(*args)}, jax_sync,
-            lambda: xla_temp_gib(fwd_bwd, args))
+    return jax_timings(call, args)
 
 
 def main():
