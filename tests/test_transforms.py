@@ -55,6 +55,14 @@ def _weights(rng, arrays, static):
             jnp.asarray(rng.standard_normal(ht.shape), jnp.float32))
 
 
+def _assert_grads_match_chunked(grads, arrays, static, weights):
+    """Every gradient against plain autodiff of the chunked path on the same loss."""
+    expected = jax.grad(lambda a: _loss(a, static, "chunked", weights))(arrays)
+    assert set(grads) == set(expected)
+    for name in expected:
+        assert rel_err(grads[name], expected[name]) < 1e-4, name
+
+
 def _compiled_text(fn, *args):
     return jax.jit(fn).lower(*args).compile().as_text()
 
@@ -76,10 +84,7 @@ def test_grad_matches_chunked_autodiff(rng, gate_mode):
     arrays, static = _split(args, kwargs)
     weights = _weights(rng, arrays, static)
     grads = jax.jit(jax.grad(lambda a: _loss(a, static, "ffi", weights)))(arrays)
-    expected = jax.grad(lambda a: _loss(a, static, "chunked", weights))(arrays)
-    assert set(grads) == set(expected)
-    for name in expected:
-        assert rel_err(grads[name], expected[name]) < 1e-4, name
+    _assert_grads_match_chunked(grads, arrays, static, weights)
 
 
 def test_varlen_grad_with_empty_sequence(rng):
@@ -91,9 +96,7 @@ def test_varlen_grad_with_empty_sequence(rng):
     assert rel_err(o, o_ref) < 1e-4 and rel_err(ht, ht_ref) < 1e-4
     np.testing.assert_allclose(ht[1], arrays["initial_state"][1], rtol=0, atol=0)
     grads = jax.grad(lambda a: _loss(a, static, "ffi", weights))(arrays)
-    expected = jax.grad(lambda a: _loss(a, static, "chunked", weights))(arrays)
-    for name in expected:
-        assert rel_err(grads[name], expected[name]) < 1e-4, name
+    _assert_grads_match_chunked(grads, arrays, static, weights)
 
 
 def _per_group_inputs(rng, groups):
@@ -210,10 +213,8 @@ def test_shard_map_over_batch_and_heads(rng):
         return jnp.sum(o * weights[0]) + jnp.sum(ht * weights[1])
 
     grads = jax.jit(jax.grad(loss))(arrays)
-    expected = jax.grad(lambda a: _loss(a, static, "chunked", weights))(arrays)
     # A_log and dt_bias are replicated over the data axis: their gradients are summed over it.
-    for name in expected:
-        assert rel_err(grads[name], expected[name]) < 1e-4, name
+    _assert_grads_match_chunked(grads, arrays, static, weights)
 
 
 @pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 host devices")
@@ -238,16 +239,13 @@ def test_sharded_jit_partitions_without_all_gather(rng):
     assert rel_err(o, o_ref) < 1e-4 and rel_err(ht, ht_ref) < 1e-4
     assert tuple(o.sharding.spec)[:3] == ("data", None, "model")
     grads = jax.jit(grad_fn)(sharded)
-    expected = jax.grad(lambda a: _loss(a, static, "chunked", weights))(arrays)
-    for name in expected:
-        assert rel_err(grads[name], expected[name]) < 1e-4, name
+    _assert_grads_match_chunked(grads, arrays, static, weights)
 
 
 @pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 host devices")
 def test_sharded_sequence_axis_is_gathered_and_correct(rng):
     """A sequence-sharded input is gathered along T before the call (documented in README)."""
     arrays, static = _mesh_inputs(rng)
-    arrays = {n: a for n, a in arrays.items()}
     mesh = _mesh()
     q_spec = P(None, "data", None, None)
     specs = {n: P() for n in arrays}
