@@ -257,9 +257,9 @@ def main():
                     extra["extra_gib"] = round(extra_gib(), 3)
                 record(case, impl, mode, ms, **extra)
         del x
-
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
+        # After every case, so that a run cut short keeps what it measured.
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
     print(f"wrote {len(rows)} rows to {args.out}")
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call for kernel work: build the CUDA module, run the GPU tests, time our kernels.
 #   TESTS=0 skips the tests; SANITIZE=1 adds compute-sanitizer memcheck + racecheck;
-#   NCU=1 adds per-kernel ncu sections at NCU_SHAPES (big long); WARPS=auto,1,2,4,8 times
+#   NCU=1 adds full ncu reports at NCU_SHAPES (big long), per SASS line too; WARPS=auto,1,2,4,8 times
 #   forward variants. Logs under $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -11,14 +11,8 @@ cd "$(dirname "$0")/.."
 nvidia-smi -L
 PY=$(command -v python3)
 
-# The CUDA module alone, next to the sources: faster than a pip build, and independent of
-# whether the machine has scikit-build-core.
-cmake -S . -B build/gpu -G Ninja -DJAX_FLASHKDA_CUDA=ON -DCMAKE_BUILD_TYPE=Release \
-  -DPython_EXECUTABLE="$PY" >"$OUT/build.log" 2>&1 &&
-  cmake --build build/gpu -j 16 >>"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-cp build/gpu/_kda_*.so jax_flashkda/
+bash scripts/build_cuda_module.sh "$OUT/build.log" || exit 1
 export PYTHONPATH=$PWD
-grep -E "registers|spill" "$OUT/build.log" | sort | uniq -c | head -30
 
 if [ "${TESTS:-1}" = 1 ]; then
   KDA_BWD_ERRLOG="$OUT/relerr.log" timeout 420 "$PY" -m pytest -q -rfE -p no:cacheprovider \
@@ -35,15 +29,20 @@ if [ "${SANITIZE:-0}" = 1 ]; then
 fi
 
 if [ "${NCU:-0}" = 1 ]; then
+  # NCU_KERNEL picks the kernels (regex); the per-instruction table (stall reasons by SASS line)
+  # lands in $OUT/ncu_<shape>_sass.csv, the SASS of the module in $OUT/sass.txt.
+  cuobjdump -sass jax_flashkda/_kda_cuda*.so >"$OUT/sass.txt" 2>&1
   for shape in ${NCU_SHAPES:-big long}; do
-    timeout 240 ncu --kernel-name regex:kda_ --launch-skip 4 --launch-count 6 \
-      --section SpeedOfLight --section WarpStateStats --section Occupancy \
-      --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio \
-      "$PY" scripts/time_kernels.py --shapes "$shape" --iters 1 >"$OUT/ncu_$shape.log" 2>&1
+    timeout 240 ncu --kernel-name "regex:${NCU_KERNEL:-kda_}" --launch-skip 2 --launch-count "${NCU_COUNT:-2}" \
+      --set full --import-source yes -f -o "/tmp/ncu_$shape" \
+      "$PY" scripts/time_kernels.py --shapes "$shape" --iters 1 --no-backward >"$OUT/ncu_$shape.log" 2>&1
+    ncu --import "/tmp/ncu_$shape.ncu-rep" --page details >>"$OUT/ncu_$shape.log" 2>&1
+    ncu --import "/tmp/ncu_$shape.ncu-rep" --page source --csv --print-source sass \
+      >"$OUT/ncu_${shape}_sass.csv" 2>&1
     echo "ncu $shape:"
-    grep -E "^  [a-z_: ]*kda_|Duration|Memory Throughput|DRAM Throughput|Warp Cycles Per Issued" \
+    grep -E "^  [a-z_: ]*kda_|Duration|DRAM Throughput|Warp Cycles Per Issued|Issued Ipc" \
       "$OUT/ncu_$shape.log" | sed -E 's/\((Fwd|Bwd)Params.*//' | head -40
   done
 fi
 
-timeout 300 "$PY" scripts/time_kernels.py --warps "${WARPS:-auto}" 2>&1 | tee "$OUT/time.log"
+timeout 300 "$PY" scripts/time_kernels.py --warps "${WARPS:-auto}" ${TIME_ARGS:-} 2>&1 | tee "$OUT/time.log"

@@ -18,7 +18,7 @@ import numpy as np
 
 from jax_flashkda import _ffi, kda
 
-SHAPES = {"big": (1, 8192, 96), "long": (1, 32768, 16)}
+SHAPES = {"big": (1, 8192, 96), "long": (1, 32768, 16), "h64": (1, 8192, 64), "b4": (4, 8192, 32)}
 D = 128
 CFG = _ffi.CallConfig(scale=D ** -0.5, use_qk_l2norm=True, use_beta_sigmoid=True,
                       gate_mode=_ffi.GATE_SAFE, lower_bound=-5.0, state_v_first=False,
@@ -64,7 +64,7 @@ def median_min_ms(f, args, iters):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=["big", "long"], choices=list(SHAPES))
     ap.add_argument("--warps", default="auto")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--no-backward", action="store_true")

@@ -400,23 +400,28 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
   const Tin* rows_src = static_cast<const Tin*>(reverse ? p.dout : p.v);
   auto chunk_at = [&](int i) { return reverse ? nch - 1 - i : i; };
 
-  // Warp 0 fetches step i: the record in one bulk copy, the 16 rows of this CTA's value slice
-  // of V (or dO) in one each. Rows past the sequence repeat its first row: finite values that
+  // Warp 0 fetches step i's record with one bulk copy; each warp fetches its own 16 columns of
+  // the step's 16 rows of V (or dO) with one cp.async per lane (row copies through the bulk
+  // engine serialised warp 0). Rows past the sequence repeat its first row: finite values that
   // meet zero columns of Tβ (zero rows of Q̃ and Aqk).
-  auto issue = [&](int i) {
-    const int stage = i % kStages, c = chunk_at(i);
-    uint8_t* st = smem + stage * L::kStage;
+  auto fetch_record = [&](int i) {
+    const int stage = i % kStages;
     if (lane == 0) {
-      ptx::mbar_arrive_expect_tx(full + stage, Rec::kBytes + kC * BV * 2);
-      ptx::bulk_g2s(st, rec0 + static_cast<size_t>(c) * Rec::kBytes, Rec::kBytes, full + stage);
+      ptx::mbar_arrive_expect_tx(full + stage, Rec::kBytes);
+      ptx::bulk_g2s(smem + stage * L::kStage,
+                    rec0 + static_cast<size_t>(chunk_at(i)) * Rec::kBytes, Rec::kBytes,
+                    full + stage);
     }
-    __syncwarp();
-    if (lane < kC) {
-      const int tok = c * kC + (c * kC + lane < sq.len ? lane : 0);
-      ptx::bulk_g2s(st + Rec::kBytes + lane * VP * 2,
-                    rows_src + (static_cast<size_t>(sq.row0 + tok) * p.H + h) * VD + vb * BV,
-                    BV * 2, full + stage);
+  };
+  auto fetch_rows = [&](int i) {
+    if (i < nch) {
+      const int c = chunk_at(i);
+      ptx::warp_tile16_cp_async(
+          reinterpret_cast<Tin*>(smem + (i % kStages) * L::kStage + Rec::kBytes) + warp * 16, VP,
+          rows_src + (static_cast<size_t>(sq.row0 + c * kC) * p.H + h) * VD + vb * BV + warp * 16,
+          static_cast<size_t>(p.H) * VD, sq.len - c * kC, lane);
     }
+    ptx::cp_async_commit();  // one group per step, empty or not, so the waits count steps
   };
 
   // Step i + kStages - 2 refills the stage of step i - 2, so a warp may trail the one that
@@ -430,8 +435,10 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     ptx::fence_mbar_init();
   }
   __syncthreads();
-  if (warp == 0)
-    for (int i = 0; i < kAhead && i < nch; ++i) issue(i);
+  for (int i = 0; i < kAhead; ++i) {
+    if (warp == 0 && i < nch) fetch_record(i);
+    fetch_rows(i);
+  }
 
   float s[KD / 8][4];
   const size_t st_base = (static_cast<size_t>(n) * p.H + h) * KD * VD;
@@ -456,8 +463,9 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
   for (int i = 0; i < nch; ++i) {
     if (warp == 0 && i + kAhead < nch) {
       if (i >= 2) ptx::mbar_wait(empty + (i - 2) % kStages, ((i - 2) / kStages) & 1);
-      issue(i + kAhead);
+      fetch_record(i + kAhead);
     }
+    fetch_rows(i + kAhead);  // this warp's own columns of the stage it finished at step i - 2
     const int c = chunk_at(i);
     const size_t hs = static_cast<size_t>(h) * slots + sq.slot0 + c;
 
@@ -473,6 +481,8 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     }
 
     ptx::mbar_wait(full + i % kStages, (i / kStages) & 1);
+    ptx::cp_async_wait<kAhead>();
+    __syncwarp();
     const uint8_t* st = smem + (i % kStages) * L::kStage;
     const Tin* qs = reinterpret_cast<const Tin*>(st + Rec::kQ);
     const __nv_bfloat16* wsm = reinterpret_cast<const __nv_bfloat16*>(st + Rec::kW);

@@ -458,23 +458,24 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
   const uint8_t* rec0 = ws + (static_cast<size_t>(h) * slots + sq.slot0) * R::kBytes;
   const Tin* vsrc = static_cast<const Tin*>(p.v);
 
-  // Warp 0 fetches chunk c: the record in one bulk copy, the 16 rows of this CTA's value slice
-  // in one each. Rows past the sequence repeat its first row: finite values that meet zero
-  // columns of Tβ.
-  auto issue = [&](int c) {
+  // Warp 0 fetches chunk c's record with one bulk copy. Each warp fetches its own 16 value
+  // columns of the chunk's 16 rows of V with one cp.async per lane: issuing the 16 row copies
+  // through the bulk engine serialised warp 0 (ncu: ~45% of its time) and starved every warp.
+  auto fetch_record = [&](int c) {
     const int stage = c % kStages;
-    uint8_t* st = smem + stage * L::kStage;
     if (lane == 0) {
-      ptx::mbar_arrive_expect_tx(bars + stage, R::kBytes + kChunk * BV * 2);
-      ptx::bulk_g2s(st, rec0 + static_cast<size_t>(c) * R::kBytes, R::kBytes, bars + stage);
+      ptx::mbar_arrive_expect_tx(bars + stage, R::kBytes);
+      ptx::bulk_g2s(smem + stage * L::kStage, rec0 + static_cast<size_t>(c) * R::kBytes,
+                    R::kBytes, bars + stage);
     }
-    __syncwarp();
-    if (lane < kChunk) {
-      const int tok = c * kChunk + (c * kChunk + lane < sq.len ? lane : 0);
-      ptx::bulk_g2s(st + L::kV + lane * VP * 2,
-                    vsrc + (static_cast<size_t>(sq.row0 + tok) * p.H + h) * p.V + vb * BV,
-                    BV * 2, bars + stage);
-    }
+  };
+  auto fetch_v = [&](int c) {
+    if (c < nch)
+      ptx::warp_tile16_cp_async(
+          reinterpret_cast<Tin*>(smem + (c % kStages) * L::kStage + L::kV) + warp * 16, VP,
+          vsrc + (static_cast<size_t>(sq.row0 + c * kChunk) * p.H + h) * p.V + vb * BV + warp * 16,
+          static_cast<size_t>(p.H) * p.V, sq.len - c * kChunk, lane);
+    ptx::cp_async_commit();  // one group per chunk, empty or not, so the waits count chunks
   };
 
   // Chunk c + kStages - 2 refills the stage of chunk c - 2, so a warp may trail the one that
@@ -488,8 +489,10 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
     ptx::fence_mbar_init();
   }
   __syncthreads();
-  if (warp == 0)
-    for (int c = 0; c < kAhead && c < nch; ++c) issue(c);
+  for (int c = 0; c < kAhead; ++c) {
+    if (warp == 0 && c < nch) fetch_record(c);
+    fetch_v(c);
+  }
 
   // Initial state, transposed into the accumulator layout.
   float s[K / 8][4];
@@ -511,9 +514,12 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
   for (int c = 0; c < nch; ++c) {
     if (warp == 0 && c + kAhead < nch) {
       if (c >= 2) ptx::mbar_wait(empty + (c - 2) % kStages, ((c - 2) / kStages) & 1);
-      issue(c + kAhead);
+      fetch_record(c + kAhead);
     }
+    fetch_v(c + kAhead);  // this warp's own columns of the stage it finished at chunk c - 2
     ptx::mbar_wait(bars + c % kStages, (c / kStages) & 1);
+    ptx::cp_async_wait<kAhead>();
+    __syncwarp();
 
     const uint8_t* st = smem + (c % kStages) * L::kStage;
     const __nv_bfloat16* qs = reinterpret_cast<const __nv_bfloat16*>(st + R::kQ);
@@ -666,17 +672,20 @@ cudaError_t launch_recurrence(const FwdParams& p, const uint8_t* ws, int slots,
   return cudaGetLastError();
 }
 
-// The total number of warps is fixed (one per 16 value columns of every head); grouping them
-// four to a CTA lets them share one fetch of each chunk record. Measured on H100 at B=1 T=8192
-// H=96 and B=1 T=32768 H=16, four warps per CTA was as fast as or faster than 1, 2 or 8.
+// The total number of warps is fixed (one per 16 value columns of every head and sequence).
+// Grouping more of them into a CTA lets them share one fetch of each chunk record; fewer per
+// CTA spreads a small problem over more SMs. So: the widest CTA that still leaves at least
+// ~70% of the SMs one CTA each. Measured on H100 (2026-11-26): 8 warps at B=1 T=8192 H=96 (96
+// CTAs) beat 4 by 10%, and 1 warp at B=1 T=32768 H=16 (128 CTAs) beat 4 by 5%.
 // JAX_FLASHKDA_FWD_WARPS (1, 2, 4 or 8) overrides the choice, for tests and tuning.
 int pick_warps(const FwdParams& p) {
   if (const char* env = std::getenv("JAX_FLASHKDA_FWD_WARPS")) {
     const int w = std::atoi(env);
     if ((w == 1 || w == 2 || w == 4 || w == 8) && (p.V / 16) % w == 0) return w;
   }
-  for (int w = 4; w > 1; w >>= 1)
-    if ((p.V / 16) % w == 0) return w;
+  const long long warps = static_cast<long long>(p.V / 16) * p.H * p.N;
+  for (int w = 8; w > 1; w >>= 1)
+    if ((p.V / 16) % w == 0 && warps / w * 10 >= 7LL * sm_count()) return w;
   return 1;
 }
 

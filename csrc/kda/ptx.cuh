@@ -107,6 +107,17 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(n) : "memory");
 }
 
+// One warp copies a 16x16 tile of 2-byte elements (16 rows of 32 bytes) into shared memory, one
+// 16-byte cp.async per lane. Rows at or past `rows` repeat row 0: finite values for the caller to
+// multiply by zero. Row r of the source starts at src + r * src_pitch.
+template <typename T>
+__device__ __forceinline__ void warp_tile16_cp_async(T* dst, int dst_pitch, const T* src,
+                                                     size_t src_pitch, int rows, int lane) {
+  static_assert(sizeof(T) == 2, "16 elements of 2 bytes make a 32-byte row");
+  const int r = lane >> 1, half = lane & 1;
+  cp_async16(dst + r * dst_pitch + half * 8, src + (r < rows ? r : 0) * src_pitch + half * 8);
+}
+
 // Orders this thread's earlier ordinary shared-memory writes before later async-proxy reads of
 // them (a bulk store issued after a CTA barrier).
 __device__ __forceinline__ void fence_proxy_async_smem() {
