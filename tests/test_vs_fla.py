@@ -1,0 +1,85 @@
+"""Accuracy against flash-linear-attention's Triton `chunk_kda` on the same inputs: the CUDA
+forward and backward must land no further from the float64 token recurrence than fla does.
+
+Runs on a Hopper GPU where fla (the `fla-core` wheel) and torch are importable; skipped
+elsewhere. KDA_BWD_ERRLOG names a file that gets both sets of errors.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from jax_flashkda import kda
+from test_cuda_bwd import cuda_grads, make_case, rel
+
+pytestmark = pytest.mark.gpu
+
+# Ours may exceed fla's error by this factor (plus a floor for near-exact quantities) before
+# the test calls it worse: run-to-run the errors of both move by a few percent.
+SLACK, FLOOR = 1.25, 1e-4
+
+
+def _forward(args, static, impl):
+    kw = dict(static)
+    kw.update({n: args[n] for n in ("A_log", "dt_bias")})
+    return kda(args["q"], args["k"], args["v"], args["g"], args["beta"],
+               initial_state=args["h0"], output_final_state=True, impl=impl, **kw)
+
+
+def _reference(x, static, do, dht):
+    """o, final state and every gradient of the float64 token recurrence on the CPU."""
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        with jax.default_device(jax.devices("cpu")[0]):
+            args = {n: jnp.asarray(a, jnp.float64) for n, a in x.items()}
+            (o, ht), vjp = jax.vjp(lambda a: _forward(a, static, "recurrent"), args)
+            (grads,) = vjp((jnp.asarray(do), jnp.asarray(dht)))
+            return np.asarray(o), np.asarray(ht), {n: np.asarray(g) for n, g in grads.items()}
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
+def _fla(x, dtypes, static, do, dht):
+    torch = pytest.importorskip("torch")
+    fla_kda = pytest.importorskip("fla.ops.kda")
+    t = {n: torch.tensor(a, dtype=getattr(torch, jnp.dtype(dtypes[n]).name), device="cuda",
+                         requires_grad=True) for n, a in x.items()}
+    o, ht = fla_kda.chunk_kda(
+        t["q"], t["k"], t["v"], t["g"], t["beta"], initial_state=t["h0"],
+        output_final_state=True, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+        use_beta_sigmoid_in_kernel=True, safe_gate=True, lower_bound=static["lower_bound"],
+        A_log=t["A_log"], dt_bias=t["dt_bias"].reshape(-1), cu_seqlens=None)
+    on_gpu = lambda a: torch.tensor(a, dtype=torch.float32, device="cuda")  # noqa: E731
+    ((o.float() * on_gpu(do)).sum() + (ht.float() * on_gpu(dht)).sum()).backward()
+    back = lambda a: a.detach().float().cpu().numpy().astype(np.float64)  # noqa: E731
+    return back(o), back(ht), {n: back(a.grad) for n, a in t.items() if a.grad is not None}
+
+
+@pytest.mark.parametrize("T", [300, 64])
+def test_errors_no_worse_than_fla(rng, T):
+    x, dtypes, static, do, dht = make_case(rng, B=2, T=T, H=4, gate_mode=2)
+    fla_o, fla_ht, fla_grads = _fla(x, dtypes, static, do, dht)
+    ref_o, ref_ht, ref_grads = _reference(x, static, do, dht)
+
+    args = {n: jnp.asarray(a, dtypes[n]) for n, a in x.items()}
+    o, ht = jax.jit(lambda a: _forward(a, static, "cuda"))(args)
+    ours = {"o": (rel(np.asarray(o.astype(jnp.float32), np.float64), ref_o),
+                  rel(fla_o, ref_o)),
+            "ht": (rel(np.asarray(ht, np.float64), ref_ht), rel(fla_ht, ref_ht))}
+    grads = cuda_grads(x, dtypes, static, do, dht)
+    for n, g in fla_grads.items():
+        ref = ref_grads[n]
+        ours["d" + n] = (rel(grads[n], ref), rel(g.reshape(ref.shape), ref))
+
+    line = " ".join(f"{n}={a:.2e}/{b:.2e}" for n, (a, b) in ours.items())
+    print(f"ours/fla T={T}: {line}")
+    if os.environ.get("KDA_BWD_ERRLOG"):
+        with open(os.environ["KDA_BWD_ERRLOG"], "a") as fh:
+            fh.write(f"ours/fla T={T}: {line}\n")
+    worse = {n: (a, b) for n, (a, b) in ours.items() if not a <= SLACK * b + FLOOR}
+    assert not worse, f"further from float64 than fla: {worse}"
