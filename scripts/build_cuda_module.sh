@@ -10,4 +10,4 @@ cmake -S . -B build/gpu -G Ninja -DJAX_FLASHKDA_CUDA=ON -DCMAKE_BUILD_TYPE=Relea
   -DPython_EXECUTABLE="$PY" >"$log" 2>&1 &&
   cmake --build build/gpu -j "$(nproc)" >>"$log" 2>&1 || { tail -40 "$log"; exit 1; }
 cp build/gpu/_kda_*.so jax_flashkda/
-grep -E "registers|spill" "$log" | sort | uniq -c | head -30
+grep -E "registers|spill" "$log" | sort | uniq -c | head -30 || true  # nothing when ninja had no work
