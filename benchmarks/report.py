@@ -3,7 +3,8 @@
     python benchmarks/report.py benchmarks/results/gpu_h100.json
 
 Writes <name>.md and <name>.png beside the json. Ratios are peer time over ours (> 1: we
-are faster), and ours over the memory floor.
+are faster), and ours over the memory floor. Rows of examples/train_lm.py --report (tokens/s
+per GPU) get a scaling table instead: efficiency is per-GPU tokens/s over the one-GPU run's.
 """
 
 from __future__ import annotations
@@ -64,14 +65,43 @@ def chart(rows, path):
     fig.savefig(path, dpi=110)
 
 
+def scaling(rows, path):
+    gpu, date = rows[0]["gpu"], rows[0]["date"]
+    parts = [f"# Training the example model across GPUs: {gpu}, {date}", "",
+             "examples/train_lm.py (2 KDA layers, 4 heads of 128, bf16, the CUDA kernels), "
+             "jit of the whole training step, global batch fixed per run; tokens/s per GPU "
+             "excludes the compiling steps. Efficiency: per-GPU tokens/s over the same run's "
+             "one-GPU tokens/s.", "",
+             "| run | tokens/step | gpus | mesh | tokens/s per GPU | efficiency |",
+             "|---|---|---|---|---|---|"]
+    for run in dict.fromkeys(r.get("run", 1) for r in rows):
+        sel = [r for r in rows if r.get("run", 1) == run]
+        one = next((r["tokens_per_s"] for r in sel if r["gpus"] == 1), None)
+        for r in sel:
+            eff = f"{r['tokens_per_s'] / one:.2f}" if one else "—"
+            parts.append(f"| {run} | {r.get('tokens_per_step', '—')} | {r['gpus']} | {r['mesh']} "
+                         f"| {r['tokens_per_s']:,} | {eff} |")
+    path.with_suffix(".md").write_text("\n".join(parts + [""]))
+    print(path.with_suffix(".md").read_text())
+
+
 def main(path):
     path = pathlib.Path(path)
     rows = json.loads(path.read_text())
+    if "tokens_per_s" in rows[0]:
+        return scaling(rows, path)
     gpu, date = rows[0]["gpu"], rows[0]["date"]
     parts = [f"# KDA benchmarks: {gpu}, {date}", "",
              "Side by side in one process on one GPU; bf16, D=128, fused mode (l2norm, safe "
              "gate lower_bound=-5, beta sigmoid), fp32 state in and out. "
              "`floor` is the bytes that must move over the measured copy bandwidth.", ""]
+    runs = {}
+    for r in rows:
+        runs.setdefault(r.get("run", 1), dict.fromkeys([]))[r["case"]] = None
+    if len(runs) > 1:
+        # Each case is side by side within one run; different runs are different processes
+        # (and machines of the same GPU model), so compare across cases with care.
+        parts += ["Runs: " + "; ".join(f"run {k}: {', '.join(v)}" for k, v in runs.items()), ""]
     for mode in dict.fromkeys(r["mode"] for r in rows):
         parts += [f"## {mode}", "", table(rows, mode), ""]
     mem = [r for r in rows if "extra_gib" in r]
