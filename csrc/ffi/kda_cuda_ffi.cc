@@ -3,6 +3,8 @@
 #include "ffi/kda_cuda_ffi.h"
 
 #include <cstdint>
+#include <cstdlib>
+#include <initializer_list>
 #include <optional>
 #include <string>
 
@@ -79,6 +81,24 @@ ffi::Error decode_inputs(const std::string& who, ffi::AnyBuffer q, ffi::AnyBuffe
   return ffi::Error::Success();
 }
 
+// JAX_FLASHKDA_POISON_OUTPUTS=1 (the GPU tests set it) fills every result with NaN bytes before
+// the kernels run, so that an element they leave unwritten fails a test instead of passing on
+// whatever the allocator left there. Off by default: it costs a memset per result.
+cudaError_t poison_if_asked(cudaStream_t stream, std::initializer_list<ffi::AnyBuffer*> results) {
+  const char* env = std::getenv("JAX_FLASHKDA_POISON_OUTPUTS");
+  if (!env || env[0] != '1') return cudaSuccess;
+  for (ffi::AnyBuffer* r : results)
+    if (r->size_bytes() > 0)
+      if (const cudaError_t err = cudaMemsetAsync(r->untyped_data(), 0xFF, r->size_bytes(), stream);
+          err != cudaSuccess)
+        return err;
+  return cudaSuccess;
+}
+
+ffi::Error cuda_error(const std::string& who, cudaError_t err) {
+  return ffi::Error::Internal(who + ": " + cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+}
+
 // Shared tail of both calls: the kernels' own refusals, the workspace, the launch.
 template <typename Params, typename Unsupported, typename WorkspaceBytes, typename Launch>
 ffi::Error launch(const std::string& who, const Params& p, ffi::ScratchAllocator& scratch,
@@ -97,8 +117,7 @@ ffi::Error launch(const std::string& who, const Params& p, ffi::ScratchAllocator
     workspace = *got;
   }
   if (const cudaError_t err = run(p, workspace, stream); err != cudaSuccess)
-    return ffi::Error::Internal(who + ": " + cudaGetErrorName(err) + ": " +
-                                cudaGetErrorString(err));
+    return cuda_error(who, err);
   return ffi::Error::Success();
 }
 
@@ -118,6 +137,8 @@ ffi::Error fwd_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
   KDA_RETURN_IF_ERROR(contract::check_f32(kFwd, *final_state, "final_state", s.state));
   p.o = o->untyped_data();
   p.final_state = static_cast<float*>(final_state->untyped_data());
+  if (const cudaError_t err = poison_if_asked(stream, {&*o, &*final_state}); err != cudaSuccess)
+    return cuda_error(kFwd, err);
   return launch(kFwd, p, scratch, stream, kda::fwd_unsupported, kda::fwd_workspace_bytes,
                 kda::fwd);
 }
@@ -151,6 +172,10 @@ ffi::Error bwd_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
   p.dA_log = static_cast<float*>(dA_log->untyped_data());
   p.ddt_bias = static_cast<float*>(ddt_bias->untyped_data());
   p.dinitial_state = static_cast<float*>(dinitial_state->untyped_data());
+  if (const cudaError_t err = poison_if_asked(
+          stream, {&*dq, &*dk, &*dv, &*dg, &*dbeta, &*dA_log, &*ddt_bias, &*dinitial_state});
+      err != cudaSuccess)
+    return cuda_error(kBwd, err);
   return launch(kBwd, p, scratch, stream, kda::bwd_unsupported, kda::bwd_workspace_bytes,
                 kda::bwd);
 }
