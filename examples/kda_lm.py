@@ -16,11 +16,19 @@ from jax_flashkda.nn import KDACache, KimiDeltaAttention
 
 
 class SwiGLU(nnx.Module):
-    def __init__(self, hidden: int, ffn: int, *, dtype, rngs: nnx.Rngs):
+    """With a ``model_axis``, tensor parallel: gate and up split by column, down by row."""
+
+    def __init__(self, hidden: int, ffn: int, *, dtype, model_axis=None, rngs: nnx.Rngs):
         linear = functools.partial(nnx.Linear, use_bias=False, dtype=dtype, rngs=rngs)
-        self.gate = linear(hidden, ffn)
-        self.up = linear(hidden, ffn)
-        self.down = linear(ffn, hidden)
+        init = nnx.initializers.lecun_normal()
+        if model_axis is None:
+            columns = rows = init
+        else:
+            columns = nnx.with_partitioning(init, (None, model_axis))
+            rows = nnx.with_partitioning(init, (model_axis, None))
+        self.gate = linear(hidden, ffn, kernel_init=columns)
+        self.up = linear(hidden, ffn, kernel_init=columns)
+        self.down = linear(ffn, hidden, kernel_init=rows)
 
     def __call__(self, x):
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
@@ -34,7 +42,8 @@ class Block(nnx.Module):
         self.attn = KimiDeltaAttention(hidden, heads, hidden // heads, dtype=dtype, impl=impl,
                                        shard_axes=shard_axes, rngs=rngs)
         self.mlp_norm = nnx.RMSNorm(hidden, dtype=dtype, rngs=rngs)
-        self.mlp = SwiGLU(hidden, 4 * hidden, dtype=dtype, rngs=rngs)
+        self.mlp = SwiGLU(hidden, 4 * hidden, dtype=dtype,
+                          model_axis=None if shard_axes is None else shard_axes[1], rngs=rngs)
 
     def __call__(self, x, cache=None, return_cache=None):
         h, cache = self.attn(self.attn_norm(x), cache=cache, return_cache=return_cache)
@@ -66,7 +75,8 @@ class LM(nnx.Module):
              for _ in range(layers)]
         )
         self.norm = nnx.RMSNorm(hidden, dtype=dtype, rngs=rngs)
-        self.head = None if tie_embeddings else nnx.Linear(hidden, vocab, use_bias=False, dtype=dtype, rngs=rngs)
+        self.head = (None if tie_embeddings else
+                     nnx.Linear(hidden, vocab, use_bias=False, dtype=dtype, rngs=rngs))
 
     def __call__(
         self, tokens, caches: list[KDACache] | None = None, return_cache: bool | None = None

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 import jax_flashkda
+from jax_flashkda.nn import place_params
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kda_lm import LM, make_optimizer, markov_chain, oracle_loss, sample_batch, train_step  # noqa: E402
@@ -91,8 +92,9 @@ def main(argv=None):
         shard_axes=None if mesh is None else ("data", "model"), rngs=nnx.Rngs(args.seed)
     )
     if mesh is not None:
-        # Weights replicated; activations are split by batch and heads inside the layers.
-        nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
+        # Weights split over the model axis as the layers annotated them (replicated over data);
+        # activations are split by batch and heads inside the layers.
+        place_params(model, mesh)
     optimizer = make_optimizer(model, args.lr, args.steps)
     devices = 1 if mesh is None else mesh.size
     n_params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -11,7 +11,7 @@ from flax import nnx
 
 from .ops import kda
 
-__all__ = ["KDACache", "KimiDeltaAttention"]
+__all__ = ["KDACache", "KimiDeltaAttention", "place_params"]
 
 
 class KDACache(NamedTuple):
@@ -70,6 +70,26 @@ def _short_conv(x, weight, past, cu_seqlens):
     return jax.nn.silu(y)[None], new_past
 
 
+def _partitioner(axis):
+    """``split(init, spec)``: the initializer annotated with ``spec`` when sharding over the
+    ``axis`` is asked for, else the plain initializer."""
+
+    def split(init, spec):
+        return init if axis is None else nnx.with_partitioning(init, spec)
+
+    return split
+
+
+def place_params(model: nnx.Module, mesh: jax.sharding.Mesh) -> None:
+    """Moves every variable of ``model`` to ``mesh`` with the partitioning its initializer was
+    annotated with (replicated where none), in place. Use it for a model built with a head
+    axis in ``shard_axes``; the optimizer state made from the placed parameters follows."""
+    state = nnx.state(model)
+    specs = nnx.get_partition_spec(state)
+    nnx.update(model, jax.tree.map(
+        lambda x, spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec)), state, specs))
+
+
 class KimiDeltaAttention(nnx.Module):
     """Kimi Delta Attention block (the token mixer of Kimi Linear).
 
@@ -94,7 +114,11 @@ class KimiDeltaAttention(nnx.Module):
       impl: forwarded to :func:`jax_flashkda.kda`.
       shard_axes: ``(batch_axis, head_axis)`` mesh axis names (either may be None). Under a
         ``jax.set_mesh`` mesh, q/k/v/g/beta are constrained to that sharding, so a sharded jit
-        runs the op on each device's batch and head shard with no gather.
+        runs the op on each device's batch and head shard with no gather. With a head axis the
+        weights are annotated for tensor parallelism (Megatron style): the projections into
+        heads split by output column, ``o_proj`` by input row, per-head parameters by head;
+        place them with :func:`place_params`. The layer then needs no all-gather, forward or
+        backward, and one all-reduce after ``o_proj``.
       rngs: random streams for initialisation.
     """
 
@@ -128,44 +152,55 @@ class KimiDeltaAttention(nnx.Module):
         rank = head_dim if gate_low_rank_dim is None else gate_low_rank_dim
         width = num_heads * head_dim
 
+        head_axis = None if shard_axes is None else shard_axes[1]
+        split = _partitioner(head_axis)
         linear = functools.partial(
             nnx.Linear, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
-        self.q_proj = linear(hidden_size, width)
-        self.k_proj = linear(hidden_size, width)
-        self.v_proj = linear(hidden_size, width)
+        lecun = nnx.initializers.lecun_normal()
+        into_heads = functools.partial(linear, kernel_init=split(lecun, (None, head_axis)))
+        self.q_proj = into_heads(hidden_size, width)
+        self.k_proj = into_heads(hidden_size, width)
+        self.v_proj = into_heads(hidden_size, width)
         # A depthwise kernel has fan-in conv_size; PyTorch's Conv1d default bound 1/sqrt(fan_in).
         bound = conv_size**-0.5
-        conv_init = functools.partial(
-            jax.random.uniform, shape=(conv_size, width), dtype=param_dtype, minval=-bound, maxval=bound
-        )
-        self.q_conv = nnx.Param(conv_init(rngs.params()))
-        self.k_conv = nnx.Param(conv_init(rngs.params()))
-        self.v_conv = nnx.Param(conv_init(rngs.params()))
+
+        def conv_init(key, shape, dtype):
+            return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+        conv_init = split(conv_init, (None, head_axis))
+        self.q_conv = nnx.Param(conv_init(rngs.params(), (conv_size, width), param_dtype))
+        self.k_conv = nnx.Param(conv_init(rngs.params(), (conv_size, width), param_dtype))
+        self.v_conv = nnx.Param(conv_init(rngs.params(), (conv_size, width), param_dtype))
 
         self.f_down = linear(hidden_size, rank)
-        self.f_up = linear(rank, width)
-        self.b_proj = linear(hidden_size, num_heads)
+        self.f_up = into_heads(rank, width)
+        self.b_proj = into_heads(hidden_size, num_heads)
+
         # Decay rates are consumed by the op in float32 and are sensitive to rounding, so they
         # stay float32 whatever param_dtype is.
-        self.A_log = nnx.Param(
-            jnp.log(jax.random.uniform(rngs.params(), (num_heads,), jnp.float32, 1.0, 16.0))
-        )
+        def a_log_init(key, shape, dtype):
+            return jnp.log(jax.random.uniform(key, shape, dtype, 1.0, 16.0))
+
         # Mamba's dt init: softplus(dt_bias) log-uniform in [1e-3, 1e-1], so that at start some
         # channels forget fast and others remember over hundreds of tokens.
-        dt = jnp.exp(
-            jax.random.uniform(
-                rngs.params(), (width,), jnp.float32, jnp.log(1e-3), jnp.log(1e-1)
-            )
-        )
-        self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)))
+        def dt_bias_init(key, shape, dtype):
+            dt = jnp.exp(jax.random.uniform(key, shape, dtype, jnp.log(1e-3), jnp.log(1e-1)))
+            return dt + jnp.log(-jnp.expm1(-dt))
+
+        a_log_init = split(a_log_init, (head_axis,))
+        dt_bias_init = split(dt_bias_init, (head_axis,))
+        self.A_log = nnx.Param(a_log_init(rngs.params(), (num_heads,), jnp.float32))
+        self.dt_bias = nnx.Param(dt_bias_init(rngs.params(), (width,), jnp.float32))
 
         self.g_down = linear(hidden_size, head_dim)
         self.g_up = nnx.Linear(
-            head_dim, width, use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            head_dim, width, use_bias=True, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=split(lecun, (None, head_axis)),
+            bias_init=split(nnx.initializers.zeros_init(), (head_axis,)), rngs=rngs
         )
         self.o_norm_scale = nnx.Param(jnp.ones((head_dim,), param_dtype))
-        self.o_proj = linear(width, hidden_size)
+        self.o_proj = linear(width, hidden_size, kernel_init=split(lecun, (head_axis, None)))
 
     def init_cache(self, batch_size: int) -> KDACache:
         """An empty-history cache for ``batch_size`` sequences (equivalent to ``cache=None``)."""

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from inputs import make_inputs, rel_err
 from jax_flashkda import kda
 from jax_flashkda import ops
+from jax_flashkda.nn import place_params
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 from kda_lm import LM, loss_fn, markov_chain, sample_batch  # noqa: E402
@@ -64,7 +65,7 @@ def test_sharded_train_step_matches_one_device(shape):
     mesh = _mesh(shape)
     with jax.set_mesh(mesh):
         model = _model(("data", "model"), dtype)
-        nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
+        place_params(model, mesh)
         sharded_tokens = jax.device_put(tokens, NamedSharding(mesh, P("data")))
         step, state = _loss_and_grads(model, sharded_tokens)
         hlo = step.lower(state).compile().as_text()
@@ -79,6 +80,9 @@ def test_sharded_train_step_matches_one_device(shape):
             # The first result (o, or dq) is [B, T, H, D] of the block the call ran on.
             first = re.search(r"= \((?:f32|bf16|f16)\[(\d+),47,(\d+),128\]", line)
             assert first and (int(first[1]), int(first[2])) == (b, h), line[:200]
+    # Tensor-parallel weights (nn.place_params): nothing is gathered, forward or backward.
+    gathers = [line.strip()[:160] for line in hlo.splitlines() if "all-gather" in line]
+    assert not gathers, gathers
     assert abs(float(loss) - float(loss_one)) < TOL * abs(float(loss_one))
     flat = jax.tree.leaves(grads)
     flat_one = jax.tree.leaves(grads_one)
