@@ -3,12 +3,7 @@
 # tests, then time everything side by side. Logs and the json land under $OUT.
 #   MODES="fwd fwd_bwd" CASES="..." IMPLS="..." TESTS=0 to skip the tests.
 # Peers that are not importable (FlashKDA is built separately, it is not on PyPI) are skipped.
-set -o pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/kda_out}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-nvidia-smi -L
+source "$(dirname "$0")/../scripts/device_preamble.sh"
 if ls .whl/*.whl >/dev/null 2>&1; then
   pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}

@@ -3,12 +3,7 @@
 #   TESTS=0 skips the tests; SANITIZE=1 adds compute-sanitizer memcheck + racecheck;
 #   NCU=1 adds full ncu reports at NCU_SHAPES (big long), per SASS line too; WARPS=auto,1,2,4,8 times
 #   forward variants. Logs under $OUT.
-set -o pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/kda_out}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-nvidia-smi -L
+source "$(dirname "$0")/device_preamble.sh"
 PY=$(command -v python3)
 
 bash scripts/build_cuda_module.sh "$OUT/build.log" || exit 1

@@ -2,12 +2,7 @@
 # One call on a machine with 2 GPUs: build, run the multi_gpu tests, then train the example
 # model on 1 GPU and on 2 (data parallel, and heads over a model axis) and record tokens/s per
 # GPU to $OUT/multi_gpu.json. Logs under $OUT.
-set -o pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/kda_out}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-nvidia-smi -L
+source "$(dirname "$0")/device_preamble.sh"
 bash scripts/build_cuda_module.sh "$OUT/build.log" || exit 1
 export PYTHONPATH=$PWD
 [ "${TESTS:-1}" = 1 ] && timeout 180 python3 -m pytest -q -rfE -p no:cacheprovider -m multi_gpu tests/test_multi_device.py \

@@ -1,6 +1,7 @@
 """The Hopper CUDA backward (`jax_flashkda_bwd`, platform CUDA) through the public op:
 `jax.grad` of `kda(..., impl="cuda")` against `jax.grad` of the float64 token recurrence."""
 
+import contextlib
 import os
 
 import numpy as np
@@ -79,17 +80,24 @@ def cuda_grads(x, dtypes, static, do, dht):
     return {n: np.asarray(a.astype(jnp.float32), np.float64) for n, a in g.items()}
 
 
-def reference_grads(x, static, do, dht):
+@contextlib.contextmanager
+def float64_on_cpu():
+    """float64 enabled and the CPU as default device, for the reference recurrence."""
     previous = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
     try:
         with jax.default_device(jax.devices("cpu")[0]):
-            args = {n: jnp.asarray(a, jnp.float64) for n, a in x.items()}
-            f = jax.jit(jax.grad(_loss(tuple(x), static, "recurrent", jnp.float64)))
-            g = f(args, jnp.asarray(do), jnp.asarray(dht))
-            return {n: np.asarray(a) for n, a in g.items()}
+            yield
     finally:
         jax.config.update("jax_enable_x64", previous)
+
+
+def reference_grads(x, static, do, dht):
+    with float64_on_cpu():
+        args = {n: jnp.asarray(a, jnp.float64) for n, a in x.items()}
+        f = jax.jit(jax.grad(_loss(tuple(x), static, "recurrent", jnp.float64)))
+        g = f(args, jnp.asarray(do), jnp.asarray(dht))
+        return {n: np.asarray(a) for n, a in g.items()}
 
 
 def rel(x, ref):

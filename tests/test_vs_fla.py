@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_flashkda import kda
-from test_cuda_bwd import cuda_grads, make_case, rel
+from test_cuda_bwd import cuda_grads, float64_on_cpu, make_case, rel
 
 pytestmark = pytest.mark.gpu
 
@@ -32,16 +32,11 @@ def _forward(args, static, impl):
 
 def _reference(x, static, do, dht):
     """o, final state and every gradient of the float64 token recurrence on the CPU."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        with jax.default_device(jax.devices("cpu")[0]):
-            args = {n: jnp.asarray(a, jnp.float64) for n, a in x.items()}
-            (o, ht), vjp = jax.vjp(lambda a: _forward(a, static, "recurrent"), args)
-            (grads,) = vjp((jnp.asarray(do), jnp.asarray(dht)))
-            return np.asarray(o), np.asarray(ht), {n: np.asarray(g) for n, g in grads.items()}
-    finally:
-        jax.config.update("jax_enable_x64", previous)
+    with float64_on_cpu():
+        args = {n: jnp.asarray(a, jnp.float64) for n, a in x.items()}
+        (o, ht), vjp = jax.vjp(lambda a: _forward(a, static, "recurrent"), args)
+        (grads,) = vjp((jnp.asarray(do), jnp.asarray(dht)))
+        return np.asarray(o), np.asarray(ht), {n: np.asarray(g) for n, g in grads.items()}
 
 
 def _fla(x, dtypes, static, do, dht):
