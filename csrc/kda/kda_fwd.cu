@@ -183,6 +183,8 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
     if (it.len == 0) return;
     uint8_t* st = stages + stage * stage_bytes;
     constexpr int kQkPieces = K * 2 / 16;  // 16-byte pieces per q or k row
+    constexpr int kQkShift = K == 64 ? 3 : 4;
+    static_assert(kQkPieces == 1 << kQkShift);
     const size_t rs = static_cast<size_t>(p.H) * K;
     const size_t e0 = (static_cast<size_t>(it.row0) * p.H + it.h) * K;
 #pragma unroll
@@ -192,9 +194,9 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
       ptx::cp_async16(st + i * 16, static_cast<const Tin*>(p.q) + e);
       ptx::cp_async16(st + kChunk * K * 2 + i * 16, static_cast<const Tin*>(p.k) + e);
     }
-    const int g_pieces = K * gb / 16;
-    for (int i = d; i < kChunk * g_pieces; i += K) {
-      const int r = i / g_pieces, pc = i % g_pieces;
+    const int g_shift = gb == 4 ? kQkShift + 1 : kQkShift;  // log2 of 16-byte pieces per g row
+    for (int i = d; i < kChunk << g_shift; i += K) {
+      const int r = i >> g_shift, pc = i & ((1 << g_shift) - 1);
       const size_t e = e0 + (r < it.len ? r : 0) * rs;
       ptx::cp_async16(st + 2 * kChunk * K * 2 + i * 16,
                       static_cast<const uint8_t*>(p.g) + e * gb + pc * 16);
@@ -209,26 +211,27 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
     alog = p.gate_mode && it.len > 0 ? p.A_log[it.h] : 0.f;
   };
 
+  // Two stages: item i computes from one while item i + grid loads into the other. Each item's
+  // indices are worked out once and carried (ncu: integer index arithmetic, three prep_item
+  // calls per item, was most of the instructions before the item's first barrier).
+  static_assert(kPrepStages == 2, "the loop carries exactly one item ahead");
   const long long n_items = static_cast<long long>(slots) * p.H;
-#pragma unroll
-  for (int s = 0; s < kPrepStages - 1; ++s) {
-    load_item(prep_item(p, slots, blockIdx.x + s * grid), s);
-    ptx::cp_async_commit();
-  }
+  PrepItem ahead = prep_item(p, slots, blockIdx.x);
+  load_item(ahead, 0);
+  ptx::cp_async_commit();
   float nb, ndtb, nalog;
-  load_scalars(prep_item(p, slots, blockIdx.x), nb, ndtb, nalog);
+  load_scalars(ahead, nb, ndtb, nalog);
 
   int stage = 0;
-  for (long long i = blockIdx.x; i < n_items;
-       i += grid, stage = stage + 1 == kPrepStages ? 0 : stage + 1) {
+  for (long long i = blockIdx.x; i < n_items; i += grid, stage ^= 1) {
+    const PrepItem it = ahead;
+    const float beta_raw = nb, dtb = ndtb, a_log = nalog;
+    ahead = prep_item(p, slots, i + grid);
     // The stage refilled here was last read at the start of the previous item, before its
     // barriers.
-    load_item(prep_item(p, slots, i + (kPrepStages - 1) * grid),
-              stage == 0 ? kPrepStages - 1 : stage - 1);
+    load_item(ahead, stage ^ 1);
     ptx::cp_async_commit();
-    const float beta_raw = nb, dtb = ndtb, a_log = nalog;
-    const PrepItem it = prep_item(p, slots, i);
-    load_scalars(prep_item(p, slots, i + grid), nb, ndtb, nalog);
+    load_scalars(ahead, nb, ndtb, nalog);
     ptx::cp_async_wait<kPrepStages - 1>();
     if (d == 0) ptx::bulk_wait_read_all();  // the previous record has left `rec`
     __syncthreads();
