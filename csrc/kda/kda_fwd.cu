@@ -165,6 +165,8 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
   auto Zh = reinterpret_cast<__nv_bfloat16(*)[KH]>(scratch + kChunk * KH * 2);
   __shared__ float Ls[kChunk][kChunk + 1], As[kChunk][kChunk + 1];
   __shared__ __align__(16) float Tb[kChunk][kChunk];
+  // Tβ as the bf16 A operand of W's mma (factored path); +8 keeps ldmatrix conflict-free.
+  __shared__ __align__(16) __nv_bfloat16 Tbh[kChunk][kChunk + 8];
   __shared__ float beta_s[kChunk], red[kWarps][32], rnorm[32];
 
   const int d = threadIdx.x, lane = d & 31, warp = d >> 5;
@@ -398,21 +400,50 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
 #pragma unroll
       for (int r = 0; r < kChunk; ++r) {
         const float tb = tc[r] * b;
-        Tb[r][d] = tb;
+        if constexpr (kFactored) Tbh[r][d] = __float2bfloat16_rn(tb);
+        else Tb[r][d] = tb;
         rtb[r * kChunk + d] = Tin(tb);
       }
     }
     __syncthreads();
 
+    if constexpr (kFactored) {
+      // W = Tβ·(K⊙e^Γ) as a 16x16xK mma, 32 key columns per warp, from the bf16 operands
+      // already in shared memory (Yh holds K⊙e^Γ). The per-thread FMA loop it replaces was
+      // 17% of the prep's stall samples (ncu, H=96).
+      constexpr int kCols = K / kWarps;
+      const int g = lane >> 2, t = lane & 3;
+      uint32_t a[4];
+      ptx::ldsm_x4(a, &Tbh[(lane & 7) + ((lane >> 3) & 1) * 8][(lane >> 4) * 8]);
+      const int krow = (lane & 7) + ((lane >> 3) & 1) * 8;
 #pragma unroll
-    for (int r = 0; r < kChunk; ++r) {
-      float w = 0.f;
+      for (int nt = 0; nt < kCols / 8; nt += 2) {
+        const int col0 = warp * kCols + nt * 8;
+        uint32_t b[4];
+        ptx::ldsm_x4_trans(b, &Yh[krow][col0 + (lane >> 4) * 8]);
+        float acc[2][4] = {};
+        ptx::mma16816<__nv_bfloat16>(acc[0], a, b[0], b[1]);
+        ptx::mma16816<__nv_bfloat16>(acc[1], a, b[2], b[3]);
 #pragma unroll
-      for (int s4 = 0; s4 <= r; s4 += 4) {  // whole-row broadcast reads; Tb[r][s > r] = 0
-        const float4 tb = *reinterpret_cast<const float4*>(&Tb[r][s4]);
-        w += tb.x * kd[s4] + tb.y * kd[s4 + 1] + tb.z * kd[s4 + 2] + tb.w * kd[s4 + 3];
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int row = g + half * 8, col = col0 + i * 8 + 2 * t;
+            *reinterpret_cast<uint32_t*>(rw + row * KH + col) =
+                ptx::pack_bf16(-acc[i][2 * half], -acc[i][2 * half + 1]);
+          }
       }
-      rw[r * KH + d] = __float2bfloat16_rn(-w);
+    } else {
+#pragma unroll
+      for (int r = 0; r < kChunk; ++r) {
+        float w = 0.f;
+#pragma unroll
+        for (int s4 = 0; s4 <= r; s4 += 4) {  // whole-row broadcast reads; Tb[r][s > r] = 0
+          const float4 tb = *reinterpret_cast<const float4*>(&Tb[r][s4]);
+          w += tb.x * kd[s4] + tb.y * kd[s4 + 1] + tb.z * kd[s4 + 2] + tb.w * kd[s4 + 3];
+        }
+        rw[r * KH + d] = __float2bfloat16_rn(-w);
+      }
     }
     ptx::fence_proxy_async_smem();
     __syncthreads();
