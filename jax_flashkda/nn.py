@@ -118,7 +118,7 @@ class KimiDeltaAttention(nnx.Module):
         weights are annotated for tensor parallelism (Megatron style): the projections into
         heads split by output column, ``o_proj`` by input row, per-head parameters by head;
         place them with :func:`place_params`. The layer then needs no all-gather, forward or
-        backward, and one all-reduce after ``o_proj``.
+        backward: only all-reduces (after ``o_proj``, and of its input's gradient).
       rngs: random streams for initialisation.
     """
 
