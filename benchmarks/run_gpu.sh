@@ -4,10 +4,6 @@
 #   MODES="fwd fwd_bwd" CASES="..." IMPLS="..." TESTS=0 to skip the tests.
 # Peers that are not importable (FlashKDA is built separately, it is not on PyPI) are skipped.
 source "$(dirname "$0")/../scripts/device_preamble.sh"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
 if ! JAX_FLASHKDA_CUDA=ON pip install -q --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1; then
   tail -30 "$OUT/build.log"
   exit 1

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # One device call for kernel work: build the CUDA module, run the GPU tests, time our kernels.
-#   TESTS=0 skips the tests; SANITIZE=1 adds compute-sanitizer memcheck + racecheck;
+#   TESTS=0 skips the tests (TEST_TIMEOUT, default 420 s: test_vs_fla compiles and autotunes
+#   fla's Triton kernels first); SANITIZE=1 adds compute-sanitizer memcheck + racecheck;
 #   NCU=1 adds full ncu reports at NCU_SHAPES (big long), per SASS line too; WARPS=auto,1,2,4,8 times
 #   forward variants. Logs under $OUT.
 source "$(dirname "$0")/device_preamble.sh"
 PY=$(command -v python3)
 
 bash scripts/build_cuda_module.sh "$OUT/build.log" || exit 1
-export PYTHONPATH=$PWD
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 if [ "${TESTS:-1}" = 1 ]; then
-  KDA_BWD_ERRLOG="$OUT/relerr.log" timeout 420 "$PY" -m pytest -q -rfE -p no:cacheprovider \
-    tests/test_cuda_fwd.py tests/test_cuda_bwd.py 2>&1 | tee "$OUT/pytest.log" | tail -25
+  KDA_BWD_ERRLOG="$OUT/relerr.log" timeout "${TEST_TIMEOUT:-420}" "$PY" -m pytest -q -rfE -p no:cacheprovider \
+    tests/test_cuda_fwd.py tests/test_cuda_bwd.py tests/test_vs_fla.py 2>&1 | tee "$OUT/pytest.log" | tail -25
   cat "$OUT/relerr.log" 2>/dev/null
 fi
 

@@ -4,7 +4,7 @@
 # GPU to $OUT/multi_gpu.json. Logs under $OUT.
 source "$(dirname "$0")/device_preamble.sh"
 bash scripts/build_cuda_module.sh "$OUT/build.log" || exit 1
-export PYTHONPATH=$PWD
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 [ "${TESTS:-1}" = 1 ] && timeout 180 python3 -m pytest -q -rfE -p no:cacheprovider -m multi_gpu tests/test_multi_device.py \
   2>&1 | tee "$OUT/pytest_multi_gpu.log" | tail -8
 
