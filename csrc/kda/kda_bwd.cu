@@ -29,12 +29,13 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "kda/chunks.cuh"
 #include "kda/ptx.cuh"
 
 namespace kda {
 namespace {
 
-constexpr int kC = 16;      // tokens per chunk
+constexpr int kC = kChunk;  // short name for the many 16-wide loops
 constexpr int KD = 128;     // key channels
 constexpr int VD = 128;     // value channels
 constexpr int KP = KD + 8;  // bf16 row pitch (+16 bytes: conflict-free ldmatrix)
@@ -59,11 +60,6 @@ struct Aux {
   float LL[kC][kC];  // Σ_d k_rd k_sd e^{Γ_rd−Γ_sd} for r > s (L without β), zeros elsewhere
   float sq[2 * kC];  // |q_r|², |k_r|² before l2norm
 };
-
-int chunk_slots(const FwdParams& p) {
-  // Varlen: sequence n starts at slot cu[n]/16 + n, which never overlaps the previous one.
-  return p.is_varlen ? p.T / kC + p.N + 1 : p.B * ((p.T + kC - 1) / kC);
-}
 
 size_t align256(size_t x) { return (x + 255) & ~size_t{255}; }
 
@@ -90,14 +86,6 @@ struct WsLayout {
   }
 };
 
-__device__ __forceinline__ float load_f(const void* base, DType t, size_t i) {
-  switch (t) {
-    case DType::kBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
-    case DType::kF16: return __half2float(static_cast<const __half*>(base)[i]);
-    default: return static_cast<const float*>(base)[i];
-  }
-}
-
 __device__ __forceinline__ void store_f(void* base, DType t, size_t i, float x) {
   switch (t) {
     case DType::kBF16: static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(x); break;
@@ -106,59 +94,13 @@ __device__ __forceinline__ void store_f(void* base, DType t, size_t i, float x) 
   }
 }
 
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
 template <typename Tin>
 __device__ __forceinline__ Tin from_float(float x) {
   if constexpr (std::is_same_v<Tin, __half>) return __float2half_rn(x);
   else return __float2bfloat16_rn(x);
 }
 
-__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
-
-// First global token row, slot of the first chunk, and length of sequence n.
-struct Seq {
-  long long row0;
-  int slot0;
-  int len;
-};
-
-__device__ __forceinline__ Seq seq_of(const FwdParams& p, int n) {
-  if (p.is_varlen) {
-    const int b = p.cu_seqlens[n], e = p.cu_seqlens[n + 1];
-    return {b, b / kC + n, e - b};
-  }
-  return {static_cast<long long>(n) * p.T, n * ((p.T + kC - 1) / kC), p.T};
-}
-
-// The chunk a slot holds: its first token row and length; len == 0 for unused slots.
-struct Chunk {
-  long long row0;
-  int len;
-};
-
-__device__ __forceinline__ Chunk locate(const FwdParams& p, int slot) {
-  int n = 0, c = slot;
-  if (p.N == 0) return {0, 0};
-  if (p.is_varlen) {
-    int lo = 0, hi = p.N - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) >> 1;
-      if (p.cu_seqlens[mid] / kC + mid <= slot) lo = mid; else hi = mid - 1;
-    }
-    n = lo;
-    c = slot - (p.cu_seqlens[n] / kC + n);
-  } else {
-    const int per = (p.T + kC - 1) / kC;
-    n = slot / per;
-    c = slot % per;
-  }
-  const Seq sq = seq_of(p, n);
-  if (c < 0 || c * kC >= sq.len) return {0, 0};
-  return {sq.row0 + static_cast<long long>(c) * kC, min(kC, sq.len - c * kC)};
-}
 
 // Sums acc[i], i < 32, over the CTA's 128 threads into out[i], visible to all threads after.
 __device__ __forceinline__ void block_sum32(float (&acc)[32], float (*red)[32], float* out) {
@@ -387,8 +329,8 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
   using L = ChainSmem<NW, kStages_>;
   constexpr int BV = L::BV, VP = L::VP, kStages = L::kStages, RP = L::kRowPitch;
   extern __shared__ __align__(128) uint8_t smem[];
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBar);
-  uint64_t* empty = full + kStages;
+  using Ring = StepRing<kStages, NW, L::kStage, L::kBar>;
+  const Ring ring{smem};
 
   const bool reverse = blockIdx.z >= static_cast<unsigned>(p.N);
   const int vb = blockIdx.x, h = blockIdx.y, n = reverse ? blockIdx.z - p.N : blockIdx.z;
@@ -405,36 +347,22 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
   // engine serialised warp 0). Rows past the sequence repeat its first row: finite values that
   // meet zero columns of Tβ (zero rows of Q̃ and Aqk).
   auto fetch_record = [&](int i) {
-    const int stage = i % kStages;
-    if (lane == 0) {
-      ptx::mbar_arrive_expect_tx(full + stage, Rec::kBytes);
-      ptx::bulk_g2s(smem + stage * L::kStage,
-                    rec0 + static_cast<size_t>(chunk_at(i)) * Rec::kBytes, Rec::kBytes,
-                    full + stage);
-    }
+    ring.fetch_record(i, rec0 + static_cast<size_t>(chunk_at(i)) * Rec::kBytes, Rec::kBytes,
+                      lane);
   };
   auto fetch_rows = [&](int i) {
     if (i < nch) {
       const int c = chunk_at(i);
       ptx::warp_tile16_cp_async(
-          reinterpret_cast<Tin*>(smem + (i % kStages) * L::kStage + Rec::kBytes) + warp * 16, VP,
+          reinterpret_cast<Tin*>(ring.stage(i) + Rec::kBytes) + warp * 16, VP,
           rows_src + (static_cast<size_t>(sq.row0 + c * kC) * p.H + h) * VD + vb * BV + warp * 16,
           static_cast<size_t>(p.H) * VD, sq.len - c * kC, lane);
     }
     ptx::cp_async_commit();  // one group per step, empty or not, so the waits count steps
   };
 
-  // Step i + kStages - 2 refills the stage of step i - 2, so a warp may trail the one that
-  // refills by a step without stalling it.
-  constexpr int kAhead = kStages - 2;
-  if (tid == 0) {
-    for (int i = 0; i < kStages; ++i) {
-      ptx::mbar_init(full + i, 1);
-      ptx::mbar_init(empty + i, NW);
-    }
-    ptx::fence_mbar_init();
-  }
-  __syncthreads();
+  constexpr int kAhead = Ring::kAhead;
+  ring.init();
   for (int i = 0; i < kAhead; ++i) {
     if (warp == 0 && i < nch) fetch_record(i);
     fetch_rows(i);
@@ -444,9 +372,7 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
   const size_t st_base = (static_cast<size_t>(n) * p.H + h) * KD * VD;
   const int v_lo = vb * BV + warp * 16 + g;
   auto st_index = [&](int nt, int j) {
-    const int v = v_lo + (j >> 1) * 8, key = nt * 8 + t * 2 + (j & 1);
-    return st_base + (p.state_v_first ? static_cast<size_t>(v) * KD + key
-                                      : static_cast<size_t>(key) * VD + v);
+    return state_index<KD>(p, st_base, v_lo + (j >> 1) * 8, nt * 8 + t * 2 + (j & 1));
   };
   const float* s0 = reverse ? p.dfinal_state : p.initial_state;
 #pragma unroll
@@ -461,10 +387,7 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
   const int krow = (lane & 7) + ((lane >> 3) & 1) * 8;
 
   for (int i = 0; i < nch; ++i) {
-    if (warp == 0 && i + kAhead < nch) {
-      if (i >= 2) ptx::mbar_wait(empty + (i - 2) % kStages, ((i - 2) / kStages) & 1);
-      fetch_record(i + kAhead);
-    }
+    if (warp == 0 && ring.refill_ready(i, nch)) fetch_record(i + kAhead);
     fetch_rows(i + kAhead);  // this warp's own columns of the stage it finished at step i - 2
     const int c = chunk_at(i);
     const size_t hs = static_cast<size_t>(h) * slots + sq.slot0 + c;
@@ -480,10 +403,8 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
       }
     }
 
-    ptx::mbar_wait(full + i % kStages, (i / kStages) & 1);
-    ptx::cp_async_wait<kAhead>();
-    __syncwarp();
-    const uint8_t* st = smem + (i % kStages) * L::kStage;
+    ring.wait(i);
+    const uint8_t* st = ring.stage(i);
     const Tin* qs = reinterpret_cast<const Tin*>(st + Rec::kQ);
     const __nv_bfloat16* wsm = reinterpret_cast<const __nv_bfloat16*>(st + Rec::kW);
     const __nv_bfloat16* kts = reinterpret_cast<const __nv_bfloat16*>(st + Rec::kKt);
@@ -551,7 +472,7 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
       for (int j = 0; j < 4; ++j)
         rstage[(nt * 8 + t * 2 + (j & 1)) * RP + g + (j >> 1) * 8] = __float2bfloat16_rn(x0[nt][j]);
     __syncwarp();
-    if (lane == 0) ptx::mbar_arrive(empty + i % kStages);
+    ring.release(i, lane);
     {
       const int tok = lane >> 1, half = lane & 1;
       *reinterpret_cast<uint4*>(row_out + (hs * kC + tok) * VD + vb * BV + warp * 16 + half * 8) =
@@ -993,12 +914,6 @@ __global__ void __launch_bounds__(KD) kda_bwd_reduce_kernel(BwdParams p, const f
   }
 }
 
-#define KDA_TRY(expr)                          \
-  do {                                         \
-    const cudaError_t err_ = (expr);           \
-    if (err_ != cudaSuccess) return err_;      \
-  } while (0)
-
 constexpr int kChainWarps = 4;
 
 // The chains are latency-bound (a dependent step per chunk): with one CTA per SM or fewer, a
@@ -1033,11 +948,8 @@ cudaError_t bwd_t(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
     KDA_TRY(cudaGetLastError());
   }
   if (p.N > 0) {
-    int sms = 0, dev = 0;
-    KDA_TRY(cudaGetDevice(&dev));
-    KDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     const long long ctas = static_cast<long long>(VD / (16 * kChainWarps)) * p.H * 2 * p.N;
-    KDA_TRY((ctas <= sms
+    KDA_TRY((ctas <= sm_count()
                  ? launch_chains<12, 1, Tin>(p, ws + lay.rec, states, dstates, vn, dvn, slots, stream)
                  : launch_chains<4, 3, Tin>(p, ws + lay.rec, states, dstates, vn, dvn, slots, stream)));
   }

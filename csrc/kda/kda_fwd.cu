@@ -21,12 +21,11 @@
 #include <algorithm>
 #include <cstdlib>
 
+#include "kda/chunks.cuh"
 #include "kda/ptx.cuh"
 
 namespace kda {
 namespace {
-
-constexpr int kChunk = 16;
 
 // Workspace record of one (head, chunk), K key channels:
 //   Q̃ = scale·Q⊙e^Γ [16,K] bf16 | −W [16,K] bf16 | K̃ = K⊙e^{Γ_C−Γ} [16,K] bf16 |
@@ -44,47 +43,11 @@ struct Rec {
 
 size_t rec_bytes(int K) { return K == 64 ? Rec<64>::kBytes : Rec<128>::kBytes; }
 
-int chunk_slots(const FwdParams& p) {
-  // Varlen: sequence n starts at slot cu[n]/16 + n, which never overlaps the previous one.
-  return p.is_varlen ? p.T / kChunk + p.N + 1 : p.B * ((p.T + kChunk - 1) / kChunk);
-}
-
-__device__ __forceinline__ float load_f(const void* base, DType t, size_t i) {
-  switch (t) {
-    case DType::kBF16:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
-    case DType::kF16:
-      return __half2float(static_cast<const __half*>(base)[i]);
-    default:
-      return static_cast<const float*>(base)[i];
-  }
-}
-
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
 // Raw 16- or 32-bit pattern of a bf16/f16/f32 element to float.
 __device__ __forceinline__ float bits_to_float(uint32_t b, DType t) {
   if (t == DType::kF32) return __uint_as_float(b);
   if (t == DType::kF16) return __half2float(__ushort_as_half(static_cast<unsigned short>(b)));
   return __uint_as_float(b << 16);
-}
-
-__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
-
-// First global token row, slot of the first chunk, and length of sequence n.
-struct Seq {
-  long long row0;
-  int slot0;
-  int len;
-};
-
-__device__ __forceinline__ Seq seq_of(const FwdParams& p, int n) {
-  if (p.is_varlen) {
-    const int b = p.cu_seqlens[n], e = p.cu_seqlens[n + 1];
-    return {b, b / kChunk + n, e - b};
-  }
-  return {static_cast<long long>(n) * p.T, n * ((p.T + kChunk - 1) / kChunk), p.T};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -105,30 +68,11 @@ struct PrepItem {
 };
 
 __device__ __forceinline__ PrepItem prep_item(const FwdParams& p, int slots, long long i) {
-  PrepItem it{0, 0, 0, 0};
-  if (i >= static_cast<long long>(slots) * p.H) return it;
+  if (i >= static_cast<long long>(slots) * p.H) return {0, 0, 0, 0};
   // Heads vary fastest, so the CTAs running at one time read neighbouring rows of q, k and g.
-  it.slot = static_cast<int>(i / p.H);
-  it.h = static_cast<int>(i % p.H);
-  int n = 0, c = it.slot;
-  if (p.is_varlen) {
-    int lo = 0, hi = p.N - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) >> 1;
-      if (p.cu_seqlens[mid] / kChunk + mid <= it.slot) lo = mid; else hi = mid - 1;
-    }
-    n = lo;
-    c = it.slot - (p.cu_seqlens[n] / kChunk + n);
-  } else {
-    const int per = (p.T + kChunk - 1) / kChunk;
-    n = it.slot / per;
-    c = it.slot % per;
-  }
-  const Seq sq = seq_of(p, n);
-  if (c < 0 || c * kChunk >= sq.len) return it;
-  it.len = min(kChunk, sq.len - c * kChunk);
-  it.row0 = sq.row0 + static_cast<long long>(c) * kChunk;
-  return it;
+  const int slot = static_cast<int>(i / p.H), h = static_cast<int>(i % p.H);
+  const Chunk ch = locate(p, slot);
+  return {ch.row0, h, slot, ch.len};
 }
 
 // Dynamic shared memory of the prep kernel: the record being built (in its global layout), the
@@ -481,8 +425,8 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
   using R = Rec<K>;
   constexpr int BV = L::BV, KP = R::kPitch, VP = L::VP, kStages = L::kStages;
   extern __shared__ __align__(128) uint8_t smem[];
-  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::kBar);  // stage landed
-  uint64_t* empty = bars + kStages;  // every warp is done with the stage
+  using Ring = StepRing<kStages, NW, L::kStage, L::kBar>;
+  const Ring ring{smem};
 
   const int vb = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -496,33 +440,19 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
   // columns of the chunk's 16 rows of V with one cp.async per lane: issuing the 16 row copies
   // through the bulk engine serialised warp 0 (ncu: ~45% of its time) and starved every warp.
   auto fetch_record = [&](int c) {
-    const int stage = c % kStages;
-    if (lane == 0) {
-      ptx::mbar_arrive_expect_tx(bars + stage, R::kBytes);
-      ptx::bulk_g2s(smem + stage * L::kStage, rec0 + static_cast<size_t>(c) * R::kBytes,
-                    R::kBytes, bars + stage);
-    }
+    ring.fetch_record(c, rec0 + static_cast<size_t>(c) * R::kBytes, R::kBytes, lane);
   };
   auto fetch_v = [&](int c) {
     if (c < nch)
       ptx::warp_tile16_cp_async(
-          reinterpret_cast<Tin*>(smem + (c % kStages) * L::kStage + L::kV) + warp * 16, VP,
+          reinterpret_cast<Tin*>(ring.stage(c) + L::kV) + warp * 16, VP,
           vsrc + (static_cast<size_t>(sq.row0 + c * kChunk) * p.H + h) * p.V + vb * BV + warp * 16,
           static_cast<size_t>(p.H) * p.V, sq.len - c * kChunk, lane);
     ptx::cp_async_commit();  // one group per chunk, empty or not, so the waits count chunks
   };
 
-  // Chunk c + kStages - 2 refills the stage of chunk c - 2, so a warp may trail the one that
-  // refills by a chunk without stalling it; warps never wait on each other otherwise.
-  constexpr int kAhead = kStages - 2;
-  if (tid == 0) {
-    for (int i = 0; i < kStages; ++i) {
-      ptx::mbar_init(bars + i, 1);
-      ptx::mbar_init(empty + i, NW);
-    }
-    ptx::fence_mbar_init();
-  }
-  __syncthreads();
+  constexpr int kAhead = Ring::kAhead;
+  ring.init();
   for (int c = 0; c < kAhead; ++c) {
     if (warp == 0 && c < nch) fetch_record(c);
     fetch_v(c);
@@ -533,9 +463,7 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
   const size_t st_base = (static_cast<size_t>(n) * p.H + h) * K * p.V;
   const int v_lo = vb * BV + warp * 16 + g;
   auto st_index = [&](int nt, int j) {
-    const int v = v_lo + (j >> 1) * 8, key = nt * 8 + t * 2 + (j & 1);
-    return st_base + (p.state_v_first ? static_cast<size_t>(v) * K + key
-                                      : static_cast<size_t>(key) * p.V + v);
+    return state_index<K>(p, st_base, v_lo + (j >> 1) * 8, nt * 8 + t * 2 + (j & 1));
   };
 #pragma unroll
   for (int nt = 0; nt < K / 8; ++nt)
@@ -546,16 +474,11 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
   Tin* out = static_cast<Tin*>(p.o);
   const int brow = (lane & 7) + ((lane >> 4) & 1) * 8, bcol = ((lane >> 3) & 1) * 8;
   for (int c = 0; c < nch; ++c) {
-    if (warp == 0 && c + kAhead < nch) {
-      if (c >= 2) ptx::mbar_wait(empty + (c - 2) % kStages, ((c - 2) / kStages) & 1);
-      fetch_record(c + kAhead);
-    }
+    if (warp == 0 && ring.refill_ready(c, nch)) fetch_record(c + kAhead);
     fetch_v(c + kAhead);  // this warp's own columns of the stage it finished at chunk c - 2
-    ptx::mbar_wait(bars + c % kStages, (c / kStages) & 1);
-    ptx::cp_async_wait<kAhead>();
-    __syncwarp();
+    ring.wait(c);
 
-    const uint8_t* st = smem + (c % kStages) * L::kStage;
+    const uint8_t* st = ring.stage(c);
     const __nv_bfloat16* qs = reinterpret_cast<const __nv_bfloat16*>(st + R::kQ);
     const __nv_bfloat16* wsm = reinterpret_cast<const __nv_bfloat16*>(st + R::kW);
     const __nv_bfloat16* kts = reinterpret_cast<const __nv_bfloat16*>(st + R::kKt);
@@ -629,7 +552,7 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
           ostage[tok * L::kOutPitch + v] = __float2bfloat16_rn(ot[nt][j]);
       }
     __syncwarp();
-    if (lane == 0) ptx::mbar_arrive(empty + c % kStages);
+    ring.release(c, lane);
     {
       const int tok = lane >> 1, half = lane & 1;
       const int gt = c * kChunk + tok;
@@ -657,23 +580,6 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
       for (int j = 0; j < BV / 2; ++j) dst[j] = Tin(0.f);
     }
   }
-}
-
-#define KDA_TRY(expr)                          \
-  do {                                         \
-    const cudaError_t err_ = (expr);           \
-    if (err_ != cudaSuccess) return err_;      \
-  } while (0)
-
-int sm_count() {
-  static const int n = [] {
-    int dev = 0, v = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-      return 132;
-    return v;
-  }();
-  return n;
 }
 
 template <int K, bool kFactored, typename Tin>

@@ -1,0 +1,165 @@
+// What the forward and backward kernels share: chunk and sequence bookkeeping, element
+// conversions, launch error handling, and the staged record pipeline of the recurrences.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kda/kda_fwd.h"
+#include "kda/ptx.cuh"
+
+#define KDA_TRY(expr)                          \
+  do {                                         \
+    const cudaError_t err_ = (expr);           \
+    if (err_ != cudaSuccess) return err_;      \
+  } while (0)
+
+namespace kda {
+
+constexpr int kChunk = 16;  // tokens per chunk
+
+// Chunk slots per head in the workspace. Varlen: sequence n starts at slot cu[n]/16 + n, which
+// never overlaps the previous one.
+inline int chunk_slots(const FwdParams& p) {
+  return p.is_varlen ? p.T / kChunk + p.N + 1 : p.B * ((p.T + kChunk - 1) / kChunk);
+}
+
+inline int sm_count() {
+  static const int n = [] {
+    int dev = 0, v = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+      return 132;
+    return v;
+  }();
+  return n;
+}
+
+__device__ __forceinline__ float load_f(const void* base, DType t, size_t i) {
+  switch (t) {
+    case DType::kBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+    case DType::kF16: return __half2float(static_cast<const __half*>(base)[i]);
+    default: return static_cast<const float*>(base)[i];
+  }
+}
+
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
+
+// First global token row, slot of the first chunk, and length of sequence n.
+struct Seq {
+  long long row0;
+  int slot0;
+  int len;
+};
+
+__device__ __forceinline__ Seq seq_of(const FwdParams& p, int n) {
+  if (p.is_varlen) {
+    const int b = p.cu_seqlens[n], e = p.cu_seqlens[n + 1];
+    return {b, b / kChunk + n, e - b};
+  }
+  return {static_cast<long long>(n) * p.T, n * ((p.T + kChunk - 1) / kChunk), p.T};
+}
+
+// The chunk a slot holds: its first token row and length; len == 0 for unused slots.
+struct Chunk {
+  long long row0;
+  int len;
+};
+
+__device__ __forceinline__ Chunk locate(const FwdParams& p, int slot) {
+  int n = 0, c = slot;
+  if (p.N == 0) return {0, 0};
+  if (p.is_varlen) {
+    int lo = 0, hi = p.N - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (p.cu_seqlens[mid] / kChunk + mid <= slot) lo = mid; else hi = mid - 1;
+    }
+    n = lo;
+    c = slot - (p.cu_seqlens[n] / kChunk + n);
+  } else {
+    const int per = (p.T + kChunk - 1) / kChunk;
+    n = slot / per;
+    c = slot % per;
+  }
+  const Seq sq = seq_of(p, n);
+  if (c < 0 || c * kChunk >= sq.len) return {0, 0};
+  return {sq.row0 + static_cast<long long>(c) * kChunk, min(kChunk, sq.len - c * kChunk)};
+}
+
+// Index into a state [N,H,K,V] (or [N,H,V,K] with state_v_first) of sequence-and-head `base`
+// = (n·H + h)·K·V, at value v and key `key`; K (= p.K) as the caller's compile-time constant.
+template <int K>
+__device__ __forceinline__ size_t state_index(const FwdParams& p, size_t base, int v, int key) {
+  return base + (p.state_v_first ? static_cast<size_t>(v) * K + key
+                                 : static_cast<size_t>(key) * p.V + v);
+}
+
+// The record pipeline of the recurrence kernels: kStages shared-memory stages of kStageBytes
+// from the start of shared memory, each holding one step's record (one bulk copy, issued by
+// lane 0 of warp 0, completing on the stage's "full" mbarrier) and, beside it, every warp's own
+// 16x16 row tile (cp.async, one group per step). Step i + kAhead refills the stage of step
+// i - 2 once all NW warps have released that, so a warp may trail the one that refills by a
+// step without stalling it; warps never wait on each other otherwise. The 2·kStages mbarriers
+// ("full", then "empty") start at byte kBarOffset. Everything but the base is compile-time, as
+// in the hand-written loops this replaced.
+template <int kStages, int NW, int kStageBytes, int kBarOffset>
+struct StepRing {
+  static constexpr int kAhead = kStages - 2;
+  uint8_t* smem;
+
+  __device__ uint64_t* full(int i) const {
+    return reinterpret_cast<uint64_t*>(smem + kBarOffset) + i % kStages;
+  }
+  __device__ uint64_t* empty(int i) const { return full(i) + kStages; }
+
+  // Every thread of the CTA calls it (it ends in a CTA barrier).
+  __device__ void init() const {
+    if (threadIdx.x == 0) {
+      for (int i = 0; i < kStages; ++i) {
+        ptx::mbar_init(full(i), 1);
+        ptx::mbar_init(empty(i), NW);
+      }
+      ptx::fence_mbar_init();
+    }
+    __syncthreads();
+  }
+
+  __device__ uint8_t* stage(int i) const { return smem + (i % kStages) * kStageBytes; }
+
+  // Warp 0: the record of step i, `bytes` from `src`, into the start of its stage.
+  __device__ void fetch_record(int i, const void* src, uint32_t bytes, int lane) const {
+    if (lane == 0) {
+      ptx::mbar_arrive_expect_tx(full(i), bytes);
+      ptx::bulk_g2s(stage(i), src, bytes, full(i));
+    }
+  }
+
+  // Warp 0, at step i: may the record of step i + kAhead be fetched now (after waiting for
+  // the stage it reuses)?
+  __device__ bool refill_ready(int i, int steps) const {
+    if (i + kAhead >= steps) return false;
+    if (i >= 2) ptx::mbar_wait(empty(i - 2), ((i - 2) / kStages) & 1);
+    return true;
+  }
+
+  // Every warp: step i's record and this warp's row tile have landed.
+  __device__ void wait(int i) const {
+    ptx::mbar_wait(full(i), (i / kStages) & 1);
+    ptx::cp_async_wait<kAhead>();
+    __syncwarp();
+  }
+
+  // Every warp, once it no longer reads step i's record.
+  __device__ void release(int i, int lane) const {
+    if (lane == 0) ptx::mbar_arrive(empty(i));
+  }
+};
+
+}  // namespace kda
