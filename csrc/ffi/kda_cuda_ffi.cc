@@ -99,13 +99,16 @@ ffi::Error cuda_error(const std::string& who, cudaError_t err) {
   return ffi::Error::Internal(who + ": " + cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
 }
 
-// Shared tail of both calls: the kernels' own refusals, the workspace, the launch.
+// Shared tail of both calls: the kernels' own refusals, the workspace, poisoning the results
+// when asked, the launch.
 template <typename Params, typename Unsupported, typename WorkspaceBytes, typename Launch>
 ffi::Error launch(const std::string& who, const Params& p, ffi::ScratchAllocator& scratch,
-                  cudaStream_t stream, Unsupported unsupported, WorkspaceBytes workspace_bytes,
-                  Launch run) {
+                  cudaStream_t stream, std::initializer_list<ffi::AnyBuffer*> results,
+                  Unsupported unsupported, WorkspaceBytes workspace_bytes, Launch run) {
   if (const char* why = unsupported(p))
     return ffi::Error(ffi::ErrorCode::kUnimplemented, who + ": " + why);
+  if (const cudaError_t err = poison_if_asked(stream, results); err != cudaSuccess)
+    return cuda_error(who, err);
   void* workspace = nullptr;
   if (const size_t bytes = workspace_bytes(p); bytes > 0) {
     // XLA accepts alignments up to 16 bytes, which is what the kernels' 16-byte copies need.
@@ -137,10 +140,8 @@ ffi::Error fwd_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
   KDA_RETURN_IF_ERROR(contract::check_f32(kFwd, *final_state, "final_state", s.state));
   p.o = o->untyped_data();
   p.final_state = static_cast<float*>(final_state->untyped_data());
-  if (const cudaError_t err = poison_if_asked(stream, {&*o, &*final_state}); err != cudaSuccess)
-    return cuda_error(kFwd, err);
-  return launch(kFwd, p, scratch, stream, kda::fwd_unsupported, kda::fwd_workspace_bytes,
-                kda::fwd);
+  return launch(kFwd, p, scratch, stream, {&*o, &*final_state}, kda::fwd_unsupported,
+                kda::fwd_workspace_bytes, kda::fwd);
 }
 
 ffi::Error bwd_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
@@ -172,12 +173,9 @@ ffi::Error bwd_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
   p.dA_log = static_cast<float*>(dA_log->untyped_data());
   p.ddt_bias = static_cast<float*>(ddt_bias->untyped_data());
   p.dinitial_state = static_cast<float*>(dinitial_state->untyped_data());
-  if (const cudaError_t err = poison_if_asked(
-          stream, {&*dq, &*dk, &*dv, &*dg, &*dbeta, &*dA_log, &*ddt_bias, &*dinitial_state});
-      err != cudaSuccess)
-    return cuda_error(kBwd, err);
-  return launch(kBwd, p, scratch, stream, kda::bwd_unsupported, kda::bwd_workspace_bytes,
-                kda::bwd);
+  return launch(kBwd, p, scratch, stream,
+                {&*dq, &*dk, &*dv, &*dg, &*dbeta, &*dA_log, &*ddt_bias, &*dinitial_state},
+                kda::bwd_unsupported, kda::bwd_workspace_bytes, kda::bwd);
 }
 
 }  // namespace
