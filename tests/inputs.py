@@ -1,5 +1,8 @@
 """Random KDA inputs for the tests: never zeros, every gate mode."""
 
+import contextlib
+
+import jax
 import numpy as np
 
 GATE_MODES = ("log_decay", "softplus", "safe")
@@ -43,3 +46,42 @@ def rel_err(x, ref):
     x = np.asarray(x, np.float64)
     ref = np.asarray(ref, np.float64)
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def random_kernel_inputs(rng, *, B, T, N, H, K, V, gate_mode, l2norm=True, beta_sigmoid=True,
+                         v_first=False, extreme=False):
+    """float64 numpy q, k, v, g, beta, h0 (and A_log, dt_bias for gate_mode 1 and 2, the
+    kernels' integer gate modes) for the CUDA kernel tests. `extreme` sets whole-token resets
+    and single channels decayed to -1000 (log-decay gate) or wide gate inputs (the others)."""
+    q = rng.standard_normal((B, T, H, K))
+    k = rng.standard_normal((B, T, H, K))
+    if not l2norm:  # keep the delta rule contractive: |k|² β ≤ 2
+        q, k = q / np.sqrt(K), k / np.sqrt(K)
+    v = rng.standard_normal((B, T, H, V))
+    if gate_mode == 0:
+        g = -np.exp(rng.standard_normal((B, T, H, K)) - 2.0)
+        if extreme:
+            g[:, ::7] = -1000.0
+            g[rng.random(g.shape) < 0.05] = -1000.0
+            g[rng.random(g.shape) < 0.05] = -30.0
+    else:
+        g = rng.standard_normal((B, T, H, K)) * (4.0 if extreme else 1.0)
+    beta = rng.standard_normal((B, T, H)) if beta_sigmoid else rng.uniform(0.05, 1.0, (B, T, H))
+    x = dict(q=q, k=k, v=v, g=g, beta=beta)
+    if gate_mode:
+        x["A_log"] = rng.uniform(-1.0, 1.0 + (1.5 if extreme else 0.0), (H,))
+        x["dt_bias"] = 0.5 * rng.standard_normal((H, K))
+    x["h0"] = 0.3 * rng.standard_normal((N, H, V, K) if v_first else (N, H, K, V))
+    return x
+
+
+@contextlib.contextmanager
+def float64_on_cpu():
+    """float64 enabled and the CPU as default device, for the reference recurrence."""
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        with jax.default_device(jax.devices("cpu")[0]):
+            yield
+    finally:
+        jax.config.update("jax_enable_x64", previous)

@@ -8,7 +8,6 @@ fast NumPy oracle everywhere.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import os
@@ -18,6 +17,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+
+from inputs import float64_on_cpu, rel_err
 
 FWD, BWD = "jax_flashkda_fwd", "jax_flashkda_bwd"
 
@@ -32,16 +33,6 @@ def _register():
     # cache keeps this module from doing it more than once.
     for name, capsule in module.registrations().items():
         jax.ffi.register_ffi_target(name, capsule, platform="cpu")
-
-
-@contextlib.contextmanager
-def _x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", previous)
 
 
 def _attrs(cfg):
@@ -240,11 +231,6 @@ def _kv_state(s, cfg):
     return np.swapaxes(s, -1, -2) if cfg["v_first"] else s
 
 
-def rel_err(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
-
-
 def config(gate_mode=0, l2norm=False, sigmoid=False, v_first=False, cu=None, lower_bound=-5.0,
            scale=0.25, **extra):
     return dict(gate_mode=gate_mode, l2norm=l2norm, sigmoid=sigmoid, v_first=v_first, cu=cu,
@@ -341,7 +327,7 @@ def test_numpy_oracle_backward_matches_autodiff(cfg):
     do = rng.standard_normal((B, T, H, V))
     dfinal = rng.standard_normal(x["h0"].shape)
     o_np, final_np, grads_np = np_oracle(x, cfg, do, dfinal)
-    with _x64():
+    with float64_on_cpu():
         A_rows = np.broadcast_to(x["A_log"].astype(np.float64), (B, H))
         bias_rows = np.broadcast_to(x["dt_bias"].astype(np.float64), (B, H, K))
         primals = [jnp.asarray(np.asarray(a, np.float64)) for a in (

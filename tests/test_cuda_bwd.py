@@ -1,7 +1,6 @@
 """The Hopper CUDA backward (`jax_flashkda_bwd`, platform CUDA) through the public op:
 `jax.grad` of `kda(..., impl="cuda")` against `jax.grad` of the float64 token recurrence."""
 
-import contextlib
 import os
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from inputs import float64_on_cpu, random_kernel_inputs, rel_err
 from jax_flashkda import _ffi, kda
 
 pytestmark = pytest.mark.gpu
@@ -32,34 +32,18 @@ def make_case(rng, *, B=1, T=40, H=2, gate_mode=2, l2norm=True, beta_sigmoid=Tru
     if seqlens is not None:
         B, T, N = 1, int(sum(seqlens)), len(seqlens)
         static["cu_seqlens"] = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32)
-    q = rng.standard_normal((B, T, H, K))
-    k = rng.standard_normal((B, T, H, K))
-    if not l2norm:  # keep the delta rule contractive: |k|² β ≤ 2
-        q, k = q / np.sqrt(K), k / np.sqrt(K)
-    v = rng.standard_normal((B, T, H, V))
-    if gate_mode == 0:
-        g = -np.exp(rng.standard_normal((B, T, H, K)) - 2.0)
-        if extreme:  # whole-token resets and single channels decayed to -1000
-            g[:, ::7] = -1000.0
-            g[rng.random(g.shape) < 0.05] = -1000.0
-            g[rng.random(g.shape) < 0.05] = -30.0
-    else:
-        g = rng.standard_normal((B, T, H, K)) * (4.0 if extreme else 1.0)
-    beta = rng.standard_normal((B, T, H)) if beta_sigmoid else rng.uniform(0.05, 1.0, (B, T, H))
-    h0 = 0.3 * rng.standard_normal((N, H, V, K) if v_first else (N, H, K, V))
-    x = dict(q=q, k=k, v=v, g=g, beta=beta, h0=h0)
-    if gate_mode:
-        x["A_log"] = rng.uniform(-1.0, 1.0 + (1.5 if extreme else 0.0), (H,))
-        x["dt_bias"] = 0.5 * rng.standard_normal((H, K))
-        if gate_mode == 2:
-            static["lower_bound"] = -5.0
+    x = random_kernel_inputs(rng, B=B, T=T, N=N, H=H, K=K, V=V, gate_mode=gate_mode,
+                             l2norm=l2norm, beta_sigmoid=beta_sigmoid, v_first=v_first,
+                             extreme=extreme)
+    if gate_mode == 2:
+        static["lower_bound"] = -5.0
     dtypes = dict(q=dtype, k=dtype, v=dtype, g=g_dtype, beta=beta_dtype, h0=jnp.float32,
                   A_log=jnp.float32, dt_bias=jnp.float32)
     x = {n: np.asarray(jnp.asarray(a, dtypes[n]).astype(jnp.float32), np.float64)
          for n, a in x.items()}
     do = np.asarray(jnp.asarray(rng.standard_normal((B, T, H, V)), dtype).astype(jnp.float32),
                     np.float64)
-    dht = rng.standard_normal(h0.shape)
+    dht = rng.standard_normal(x["h0"].shape)
     return x, dtypes, static, do, dht
 
 
@@ -80,28 +64,12 @@ def cuda_grads(x, dtypes, static, do, dht):
     return {n: np.asarray(a.astype(jnp.float32), np.float64) for n, a in g.items()}
 
 
-@contextlib.contextmanager
-def float64_on_cpu():
-    """float64 enabled and the CPU as default device, for the reference recurrence."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        with jax.default_device(jax.devices("cpu")[0]):
-            yield
-    finally:
-        jax.config.update("jax_enable_x64", previous)
-
-
 def reference_grads(x, static, do, dht):
     with float64_on_cpu():
         args = {n: jnp.asarray(a, jnp.float64) for n, a in x.items()}
         f = jax.jit(jax.grad(_loss(tuple(x), static, "recurrent", jnp.float64)))
         g = f(args, jnp.asarray(do), jnp.asarray(dht))
         return {n: np.asarray(a) for n, a in g.items()}
-
-
-def rel(x, ref):
-    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def check(case, label, tol_scale=1.0):
@@ -112,7 +80,7 @@ def check(case, label, tol_scale=1.0):
     errs = {}
     for n in got:
         assert np.isfinite(got[n]).all(), f"{label}: d{n} has non-finite entries"
-        errs[n] = rel(got[n], ref[n])
+        errs[n] = rel_err(got[n], ref[n])
     line = " ".join(f"d{n}={errs[n]:.2e}" for n in NAMES if n in errs)
     print(f"relerr {label}: {line}")
     if os.environ.get("KDA_BWD_ERRLOG"):

@@ -7,6 +7,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from inputs import random_kernel_inputs, rel_err
+
 pytestmark = pytest.mark.gpu
 
 _TARGET = "jax_flashkda_fwd"
@@ -94,26 +96,12 @@ def make_case(rng, *, B=1, T=40, H=2, K=128, V=128, dtype=jnp.bfloat16, gate_mod
     else:
         cu = np.zeros((1,), np.int32)
         N = B
-    q = rng.standard_normal((B, T, H, K))
-    k = rng.standard_normal((B, T, H, K))
-    if not l2norm:  # keep the delta rule contractive: |k|² β ≤ 2
-        q, k = q / np.sqrt(K), k / np.sqrt(K)
-    v = rng.standard_normal((B, T, H, V))
-    if gate_mode == 0:
-        g = -np.exp(rng.standard_normal((B, T, H, K)) - 2.0)
-        if extreme:  # whole-token resets and single channels decayed to -1000
-            g[:, ::7] = -1000.0
-            g[rng.random(g.shape) < 0.05] = -1000.0
-            g[rng.random(g.shape) < 0.05] = -30.0
-    elif gate_mode == 1:
-        g = rng.standard_normal((B, T, H, K)) * (4.0 if extreme else 1.0)
-    else:
-        g = rng.standard_normal((B, T, H, K))
-    beta = rng.standard_normal((B, T, H)) if beta_sigmoid else rng.uniform(0.05, 1.0, (B, T, H))
-    A_log = rng.uniform(-1.0, 1.0 + (1.5 if extreme else 0.0), (H,)) if gate_mode else np.zeros((H,))
-    dt_bias = 0.5 * rng.standard_normal((H, K)) if gate_mode else np.zeros((H, K))
-    shape = (N, H, V, K) if v_first else (N, H, K, V)
-    h0 = 0.3 * rng.standard_normal(shape)
+    x = random_kernel_inputs(rng, B=B, T=T, N=N, H=H, K=K, V=V, gate_mode=gate_mode,
+                             l2norm=l2norm, beta_sigmoid=beta_sigmoid, v_first=v_first,
+                             extreme=extreme)
+    q, k, v, g, beta, h0 = (x[n] for n in ("q", "k", "v", "g", "beta", "h0"))
+    A_log = x.get("A_log", np.zeros((H,)))
+    dt_bias = x.get("dt_bias", np.zeros((H, K)))
     arrays = (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype),
               jnp.asarray(g, g_dtype), jnp.asarray(beta, beta_dtype),
               jnp.asarray(A_log, jnp.float32), jnp.asarray(dt_bias, jnp.float32),
@@ -121,11 +109,6 @@ def make_case(rng, *, B=1, T=40, H=2, K=128, V=128, dtype=jnp.bfloat16, gate_mod
     attrs = dict(scale=K ** -0.5, l2norm=l2norm, beta_sigmoid=beta_sigmoid, gate_mode=gate_mode,
                  lower_bound=lower_bound, v_first=v_first, varlen=varlen)
     return arrays, attrs
-
-
-def rel(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
 def check(arrays, attrs, o_tol=6e-3, s_tol=5e-3):
@@ -138,7 +121,7 @@ def check(arrays, attrs, o_tol=6e-3, s_tol=5e-3):
         end = int(arrays[8][-1])
         assert (o[:, end:] == 0).all(), "tokens past the last sequence must get o = 0"
         o, ref_o = o[:, :end], ref_o[:, :end]
-    eo, es = rel(o, ref_o), rel(st, ref_s)
+    eo, es = rel_err(o, ref_o), rel_err(st, ref_s)
     assert eo <= o_tol, f"o rel err {eo:.2e}"
     assert es <= s_tol, f"final state rel err {es:.2e}"
     return eo, es

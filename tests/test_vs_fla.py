@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from jax_flashkda import kda
-from test_cuda_bwd import cuda_grads, float64_on_cpu, make_case, rel
+from inputs import float64_on_cpu, rel_err
+from test_cuda_bwd import cuda_grads, make_case
 
 pytestmark = pytest.mark.gpu
 
@@ -63,13 +64,13 @@ def test_errors_no_worse_than_fla(rng, T):
 
     args = {n: jnp.asarray(a, dtypes[n]) for n, a in x.items()}
     o, ht = jax.jit(lambda a: _forward(a, static, "cuda"))(args)
-    ours = {"o": (rel(np.asarray(o.astype(jnp.float32), np.float64), ref_o),
-                  rel(fla_o, ref_o)),
-            "ht": (rel(np.asarray(ht, np.float64), ref_ht), rel(fla_ht, ref_ht))}
+    ours = {"o": (rel_err(np.asarray(o.astype(jnp.float32), np.float64), ref_o),
+                  rel_err(fla_o, ref_o)),
+            "ht": (rel_err(np.asarray(ht, np.float64), ref_ht), rel_err(fla_ht, ref_ht))}
     grads = cuda_grads(x, dtypes, static, do, dht)
     for n, g in fla_grads.items():
         ref = ref_grads[n]
-        ours["d" + n] = (rel(grads[n], ref), rel(g.reshape(ref.shape), ref))
+        ours["d" + n] = (rel_err(grads[n], ref), rel_err(g.reshape(ref.shape), ref))
 
     line = " ".join(f"{n}={a:.2e}/{b:.2e}" for n, (a, b) in ours.items())
     print(f"ours/fla T={T}: {line}")
