@@ -72,6 +72,14 @@ def reference_grads(x, static, do, dht):
         return {n: np.asarray(a) for n, a in g.items()}
 
 
+def report_errors(label, line):
+    """Prints a line of measured errors, and appends it to the file KDA_BWD_ERRLOG names."""
+    print(f"relerr {label}: {line}")
+    if os.environ.get("KDA_BWD_ERRLOG"):
+        with open(os.environ["KDA_BWD_ERRLOG"], "a") as fh:
+            fh.write(f"{label}: {line}\n")
+
+
 def check(case, label, tol_scale=1.0):
     assert _ffi.has_target("CUDA", _ffi.BWD_TARGET), "the CUDA backward is not registered"
     x, dtypes, static, do, dht = case
@@ -82,10 +90,7 @@ def check(case, label, tol_scale=1.0):
         assert np.isfinite(got[n]).all(), f"{label}: d{n} has non-finite entries"
         errs[n] = rel_err(got[n], ref[n])
     line = " ".join(f"d{n}={errs[n]:.2e}" for n in NAMES if n in errs)
-    print(f"relerr {label}: {line}")
-    if os.environ.get("KDA_BWD_ERRLOG"):
-        with open(os.environ["KDA_BWD_ERRLOG"], "a") as fh:
-            fh.write(f"{label}: {line}\n")
+    report_errors(label, line)
     bad = {n: e for n, e in errs.items() if not e <= TOL[n] * tol_scale}
     assert not bad, f"{label}: relative errors over tolerance: {bad}"
     return got

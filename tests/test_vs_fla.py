@@ -5,8 +5,6 @@ Runs on a Hopper GPU where fla (the `fla-core` wheel) and torch are importable; 
 elsewhere. KDA_BWD_ERRLOG names a file that gets both sets of errors.
 """
 
-import os
-
 import numpy as np
 import pytest
 
@@ -15,7 +13,7 @@ import jax.numpy as jnp
 
 from jax_flashkda import kda
 from inputs import float64_on_cpu, rel_err
-from test_cuda_bwd import cuda_grads, make_case
+from test_cuda_bwd import cuda_grads, make_case, report_errors
 
 pytestmark = pytest.mark.gpu
 
@@ -73,9 +71,6 @@ def test_errors_no_worse_than_fla(rng, T):
         ours["d" + n] = (rel_err(grads[n], ref), rel_err(g.reshape(ref.shape), ref))
 
     line = " ".join(f"{n}={a:.2e}/{b:.2e}" for n, (a, b) in ours.items())
-    print(f"ours/fla T={T}: {line}")
-    if os.environ.get("KDA_BWD_ERRLOG"):
-        with open(os.environ["KDA_BWD_ERRLOG"], "a") as fh:
-            fh.write(f"ours/fla T={T}: {line}\n")
+    report_errors(f"ours/fla T={T}", line)
     worse = {n: (a, b) for n, (a, b) in ours.items() if not a <= SLACK * b + FLOOR}
     assert not worse, f"further from float64 than fla: {worse}"
