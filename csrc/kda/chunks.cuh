@@ -93,6 +93,41 @@ __device__ __forceinline__ Chunk locate(const FwdParams& p, int slot) {
   return {sq.row0 + static_cast<long long>(c) * kChunk, min(kChunk, sq.len - c * kChunk)};
 }
 
+// Sums acc[i], i < 32, over the CTA's kWarps warps into out[i] = finish(sum), visible to all
+// threads after (the two CTA barriers inside also publish earlier shared-memory writes).
+struct Unchanged {
+  __device__ float operator()(float x) const { return x; }
+};
+
+template <int kWarps, typename Finish = Unchanged>
+__device__ __forceinline__ void block_sum32(float (&acc)[32], float (*red)[32], float* out,
+                                            Finish finish = {}) {
+  static_assert(kWarps == 2 || kWarps == 4, "one warp per 32 key channels, K = 64 or 128");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  // Transposing butterfly: each round halves the values a lane carries, so after five rounds
+  // lane i holds the warp's sum of value i (31 shuffles instead of 32 x 5).
+#pragma unroll
+  for (int i = 0; i < 5; ++i) {
+    const int w = 16 >> i;
+    const bool upper = lane & w;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      if (j >= w) break;
+      const float send = upper ? acc[j] : acc[j + w];
+      const float keep = upper ? acc[j + w] : acc[j];
+      acc[j] = keep + __shfl_xor_sync(0xffffffffu, send, w);
+    }
+  }
+  red[warp][lane] = acc[0];
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float sum = red[0][lane] + red[1][lane];
+    if constexpr (kWarps == 4) sum += red[2][lane] + red[3][lane];
+    out[lane] = finish(sum);
+  }
+  __syncthreads();
+}
+
 // Index into a state [N,H,K,V] (or [N,H,V,K] with state_v_first) of sequence-and-head `base`
 // = (n·H + h)·K·V, at value v and key `key`; K (= p.K) as the caller's compile-time constant.
 template <int K>

@@ -102,29 +102,6 @@ __device__ __forceinline__ Tin from_float(float x) {
 
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
 
-// Sums acc[i], i < 32, over the CTA's 128 threads into out[i], visible to all threads after.
-__device__ __forceinline__ void block_sum32(float (&acc)[32], float (*red)[32], float* out) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  // Transposing butterfly: each round halves the values a lane carries, so after five rounds
-  // lane i holds the warp's sum of value i (31 shuffles instead of 32 x 5).
-#pragma unroll
-  for (int i = 0; i < 5; ++i) {
-    const int w = 16 >> i;
-    const bool upper = lane & w;
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      if (j >= w) break;
-      const float send = upper ? acc[j] : acc[j + w];
-      const float keep = upper ? acc[j + w] : acc[j];
-      acc[j] = keep + __shfl_xor_sync(0xffffffffu, send, w);
-    }
-  }
-  red[warp][lane] = acc[0];
-  __syncthreads();
-  if (threadIdx.x < 32) out[lane] = (red[0][lane] + red[1][lane]) + (red[2][lane] + red[3][lane]);
-  __syncthreads();
-}
-
 // ---------------------------------------------------------------------------------------------
 // Per-channel chunk inputs, shared by prep and grad: one CTA of 128 threads, thread d = key
 // channel d. Leaves qn, kn (after l2norm), G (= Γ, cumulative log-decay) and xg (gate input +
@@ -202,7 +179,7 @@ __global__ void __launch_bounds__(KD) kda_bwd_prep_kernel(BwdParams p, uint8_t* 
       acc[r] = q[r] * q[r];
       acc[kC + r] = k[r] * k[r];
     }
-    block_sum32(acc, sm.red, sm.sq);
+    block_sum32<KD / 32>(acc, sm.red, sm.sq);
     return static_cast<const float*>(sm.sq);
   });
 
@@ -227,7 +204,7 @@ __global__ void __launch_bounds__(KD) kda_bwd_prep_kernel(BwdParams p, uint8_t* 
       acc[r] = p.scale * qn[r] * kn[r];
       acc[kC + r] = 0.f;
     }
-    block_sum32(acc, sm.red, sm.diag);  // its barriers also publish X, Y, Z
+    block_sum32<KD / 32>(acc, sm.red, sm.diag);  // its barriers also publish X, Y, Z
   }
   // The 120 strictly-lower pairs, one per thread: LL and Aqk.
   if (d < 120) {
@@ -839,7 +816,7 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
       acc[r] = qn[r] * dq[r];
       acc[kC + r] = kn[r] * dk[r];
     }
-    block_sum32(acc, sg.red, sg.dots);
+    block_sum32<KD / 32>(acc, sg.red, sg.dots);
 #pragma unroll
     for (int r = 0; r < kC; ++r) {
       dq[r] = rsqrtf(aux.sq[r] + 1e-6f) * (dq[r] - sg.dots[r] * qn[r]);

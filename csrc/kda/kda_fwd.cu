@@ -212,35 +212,14 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
     if (d < kChunk) beta_s[d] = d < len && p.use_beta_sigmoid ? sigmoid_f(beta_raw) : beta_raw;
 
     if (p.use_qk_l2norm) {
-      // 32 row sums (16 of q², 16 of k²) over the CTA: a transposing butterfly leaves lane i of
-      // each warp with the warp's partial sum of value i.
+      // 32 row sums (16 of q², 16 of k²) over the CTA, as 1/norms.
       float acc[32];
 #pragma unroll
       for (int r = 0; r < kChunk; ++r) {
         acc[r] = qv[r] * qv[r];
         acc[kChunk + r] = kv[r] * kv[r];
       }
-#pragma unroll
-      for (int s = 0; s < 5; ++s) {
-        const int w = 16 >> s;
-        const bool upper = lane & w;
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          if (j >= w) break;
-          const float send = upper ? acc[j] : acc[j + w];
-          const float keep = upper ? acc[j + w] : acc[j];
-          acc[j] = keep + __shfl_xor_sync(0xffffffffu, send, w);
-        }
-      }
-      red[warp][lane] = acc[0];
-      __syncthreads();
-      if (d < 32) {
-        float s = 0.f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) s += red[w][d];
-        rnorm[d] = rsqrtf(s + 1e-6f);
-      }
-      __syncthreads();
+      block_sum32<kWarps>(acc, red, rnorm, [](float sum) { return rsqrtf(sum + 1e-6f); });
 #pragma unroll
       for (int r = 0; r < kChunk; ++r) {
         qv[r] *= rnorm[r];
