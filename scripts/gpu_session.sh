@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call for kernel work: build the CUDA module, run the GPU tests, time our kernels.
-#   TESTS=0 skips the tests (TEST_TIMEOUT, default 420 s: test_vs_fla compiles and autotunes
-#   fla's Triton kernels first); SANITIZE=1 adds compute-sanitizer memcheck + racecheck;
+#   TESTS=0 skips the tests, TEST_FILES picks them (TEST_TIMEOUT, default 420 s: test_vs_fla
+#   compiles and autotunes fla's Triton kernels first); TIME=0 skips the timings; SANITIZE=1 adds compute-sanitizer memcheck + racecheck;
 #   NCU=1 adds full ncu reports at NCU_SHAPES (big long), per SASS line too; WARPS=auto,1,2,4,8 times
 #   forward variants. Logs under $OUT.
 source "$(dirname "$0")/device_preamble.sh"
@@ -11,8 +11,8 @@ bash scripts/build_cuda_module.sh "$OUT/build.log" || exit 1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 if [ "${TESTS:-1}" = 1 ]; then
-  KDA_BWD_ERRLOG="$OUT/relerr.log" timeout "${TEST_TIMEOUT:-420}" "$PY" -m pytest -q -rfE -p no:cacheprovider \
-    tests/test_cuda_fwd.py tests/test_cuda_bwd.py tests/test_vs_fla.py 2>&1 | tee "$OUT/pytest.log" | tail -25
+  KDA_BWD_ERRLOG="$OUT/relerr.log" timeout "${TEST_TIMEOUT:-420}" "$PY" -m pytest -q -rfE --durations=6 -p no:cacheprovider \
+    ${TEST_FILES:-tests/test_cuda_fwd.py tests/test_cuda_bwd.py tests/test_vs_fla.py} 2>&1 | tee "$OUT/pytest.log" | tail -25
   cat "$OUT/relerr.log" 2>/dev/null
 fi
 
@@ -41,4 +41,4 @@ if [ "${NCU:-0}" = 1 ]; then
   done
 fi
 
-timeout 300 "$PY" scripts/time_kernels.py --warps "${WARPS:-auto}" ${TIME_ARGS:-} 2>&1 | tee "$OUT/time.log"
+[ "${TIME:-1}" = 1 ] && timeout 300 "$PY" scripts/time_kernels.py --warps "${WARPS:-auto}" ${TIME_ARGS:-} 2>&1 | tee "$OUT/time.log"

@@ -15,9 +15,11 @@ from jax_flashkda import _ffi, kda
 pytestmark = pytest.mark.gpu
 
 # fla's Triton kernels land near these on bf16 inputs (issue 4). dA_log is one number per head,
-# a sum of T·K terms of both signs: the ~3e-3 bf16-level noise of dg shows up amplified by the
-# cancellation (up to 1.4e-2 seen with H = 2), so it gets the looser bound.
-TOL = dict(q=8e-3, k=8e-3, v=8e-3, g=1e-2, beta=1e-2, h0=8e-3, A_log=2e-2, dt_bias=8e-3)
+# a sum over B·T·K terms of both signs that cancel to a small fraction of their size, so its
+# plain relative error is the per-term error amplified by that cancellation (3.7e-2 seen at
+# H = 2 with per-term error ~5e-3). It is judged instead against the size of its terms
+# (`dA_log_term_norm`), the error a sum of terms each off by the tolerance would have.
+TOL = dict(q=8e-3, k=8e-3, v=8e-3, g=1e-2, beta=1e-2, h0=8e-3, A_log=1e-2, dt_bias=8e-3)
 NAMES = ("q", "k", "v", "g", "beta", "h0", "A_log", "dt_bias")
 
 
@@ -80,18 +82,43 @@ def report_errors(label, line):
             fh.write(f"{label}: {line}\n")
 
 
-def check(case, label, tol_scale=1.0):
+def dA_log_term_norm(x, static, dg_raw):
+    """Per head, the 2-norm of the B·T·K terms whose sum is dA_log, from the gradient of the
+    raw gate input: each term is dg_raw times d(gate)/d(A_log) over d(gate)/d(g_raw)."""
+    u = x["g"] + x["dt_bias"]
+    if "lower_bound" in static:          # lower_bound·sigmoid(e^A·u)
+        ratio = u
+    else:                                # -e^A·softplus(u)
+        ratio = np.logaddexp(0.0, u) * (1.0 + np.exp(-u))
+    return np.sqrt(np.sum((dg_raw * ratio) ** 2, axis=(0, 1, 3)))
+
+
+def grad_errors(got, ref, x, static):
+    """Relative error of every gradient against the reference's; dA_log's against the size of
+    its terms (see TOL)."""
+    errs = {}
+    for n in got:
+        if n == "A_log":
+            scale = np.linalg.norm(dA_log_term_norm(x, static, ref["g"]))
+            errs[n] = float(np.linalg.norm(got[n] - ref[n]) / max(scale, 1e-30))
+        else:
+            errs[n] = rel_err(got[n], ref[n])
+    return errs
+
+
+def check(case, label):
     assert _ffi.has_target("CUDA", _ffi.BWD_TARGET), "the CUDA backward is not registered"
     x, dtypes, static, do, dht = case
     got = cuda_grads(x, dtypes, static, do, dht)
     ref = reference_grads(x, static, do, dht)
-    errs = {}
     for n in got:
         assert np.isfinite(got[n]).all(), f"{label}: d{n} has non-finite entries"
-        errs[n] = rel_err(got[n], ref[n])
+    errs = grad_errors(got, ref, x, static)
     line = " ".join(f"d{n}={errs[n]:.2e}" for n in NAMES if n in errs)
+    if "A_log" in got:
+        line += f" (dA_log plain relative {rel_err(got['A_log'], ref['A_log']):.2e})"
     report_errors(label, line)
-    bad = {n: e for n, e in errs.items() if not e <= TOL[n] * tol_scale}
+    bad = {n: e for n, e in errs.items() if not e <= TOL[n]}
     assert not bad, f"{label}: relative errors over tolerance: {bad}"
     return got
 

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.gpu
 # Ours may exceed fla's error by this factor (plus a floor for near-exact quantities) before
 # the test calls it worse: run-to-run the errors of both move by a few percent.
 SLACK, FLOOR = 1.25, 1e-4
+DRAWS = 4
 
 
 def _forward(args, static, impl):
@@ -56,21 +57,30 @@ def _fla(x, dtypes, static, do, dht):
 
 @pytest.mark.parametrize("T", [300, 64])
 def test_errors_no_worse_than_fla(rng, T):
-    x, dtypes, static, do, dht = make_case(rng, B=2, T=T, H=4, gate_mode=2)
-    fla_o, fla_ht, fla_grads = _fla(x, dtypes, static, do, dht)
-    ref_o, ref_ht, ref_grads = _reference(x, static, do, dht)
+    """Errors pooled over DRAWS random draws: dA_log is H numbers per draw, and the ratio of
+    two errors over a few numbers swings by 2× or more from draw to draw."""
+    ours, fla, ref = {}, {}, {}
 
-    args = {n: jnp.asarray(a, dtypes[n]) for n, a in x.items()}
-    o, ht = jax.jit(lambda a: _forward(a, static, "cuda"))(args)
-    ours = {"o": (rel_err(np.asarray(o.astype(jnp.float32), np.float64), ref_o),
-                  rel_err(fla_o, ref_o)),
-            "ht": (rel_err(np.asarray(ht, np.float64), ref_ht), rel_err(fla_ht, ref_ht))}
-    grads = cuda_grads(x, dtypes, static, do, dht)
-    for n, g in fla_grads.items():
-        ref = ref_grads[n]
-        ours["d" + n] = (rel_err(grads[n], ref), rel_err(g.reshape(ref.shape), ref))
+    def add(into, name, value):
+        into.setdefault(name, []).append(np.ravel(value))
 
-    line = " ".join(f"{n}={a:.2e}/{b:.2e}" for n, (a, b) in ours.items())
-    report_errors(f"ours/fla T={T}", line)
-    worse = {n: (a, b) for n, (a, b) in ours.items() if not a <= SLACK * b + FLOOR}
+    for _ in range(DRAWS):
+        x, dtypes, static, do, dht = make_case(rng, B=2, T=T, H=4, gate_mode=2)
+        fla_o, fla_ht, fla_grads = _fla(x, dtypes, static, do, dht)
+        ref_o, ref_ht, ref_grads = _reference(x, static, do, dht)
+        args = {n: jnp.asarray(a, dtypes[n]) for n, a in x.items()}
+        o, ht = jax.jit(lambda a: _forward(a, static, "cuda"))(args)
+        grads = cuda_grads(x, dtypes, static, do, dht)
+        for name, mine, theirs, exact in [("o", o.astype(jnp.float32), fla_o, ref_o),
+                                          ("ht", ht, fla_ht, ref_ht)] + [
+                ("d" + n, grads[n], fla_grads[n], ref_grads[n]) for n in fla_grads]:
+            add(ours, name, np.asarray(mine, np.float64))
+            add(fla, name, theirs)
+            add(ref, name, exact)
+
+    errs = {n: (rel_err(np.concatenate(ours[n]), np.concatenate(ref[n])),
+                rel_err(np.concatenate(fla[n]), np.concatenate(ref[n]))) for n in ours}
+    line = " ".join(f"{n}={a:.2e}/{b:.2e}" for n, (a, b) in errs.items())
+    report_errors(f"ours/fla T={T} ({DRAWS} draws)", line)
+    worse = {n: (a, b) for n, (a, b) in errs.items() if not a <= SLACK * b + FLOOR}
     assert not worse, f"further from float64 than fla: {worse}"
