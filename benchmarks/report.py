@@ -4,7 +4,7 @@
 
 Writes <name>.md and <name>.png beside the json. Ratios are peer time over ours (> 1: we
 are faster), and ours over the memory floor. Rows of examples/train_lm.py --report (tokens/s
-per GPU) get a scaling table instead: efficiency is per-GPU tokens/s over the one-GPU run's.
+per GPU) get a scaling table instead: strong and weak scaling efficiency.
 """
 
 from __future__ import annotations
@@ -65,22 +65,34 @@ def chart(rows, path):
     fig.savefig(path, dpi=110)
 
 
+def data_axis(mesh):
+    """The data-axis size of a mesh string such as "data=2,model=1" ("single": 1)."""
+    sizes = dict(part.split("=") for part in mesh.split(",") if "=" in part)
+    return int(sizes.get("data", 1))
+
+
 def scaling(rows, path):
     gpu, date = rows[0]["gpu"], rows[0]["date"]
     parts = [f"# Training the example model across GPUs: {gpu}, {date}", "",
              "examples/train_lm.py (2 KDA layers, 4 heads of 128, bf16, the CUDA kernels), "
-             "jit of the whole training step, global batch fixed per run; tokens/s per GPU "
-             "excludes the compiling steps. Efficiency: per-GPU tokens/s over the same run's "
-             "one-GPU tokens/s.", "",
-             "| run | tokens/step | gpus | mesh | tokens/s per GPU | efficiency |",
-             "|---|---|---|---|---|---|"]
+             "jit of the whole training step; tokens/s per GPU excludes the compiling steps. "
+             "Efficiency is per-GPU tokens/s over the same run's one-GPU tokens/s: *strong* at "
+             "the same global batch, *weak* at the same batch per GPU (the one-GPU row with "
+             "tokens/step divided by the data axis). One GPU's tokens/s grows with its batch "
+             "(more heads×sequences in flight per kernel), so strong scaling understates data "
+             "parallelism.", "",
+             "| run | tokens/step | gpus | mesh | tokens/s per GPU | strong | weak |",
+             "|---|---|---|---|---|---|---|"]
     for run in dict.fromkeys(r.get("run", 1) for r in rows):
         sel = [r for r in rows if r.get("run", 1) == run]
-        one = next((r["tokens_per_s"] for r in sel if r["gpus"] == 1), None)
+        single = {r.get("tokens_per_step"): r["tokens_per_s"] for r in sel if r["gpus"] == 1}
         for r in sel:
-            eff = f"{r['tokens_per_s'] / one:.2f}" if one else "—"
-            parts.append(f"| {run} | {r.get('tokens_per_step', '—')} | {r['gpus']} | {r['mesh']} "
-                         f"| {r['tokens_per_s']:,} | {eff} |")
+            step = r.get("tokens_per_step")
+            strong = single.get(step)
+            weak = single.get(step // data_axis(r["mesh"])) if step and data_axis(r["mesh"]) > 1 else None
+            eff = [f"{r['tokens_per_s'] / one:.2f}" if one else "—" for one in (strong, weak)]
+            parts.append(f"| {run} | {step or '—'} | {r['gpus']} | {r['mesh']} "
+                         f"| {r['tokens_per_s']:,} | {eff[0]} | {eff[1]} |")
     path.with_suffix(".md").write_text("\n".join(parts + [""]))
     print(path.with_suffix(".md").read_text())
 

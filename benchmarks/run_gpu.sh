@@ -1,20 +1,17 @@
 #!/usr/bin/env bash
-# One device call: install the carried wheels, build and install jax_flashkda, run the GPU
+# One device call: install the carried wheels, build jax_flashkda's modules in place, run the GPU
 # tests, then time everything side by side. Logs and the json land under $OUT.
 #   MODES="fwd fwd_bwd" CASES="..." IMPLS="..." TESTS=0 to skip the tests.
 # Peers that are not importable (FlashKDA is built separately, it is not on PyPI) are skipped.
 source "$(dirname "$0")/../scripts/device_preamble.sh"
-if ! JAX_FLASHKDA_CUDA=ON pip install -q --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1; then
-  tail -30 "$OUT/build.log"
-  exit 1
-fi
-grep -E "registers|spill" "$OUT/build.log" | sort | uniq -c | head -30 >"$OUT/ptxas.txt"
-python -c "import jax_flashkda as k; print('cuda:', k.cuda_unavailable_reason() or 'ready')"
+bash scripts/build_cuda_module.sh "$OUT/build.log" >"$OUT/ptxas.txt" || exit 1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+python3 -c "import jax_flashkda as k; print('cuda:', k.cuda_unavailable_reason() or 'ready')"
 
 if [ "${TESTS:-1}" = 1 ]; then
-  (cd tests && timeout 420 pytest -q -rfE -m gpu -p no:cacheprovider . 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15)
+  (cd tests && timeout 420 python3 -m pytest -q -rfE -m gpu -p no:cacheprovider . 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15)
 fi
 # A peer build started beside this script (PEER_BUILD_PID) must finish before the timings.
 while [ -n "${PEER_BUILD_PID:-}" ] && kill -0 "$PEER_BUILD_PID" 2>/dev/null; do sleep 2; done
-timeout 540 python benchmarks/bench_gpu.py --modes ${MODES:-fwd fwd_bwd} \
+timeout 540 python3 benchmarks/bench_gpu.py --modes ${MODES:-fwd fwd_bwd} \
   ${CASES:+--cases $CASES} ${IMPLS:+--impls $IMPLS} --out "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log"

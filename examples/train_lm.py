@@ -51,7 +51,7 @@ def parse_args(argv=None):
                    help="device mesh as axis=size pairs over the axes 'data' (batch) and 'model' "
                         "(heads), e.g. data=2 or data=1,model=2; default: one device")
     p.add_argument("--report", default=None,
-                   help="append a row {gpus, mesh, tokens_per_s (per device), gpu, date} to this json")
+                   help="append a row {gpus, mesh, tokens_per_s (per device), tokens_per_step, gpu, date} to this json")
     return p.parse_args(argv)
 
 
@@ -142,7 +142,8 @@ def main(argv=None):
         if args.report:
             rows = json.load(open(args.report)) if os.path.exists(args.report) else []
             rows.append(dict(gpus=devices, mesh=args.mesh or "single", tokens_per_s=round(per_device),
-                             gpu=jax.devices()[0].device_kind, date=datetime.date.today().isoformat()))
+                             tokens_per_step=tokens_per_step, gpu=jax.devices()[0].device_kind,
+                             date=datetime.date.today().isoformat()))
             with open(args.report, "w") as f:
                 json.dump(rows, f, indent=1)
     if not last < first - 0.5:
