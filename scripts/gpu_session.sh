@@ -42,3 +42,4 @@ if [ "${NCU:-0}" = 1 ]; then
 fi
 
 [ "${TIME:-1}" = 1 ] && timeout 300 "$PY" scripts/time_kernels.py --warps "${WARPS:-auto}" ${TIME_ARGS:-} 2>&1 | tee "$OUT/time.log"
+save_compile_caches
