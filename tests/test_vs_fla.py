@@ -9,6 +9,7 @@ import functools
 
 import numpy as np
 import pytest
+import scipy.stats
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +20,16 @@ from test_cuda_bwd import cuda_grads, make_case, report_errors
 
 pytestmark = pytest.mark.gpu
 
-# Ours may exceed fla's error by this factor (plus a floor for near-exact quantities) before
-# the test calls it worse: run-to-run the errors of both move by a few percent.
+# Ours may exceed fla's error by SLACK (plus a floor for near-exact quantities) before the test
+# calls it worse: run to run the errors of both move by a few percent. A quantity of few
+# numbers (dA_log: H per draw) gets the wider of SLACK and the 99% quantile of the ratio of two
+# error norms over that many numbers drawn alike (√F(n, n)): 1.34 at the 64 numbers of DRAWS × H.
 SLACK, FLOOR = 1.25, 1e-4
-DRAWS = 4
+DRAWS, HEADS = 4, 16
+
+
+def allowed_ratio(n):
+    return max(SLACK, float(np.sqrt(scipy.stats.f.ppf(0.99, n, n))))
 
 
 def _forward(args, static, impl):
@@ -59,14 +66,14 @@ def _fla(x, dtypes, static, do, dht):
 
 @functools.lru_cache(maxsize=None)
 def pooled_errors(T):
-    """{name: (ours, fla)} relative errors against float64 of o, the final state and every
-    gradient, pooled over DRAWS random draws (dA_log is H numbers per draw, and the ratio of
-    two errors over a few numbers swings by 2× or more from draw to draw). Cached: the
+    """{name: (ours, fla, count)}: relative errors against float64 of o, the final state and every
+    gradient, and how many numbers each pools over DRAWS random draws (dA_log is H numbers per
+    draw: the ratio of two errors over a few numbers swings by 2× from draw to draw). Cached: the
     forward and backward tests share one set of fla runs."""
     rng = np.random.default_rng(T)
     ours, fla, ref = {}, {}, {}
     for _ in range(DRAWS):
-        x, dtypes, static, do, dht = make_case(rng, B=2, T=T, H=4, gate_mode=2)
+        x, dtypes, static, do, dht = make_case(rng, B=2, T=T, H=HEADS, gate_mode=2)
         fla_o, fla_ht, fla_grads = _fla(x, dtypes, static, do, dht)
         ref_o, ref_ht, ref_grads = _reference(x, static, do, dht)
         args = {n: jnp.asarray(a, dtypes[n]) for n, a in x.items()}
@@ -79,14 +86,16 @@ def pooled_errors(T):
             fla.setdefault(name, []).append(np.ravel(theirs))
             ref.setdefault(name, []).append(np.ravel(exact))
     errs = {n: (rel_err(np.concatenate(ours[n]), np.concatenate(ref[n])),
-                rel_err(np.concatenate(fla[n]), np.concatenate(ref[n]))) for n in ours}
-    line = " ".join(f"{n}={a:.2e}/{b:.2e}" for n, (a, b) in errs.items())
-    report_errors(f"ours/fla T={T} ({DRAWS} draws)", line)
+                rel_err(np.concatenate(fla[n]), np.concatenate(ref[n])),
+                sum(a.size for a in ref[n])) for n in ours}
+    line = " ".join(f"{n}={a:.2e}/{b:.2e}" for n, (a, b, _) in errs.items())
+    report_errors(f"ours/fla T={T} ({DRAWS} draws, H={HEADS})", line)
     return errs
 
 
 def assert_no_worse(errs, names):
-    worse = {n: errs[n] for n in names if not errs[n][0] <= SLACK * errs[n][1] + FLOOR}
+    worse = {n: errs[n][:2] for n in names
+             if not errs[n][0] <= allowed_ratio(errs[n][2]) * errs[n][1] + FLOOR}
     assert not worse, f"further from float64 than fla (ours, fla): {worse}"
 
 
