@@ -25,13 +25,14 @@ if [ "${SANITIZE:-0}" = 1 ]; then
 fi
 
 if [ "${NCU:-0}" = 1 ]; then
-  # NCU_KERNEL picks the kernels (regex); the per-instruction table (stall reasons by SASS line)
+  # NCU_KERNEL picks the kernels (regex; the backward's: NCU_KERNEL=kda_bwd NCU_TIME_ARGS=""
+  # so that time_kernels runs the backward too); the per-instruction table (stall reasons by SASS line)
   # lands in $OUT/ncu_<shape>_sass.csv, the SASS of the module in $OUT/sass.txt.
   cuobjdump -sass jax_flashkda/_kda_cuda*.so >"$OUT/sass.txt" 2>&1
   for shape in ${NCU_SHAPES:-big long}; do
     timeout 240 ncu --kernel-name "regex:${NCU_KERNEL:-kda_}" --launch-skip 2 --launch-count "${NCU_COUNT:-2}" \
       --set full --import-source yes -f -o "/tmp/ncu_$shape" \
-      "$PY" scripts/time_kernels.py --shapes "$shape" --iters 1 --no-backward >"$OUT/ncu_$shape.log" 2>&1
+      "$PY" scripts/time_kernels.py --shapes "$shape" --iters 1 ${NCU_TIME_ARGS---no-backward} >"$OUT/ncu_$shape.log" 2>&1
     ncu --import "/tmp/ncu_$shape.ncu-rep" --page details >>"$OUT/ncu_$shape.log" 2>&1
     ncu --import "/tmp/ncu_$shape.ncu-rep" --page source --csv --print-source sass \
       >"$OUT/ncu_${shape}_sass.csv" 2>&1
