@@ -23,7 +23,17 @@ for cache in triton_cache jax_cache; do
 done
 save_compile_caches() {
   for cache in triton_cache jax_cache; do
-    [ -d "/tmp/$cache" ] && tar czf "$OUT/$cache.tgz" -C /tmp "$cache"
+    [ -d "/tmp/$cache" ] || continue
+    tar czf "$OUT/$cache.tgz" -C /tmp "$cache"
+    # Files over 16 MiB do not come back: then Triton's autotune results alone (the kernels
+    # they pick compile again in seconds).
+    if [ "$(stat -c %s "$OUT/$cache.tgz")" -gt $((15 << 20)) ]; then
+      if [ "$cache" = triton_cache ]; then
+        (cd /tmp && find triton_cache -name '*.autotune.json' | tar czf "$OUT/$cache.tgz" -T -)
+      else
+        rm "$OUT/$cache.tgz"
+      fi
+    fi
   done
   ls -la "$OUT"/*_cache.tgz 2>/dev/null
 }
