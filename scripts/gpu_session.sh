@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One device call for kernel work: build the CUDA module, run the GPU tests, time our kernels.
 #   TESTS=0 skips the tests, TEST_FILES picks them (TEST_TIMEOUT, default 420 s: test_vs_fla
-#   compiles and autotunes fla's Triton kernels first); TIME=0 skips the timings; SANITIZE=1 adds compute-sanitizer memcheck + racecheck;
-#   NCU=1 adds full ncu reports at NCU_SHAPES (big long), per SASS line too; WARPS=auto,1,2,4,8 times
-#   forward variants. Logs under $OUT.
+#   compiles and autotunes fla's Triton kernels first); TIME=0 skips the timings; SANITIZE=1
+#   adds compute-sanitizer memcheck + racecheck; NCU=1 adds full ncu reports at NCU_SHAPES
+#   (big long), per SASS line too; WARPS=auto,1,2,4,8 times forward variants. Logs, and the
+#   compile caches for the next call, under $OUT.
 source "$(dirname "$0")/device_preamble.sh"
 PY=$(command -v python3)
 
@@ -25,9 +26,9 @@ if [ "${SANITIZE:-0}" = 1 ]; then
 fi
 
 if [ "${NCU:-0}" = 1 ]; then
-  # NCU_KERNEL picks the kernels (regex; the backward's: NCU_KERNEL=kda_bwd NCU_TIME_ARGS=""
-  # so that time_kernels runs the backward too); the per-instruction table (stall reasons by SASS line)
-  # lands in $OUT/ncu_<shape>_sass.csv, the SASS of the module in $OUT/sass.txt.
+  # NCU_KERNEL picks the kernels (regex; for the backward's, NCU_KERNEL=kda_bwd with
+  # NCU_TIME_ARGS="" so that time_kernels runs the backward too); the per-instruction table
+  # (stall reasons by SASS line) lands in $OUT/ncu_<shape>_sass.csv, the SASS in $OUT/sass.txt.
   cuobjdump -sass jax_flashkda/_kda_cuda*.so >"$OUT/sass.txt" 2>&1
   for shape in ${NCU_SHAPES:-big long}; do
     timeout 240 ncu --kernel-name "regex:${NCU_KERNEL:-kda_}" --launch-skip 2 --launch-count "${NCU_COUNT:-2}" \
