@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One call on a machine with 2 GPUs: build, run the multi_gpu tests (sharded training step,
 # shard_map, sequence-sharded op), then train the example model on 1 GPU and on 2 (data
-# parallel, and heads over a model axis) and record tokens/s per GPU to $OUT/multi_gpu.json. One GPU trains at every batch in SINGLE_BATCHES (default BATCH
-# and BATCH/2): the same global batch (strong scaling) and the same batch per GPU as data=2
-# (weak scaling). Logs under $OUT.
+# parallel, and heads over a model axis) and record tokens/s per GPU to $OUT/multi_gpu.json.
+# One GPU trains at every batch in SINGLE_BATCHES (default BATCH and BATCH/2): the same global
+# batch (strong scaling) and the same batch per GPU as data=2 (weak scaling). Logs under $OUT.
 source "$(dirname "$0")/device_preamble.sh"
 bash scripts/build_cuda_module.sh "$OUT/build.log" || exit 1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
