@@ -5,7 +5,7 @@
 #   come back as $OUT/*_cache.tgz (keep BENCH_TIMEOUT, default 540 s, inside the call's limit):
 #   put them in .device_cache/ and carry it next time.
 # Peers that are not importable (FlashKDA is built separately, it is not on PyPI) are skipped.
-source "$(dirname "$0")/../scripts/device_preamble.sh"
+JAX_CACHE=1 source "$(dirname "$0")/../scripts/device_preamble.sh"
 bash scripts/build_cuda_module.sh "$OUT/build.log" >"$OUT/ptxas.txt" || exit 1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import jax_flashkda as k; print('cuda:', k.cuda_unavailable_reason() or 'ready')"

@@ -2,8 +2,8 @@
 # under $OUT, the repository root as the working directory, the GPUs named in the log, and the
 # wheels carried in the git-excluded .whl/ (fla-core, ...: that machine has no network)
 # installed into /tmp/site and put on PYTHONPATH. Compile caches (Triton's, with the autotune
-# results of fla's kernels, and JAX's persistent one) come from the git-excluded .device_cache/
-# when carried, and `save_compile_caches` packs them into $OUT for the next call: most of a peer
+# results of fla's kernels, and with JAX_CACHE=1 JAX's persistent one) come from the
+# git-excluded .device_cache/ when carried, and `save_compile_caches` packs them into $OUT for the next call: most of a peer
 # benchmark's time is compiling and autotuning.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -16,8 +16,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-export TRITON_CACHE_DIR=/tmp/triton_cache TRITON_CACHE_AUTOTUNING=1 JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
-export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=2
+export TRITON_CACHE_DIR=/tmp/triton_cache TRITON_CACHE_AUTOTUNING=1
+# JAX's cache only where a script asks (the benchmark): tests compile their own programs.
+if [ "${JAX_CACHE:-0}" = 1 ]; then
+  export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=2
+fi
 for cache in triton_cache jax_cache; do
   [ -f ".device_cache/$cache.tgz" ] && tar xzf ".device_cache/$cache.tgz" -C /tmp
 done
