@@ -184,6 +184,35 @@ struct StepRing {
     return true;
   }
 
+  // The kernel says where a step's data comes from: record(i) calls fetch_record for step i
+  // (warp 0 only), rows(i) issues this warp's cp.async row tile of step i into stage(i). The
+  // ring calls them for steps < `steps` only and closes one cp.async group per step, empty or
+  // not, so that wait() counts steps.
+  //
+  // Every thread of the CTA, once: the barriers, then the first kAhead steps' fetches.
+  template <typename Record, typename Rows>
+  __device__ void start(int steps, int warp, Record record, Rows rows) const {
+    init();
+    for (int i = 0; i < kAhead; ++i) {
+      if (warp == 0 && i < steps) record(i);
+      rows_group(i, steps, rows);
+    }
+  }
+
+  // Every warp, at step i before wait(i): the fetches of step i + kAhead (warp 0's record once
+  // its stage is released; this warp's own columns of the stage it finished at step i - 2).
+  template <typename Record, typename Rows>
+  __device__ void refill(int i, int steps, int warp, Record record, Rows rows) const {
+    if (warp == 0 && refill_ready(i, steps)) record(i + kAhead);
+    rows_group(i + kAhead, steps, rows);
+  }
+
+  template <typename Rows>
+  __device__ static void rows_group(int i, int steps, Rows rows) {
+    if (i < steps) rows(i);
+    ptx::cp_async_commit();
+  }
+
   // Every warp: step i's record and this warp's row tile have landed.
   __device__ void wait(int i) const {
     ptx::mbar_wait(full(i), (i / kStages) & 1);

@@ -328,22 +328,13 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
                       lane);
   };
   auto fetch_rows = [&](int i) {
-    if (i < nch) {
-      const int c = chunk_at(i);
-      ptx::warp_tile16_cp_async(
-          reinterpret_cast<Tin*>(ring.stage(i) + Rec::kBytes) + warp * 16, VP,
-          rows_src + (static_cast<size_t>(sq.row0 + c * kC) * p.H + h) * VD + vb * BV + warp * 16,
-          static_cast<size_t>(p.H) * VD, sq.len - c * kC, lane);
-    }
-    ptx::cp_async_commit();  // one group per step, empty or not, so the waits count steps
+    const int c = chunk_at(i);
+    ptx::warp_tile16_cp_async(
+        reinterpret_cast<Tin*>(ring.stage(i) + Rec::kBytes) + warp * 16, VP,
+        rows_src + (static_cast<size_t>(sq.row0 + c * kC) * p.H + h) * VD + vb * BV + warp * 16,
+        static_cast<size_t>(p.H) * VD, sq.len - c * kC, lane);
   };
-
-  constexpr int kAhead = Ring::kAhead;
-  ring.init();
-  for (int i = 0; i < kAhead; ++i) {
-    if (warp == 0 && i < nch) fetch_record(i);
-    fetch_rows(i);
-  }
+  ring.start(nch, warp, fetch_record, fetch_rows);
 
   float s[KD / 8][4];
   const size_t st_base = (static_cast<size_t>(n) * p.H + h) * KD * VD;
@@ -364,8 +355,7 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
   const int krow = (lane & 7) + ((lane >> 3) & 1) * 8;
 
   for (int i = 0; i < nch; ++i) {
-    if (warp == 0 && ring.refill_ready(i, nch)) fetch_record(i + kAhead);
-    fetch_rows(i + kAhead);  // this warp's own columns of the stage it finished at step i - 2
+    ring.refill(i, nch, warp, fetch_record, fetch_rows);
     const int c = chunk_at(i);
     const size_t hs = static_cast<size_t>(h) * slots + sq.slot0 + c;
 

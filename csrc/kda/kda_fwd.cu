@@ -422,20 +422,12 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
     ring.fetch_record(c, rec0 + static_cast<size_t>(c) * R::kBytes, R::kBytes, lane);
   };
   auto fetch_v = [&](int c) {
-    if (c < nch)
-      ptx::warp_tile16_cp_async(
-          reinterpret_cast<Tin*>(ring.stage(c) + L::kV) + warp * 16, VP,
-          vsrc + (static_cast<size_t>(sq.row0 + c * kChunk) * p.H + h) * p.V + vb * BV + warp * 16,
-          static_cast<size_t>(p.H) * p.V, sq.len - c * kChunk, lane);
-    ptx::cp_async_commit();  // one group per chunk, empty or not, so the waits count chunks
+    ptx::warp_tile16_cp_async(
+        reinterpret_cast<Tin*>(ring.stage(c) + L::kV) + warp * 16, VP,
+        vsrc + (static_cast<size_t>(sq.row0 + c * kChunk) * p.H + h) * p.V + vb * BV + warp * 16,
+        static_cast<size_t>(p.H) * p.V, sq.len - c * kChunk, lane);
   };
-
-  constexpr int kAhead = Ring::kAhead;
-  ring.init();
-  for (int c = 0; c < kAhead; ++c) {
-    if (warp == 0 && c < nch) fetch_record(c);
-    fetch_v(c);
-  }
+  ring.start(nch, warp, fetch_record, fetch_v);
 
   // Initial state, transposed into the accumulator layout.
   float s[K / 8][4];
@@ -453,8 +445,7 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
   Tin* out = static_cast<Tin*>(p.o);
   const int brow = (lane & 7) + ((lane >> 4) & 1) * 8, bcol = ((lane >> 3) & 1) * 8;
   for (int c = 0; c < nch; ++c) {
-    if (warp == 0 && ring.refill_ready(c, nch)) fetch_record(c + kAhead);
-    fetch_v(c + kAhead);  // this warp's own columns of the stage it finished at chunk c - 2
+    ring.refill(c, nch, warp, fetch_record, fetch_v);
     ring.wait(c);
 
     const uint8_t* st = ring.stage(c);
