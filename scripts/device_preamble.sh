@@ -17,15 +17,17 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 export TRITON_CACHE_DIR=/tmp/triton_cache TRITON_CACHE_AUTOTUNING=1
+COMPILE_CACHES=triton_cache
 # JAX's cache only where a script asks (the benchmark): tests compile their own programs.
 if [ "${JAX_CACHE:-0}" = 1 ]; then
   export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=2
+  COMPILE_CACHES="$COMPILE_CACHES jax_cache"
 fi
-for cache in triton_cache jax_cache; do
+for cache in $COMPILE_CACHES; do
   [ -f ".device_cache/$cache.tgz" ] && tar xzf ".device_cache/$cache.tgz" -C /tmp
 done
 save_compile_caches() {
-  for cache in triton_cache jax_cache; do
+  for cache in $COMPILE_CACHES; do
     [ -d "/tmp/$cache" ] || continue
     tar czf "$OUT/$cache.tgz" -C /tmp "$cache"
     # Files over 16 MiB do not come back: then Triton's autotune results alone (the kernels
