@@ -72,7 +72,6 @@ def main():
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}")
     fwd = jax.jit(forward)
-    peaks_seen = []
     for name in a.shapes:
         B, T, H = SHAPES[name]
         args, do = inputs(B, T, H)
@@ -92,8 +91,7 @@ def main():
         # The process's peak is never reset, so its rise over this shape's baseline is this
         # shape's only for the first shape measured; XLA's temporaries plus the step's outputs
         # (the gradients) are this step's whatever ran before.
-        first = not peaks_seen
-        peaks_seen.append(name)
+        first = name == a.shapes[0]
         peak = (dev.memory_stats()["peak_bytes_in_use"] - base) / 2 ** 30 if first else None
         ma = step.lower(args, do).compile().memory_analysis()
         xla_gib = (ma.temp_size_in_bytes + ma.output_size_in_bytes) / 2 ** 30
