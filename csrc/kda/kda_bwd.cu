@@ -157,6 +157,90 @@ __device__ __forceinline__ void load_chunk(const FwdParams& p, const Chunk& ch, 
 }
 
 // ---------------------------------------------------------------------------------------------
+constexpr int kH = kC / 2;  // token rows per thread in prep and grad (two threads per channel)
+
+// Sums, per token half, acc[i] (i < 16) over that half's 128 threads into out[16·hh + i].
+__device__ __forceinline__ void half_sum16(float (&acc)[16], float (*red)[32], float* out) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int w = 8 >> i;
+    const bool upper = lane & w;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      if (j >= w) break;
+      const float send = upper ? acc[j] : acc[j + w];
+      const float keep = upper ? acc[j + w] : acc[j];
+      acc[j] = keep + __shfl_xor_sync(0xffffffffu, send, w);
+    }
+  }
+  acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], 16);
+  if (lane < 16) red[warp][lane] = acc[0];
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int half = threadIdx.x >> 4, i = threadIdx.x & 15;
+    out[threadIdx.x] = (red[4 * half][i] + red[4 * half + 1][i]) +
+                       (red[4 * half + 2][i] + red[4 * half + 3][i]);
+  }
+  __syncthreads();
+}
+
+// The chunk inputs of key channel d = tid % 128 for the rows r0 + j, r0 = 8·(tid / 128): q, k
+// (not yet normalised), Γ (cumulative log-decay), the gate input + dt_bias, Γ_C; β of every row
+// into beta_s. The gate runs over all 16 tokens (the cumulative sum needs the earlier half);
+// tokens past the sequence act as q = k = g = β = 0, which changes nothing for the real ones.
+template <typename Tin>
+__device__ __forceinline__ void load_half(const FwdParams& p, const Chunk& ch, int h,
+                                          float* beta_s, float (&qn)[kH], float (&kn)[kH],
+                                          float (&G)[kH], float (&xg)[kH], float& gc) {
+  const int tid = threadIdx.x, d = tid & (KD - 1), hh = tid >> 7, r0 = hh * kH;
+  const float a_exp = p.gate_mode ? __expf(p.A_log[h]) : 0.f;
+  const float dtb = p.gate_mode ? p.dt_bias[h * KD + d] : 0.f;
+  const size_t i0 = (static_cast<size_t>(ch.row0) * p.H + h) * KD + d;
+  const size_t step = static_cast<size_t>(p.H) * KD;
+  const Tin* qp = static_cast<const Tin*>(p.q);
+  const Tin* kp = static_cast<const Tin*>(p.k);
+  float graw[kC];
+#pragma unroll
+  for (int r = 0; r < kC; ++r) {
+    const bool ok = r < ch.len;
+    graw[r] = ok ? load_f(p.g, p.g_dtype, i0 + r * step) : 0.f;
+  }
+#pragma unroll
+  for (int j = 0; j < kH; ++j) {
+    const int r = r0 + j;
+    const bool ok = r < ch.len;
+    const size_t i = i0 + (ok ? r : 0) * step;
+    qn[j] = ok ? to_float(qp[i]) : 0.f;
+    kn[j] = ok ? to_float(kp[i]) : 0.f;
+  }
+  float cum = 0.f;
+#pragma unroll
+  for (int r = 0; r < kC; ++r) {
+    const float x = graw[r] + dtb;
+    float gv = graw[r];
+    if (p.gate_mode == 1) gv = -a_exp * softplus_f(x);
+    else if (p.gate_mode == 2) gv = p.lower_bound * sigmoid_f(a_exp * x);
+    cum += r < ch.len ? gv : 0.f;
+    if (r < kH) {
+      if (hh == 0) { G[r] = cum; xg[r] = x; }
+    } else if (hh == 1) {
+      G[r - kH] = cum;
+      xg[r - kH] = x;
+    }
+  }
+  gc = cum;
+  if (tid < kC) {
+    float b = 0.f;
+    if (tid < ch.len) {
+      b = load_f(p.beta, p.beta_dtype, static_cast<size_t>(ch.row0 + tid) * p.H + h);
+      if (p.use_beta_sigmoid) b = sigmoid_f(b);
+    }
+    beta_s[tid] = b;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Kernel 1: the chain records and the exact factors for grad.
 struct PrepSmem {
   float X[kC][FP], Y[kC][FP], Z[kC][FP];  // row operands of the pair products
@@ -458,126 +542,124 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
 
 
 // ---------------------------------------------------------------------------------------------
-// Kernel 3: the per-chunk gradients. CTA = (chunk slot, head), thread d = key channel d (and
-// value channel d for dv); warp w computes keys [32w, 32w+32) of the 16xK products.
+// Kernel 3: the per-chunk gradients. CTA = (chunk slot, head) of 256 threads: thread
+// (hh, d) = (tid / 128, tid % 128) owns key channel d (and value channel d for dv) for the 8
+// token rows [8hh, 8hh+8), which halves the per-thread serial work and the registers, so that
+// 16 warps share an SM. Warp w computes keys [16w, 16w+16) of the 16xK products.
 struct GradSmem {
-  __nv_bfloat16 S[VD][KP];   // Sᵀ_c; then dQ̃, dK̃, dW in fp32
-  __nv_bfloat16 dS[VD][KP];  // dS'ᵀ_c; then K⊙e^Γ and 16x16 temporaries in fp32
+  __nv_bfloat16 S[VD][KP];   // Sᵀ_c; then dQ̃, dK̃, dW, dM, Xm in fp32
+  __nv_bfloat16 dS[VD][KP];  // dS'ᵀ_c; then per-token channel rows in fp32
   __nv_bfloat16 dO[kC][KP], Vn[kC][KP], dVn[kC][KP], V[kC][KP];
   Aux aux;
   // Rows and columns (transposed copies) for whole-row broadcast reads; zeros off the support.
   float dAqk[kC][kC], dAqkT[kC][kC];  // r ≥ s
   float dLb[kC][kC], dLbT[kC][kC];    // β_r·dL[r][s], r > s
   float dMv[kC][kC + 1];
-  float beta[kC], dbl[kC], dots[2 * kC], red[4][32];
+  float beta[kC], dbl[kC], dots[2 * kC];
+  float xch[2][KD];  // per-channel values handed between the two token halves
+  float red[8][32];
 };
 
 template <bool kFactored, typename Tin>
-__global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
+__global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
     BwdParams p, const Aux* __restrict__ auxs, const __nv_bfloat16* __restrict__ states,
     const __nv_bfloat16* __restrict__ dstates, const __nv_bfloat16* __restrict__ vn,
     const __nv_bfloat16* __restrict__ dvn, float* __restrict__ pdt, float* __restrict__ pda,
     int slots) {
   extern __shared__ __align__(128) uint8_t smem_raw[];
   GradSmem& sg = *reinterpret_cast<GradSmem*>(smem_raw);
-  const int slot = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
-  const int lane = d & 31, warp = d >> 5, g = lane >> 2, t = lane & 3;
+  const int tid = threadIdx.x, d = tid & (KD - 1), hh = tid >> 7, r0 = hh * kH;
+  const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int slot = blockIdx.x, h = blockIdx.y;
   const size_t hs = static_cast<size_t>(h) * slots + slot;
   const Chunk ch = locate(p, slot);
   if (ch.len == 0) {  // unused slots still write their (zero) partial sums
-    pdt[hs * KD + d] = 0.f;
-    if (d == 0) pda[hs] = 0.f;
+    if (tid < KD) pdt[hs * KD + d] = 0.f;
+    if (tid == 0) pda[hs] = 0.f;
     return;
   }
 
   {
     const uint8_t* src = reinterpret_cast<const uint8_t*>(auxs + hs);
-    for (int i = d; i < static_cast<int>(sizeof(Aux) / 16); i += KD)
+    for (int i = tid; i < static_cast<int>(sizeof(Aux) / 16); i += 2 * KD)
       ptx::cp_async16(reinterpret_cast<uint8_t*>(&sg.aux) + i * 16, src + i * 16);
     ptx::cp_async_commit();
     const __nv_bfloat16* sgl = states + hs * VD * KD;
     const __nv_bfloat16* dsgl = dstates + hs * VD * KD;
-#pragma unroll 4
-    for (int i = d; i < VD * KD / 8; i += KD) {
+#pragma unroll
+    for (int i = tid; i < VD * KD / 8; i += 2 * KD) {
       const int row = i >> 4, col = (i & 15) * 8;
       ptx::cp_async16(&sg.S[row][col], sgl + row * KD + col);
       ptx::cp_async16(&sg.dS[row][col], dsgl + row * KD + col);
     }
-    for (int i = d; i < kC * VD / 8; i += KD) {
-      const int row = i >> 4, col = (i & 15) * 8;
-      ptx::cp_async16(&sg.Vn[row][col], vn + (hs * kC + row) * VD + col);
-      ptx::cp_async16(&sg.dVn[row][col], dvn + (hs * kC + row) * VD + col);
-    }
+    const int row = tid >> 4, col = (tid & 15) * 8;
+    ptx::cp_async16(&sg.Vn[row][col], vn + (hs * kC + row) * VD + col);
+    ptx::cp_async16(&sg.dVn[row][col], dvn + (hs * kC + row) * VD + col);
     ptx::cp_async_commit();
   }
   // dO and V rows wait in registers while the chunk inputs load.
-  uint4 dor[2], vr[2];
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const int i = d + j * KD, row = i >> 4, col = (i & 15) * 8;
+  uint4 dor, vr;
+  {
+    const int row = tid >> 4, col = (tid & 15) * 8;
     const bool ok = row < ch.len;
     const size_t at = (static_cast<size_t>(ch.row0 + (ok ? row : 0)) * p.H + h) * VD + col;
     const uint4 zero = make_uint4(0, 0, 0, 0);
-    dor[j] = ok ? *reinterpret_cast<const uint4*>(static_cast<const Tin*>(p.dout) + at) : zero;
-    vr[j] = ok ? *reinterpret_cast<const uint4*>(static_cast<const Tin*>(p.v) + at) : zero;
+    dor = ok ? *reinterpret_cast<const uint4*>(static_cast<const Tin*>(p.dout) + at) : zero;
+    vr = ok ? *reinterpret_cast<const uint4*>(static_cast<const Tin*>(p.v) + at) : zero;
   }
 
-  float qn[kC], kn[kC], G[kC], xg[kC];
-  load_chunk<Tin>(p, ch, h, sg.beta, qn, kn, G, xg, [&](const float (&)[kC], const float (&)[kC]) {
-    ptx::cp_async_wait<1>();  // the aux record
-    __syncthreads();
-    return static_cast<const float*>(sg.aux.sq);
-  });
-
-  // All products below take bf16 operands (S and dS' are stored in bf16).
-  auto put_bf16 = [&](__nv_bfloat16* dst, uint4 x) {
-    if constexpr (std::is_same_v<Tin, __half>) {
-      const __half* hx = reinterpret_cast<const __half*>(&x);
-      uint32_t w[4];
+  float qn[kH], kn[kH], G[kH], xg[kH], gc;
+  load_half<Tin>(p, ch, h, sg.beta, qn, kn, G, xg, gc);
+  {
+    const int row = tid >> 4, col = (tid & 15) * 8;
+    auto put_bf16 = [&](__nv_bfloat16* dst, uint4 x) {
+      if constexpr (std::is_same_v<Tin, __half>) {
+        const __half* hx = reinterpret_cast<const __half*>(&x);
+        uint32_t w[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        w[e] = ptx::pack_bf16(__half2float(hx[2 * e]), __half2float(hx[2 * e + 1]));
-      x = make_uint4(w[0], w[1], w[2], w[3]);
-    }
-    *reinterpret_cast<uint4*>(dst) = x;
-  };
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const int i = d + j * KD, row = i >> 4, col = (i & 15) * 8;
-    put_bf16(&sg.dO[row][col], dor[j]);
-    put_bf16(&sg.V[row][col], vr[j]);
+        for (int e = 0; e < 4; ++e)
+          w[e] = ptx::pack_bf16(__half2float(hx[2 * e]), __half2float(hx[2 * e + 1]));
+        x = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+      *reinterpret_cast<uint4*>(dst) = x;  // products below take bf16 operands
+    };
+    put_bf16(&sg.dO[row][col], dor);
+    put_bf16(&sg.V[row][col], vr);
   }
   ptx::cp_async_wait<0>();
   __syncthreads();
   const Aux& aux = sg.aux;
+  if (p.use_qk_l2norm) {
+#pragma unroll
+    for (int j = 0; j < kH; ++j) {
+      qn[j] *= rsqrtf(aux.sq[r0 + j] + 1e-6f);
+      kn[j] *= rsqrtf(aux.sq[kC + r0 + j] + 1e-6f);
+    }
+  }
 
-  // dQ̃ = dO·S_cᵀ, dK̃ = Vn·dS'ᵀ, −dW = dVn·S_cᵀ (16 x 32 per warp, reduced over values);
+  // dQ̃ = dO·S_cᵀ, dK̃ = Vn·dS'ᵀ, −dW = dVn·S_cᵀ (16 x 16 per warp, reduced over values);
   // warp 0 also dAqk = dO·Vnᵀ, warp 1 dMv = dVn·Vᵀ.
-  float aq[4][4] = {}, ak[4][4] = {}, aw[4][4] = {}, a16[2][4] = {};
+  float aq[2][4] = {}, ak[2][4] = {}, aw[2][4] = {}, a16[2][4] = {};
   {
     const int arow = (lane & 7) + ((lane >> 3) & 1) * 8, acol = (lane >> 4) * 8;
     const int krow = (lane & 7) + ((lane >> 3) & 1) * 8;
     const int brow = (lane & 7) + ((lane >> 4) & 1) * 8, bcol = ((lane >> 3) & 1) * 8;
     const __nv_bfloat16* bsrc = warp == 0 ? &sg.Vn[0][0] : &sg.V[0][0];
+    const int col = warp * 16 + (lane >> 4) * 8;
 #pragma unroll
     for (int ks = 0; ks < VD / 16; ++ks) {
-      uint32_t fo[4], fv[4], fd[4];
+      uint32_t fo[4], fv[4], fd[4], bs[4], bd[4];
       ptx::ldsm_x4(fo, &sg.dO[arow][ks * 16 + acol]);
       ptx::ldsm_x4(fv, &sg.Vn[arow][ks * 16 + acol]);
       ptx::ldsm_x4(fd, &sg.dVn[arow][ks * 16 + acol]);
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        uint32_t bs[4], bd[4];
-        const int col = warp * 32 + hf * 16 + (lane >> 4) * 8;
-        ptx::ldsm_x4_trans(bs, &sg.S[ks * 16 + krow][col]);
-        ptx::ldsm_x4_trans(bd, &sg.dS[ks * 16 + krow][col]);
-        ptx::mma16816<__nv_bfloat16>(aq[2 * hf], fo, bs[0], bs[1]);
-        ptx::mma16816<__nv_bfloat16>(aq[2 * hf + 1], fo, bs[2], bs[3]);
-        ptx::mma16816<__nv_bfloat16>(aw[2 * hf], fd, bs[0], bs[1]);
-        ptx::mma16816<__nv_bfloat16>(aw[2 * hf + 1], fd, bs[2], bs[3]);
-        ptx::mma16816<__nv_bfloat16>(ak[2 * hf], fv, bd[0], bd[1]);
-        ptx::mma16816<__nv_bfloat16>(ak[2 * hf + 1], fv, bd[2], bd[3]);
-      }
+      ptx::ldsm_x4_trans(bs, &sg.S[ks * 16 + krow][col]);
+      ptx::ldsm_x4_trans(bd, &sg.dS[ks * 16 + krow][col]);
+      ptx::mma16816<__nv_bfloat16>(aq[0], fo, bs[0], bs[1]);
+      ptx::mma16816<__nv_bfloat16>(aq[1], fo, bs[2], bs[3]);
+      ptx::mma16816<__nv_bfloat16>(aw[0], fd, bs[0], bs[1]);
+      ptx::mma16816<__nv_bfloat16>(aw[1], fd, bs[2], bs[3]);
+      ptx::mma16816<__nv_bfloat16>(ak[0], fv, bd[0], bd[1]);
+      ptx::mma16816<__nv_bfloat16>(ak[1], fv, bd[2], bd[3]);
       if (warp < 2) {
         uint32_t af[4], bb[4];
 #pragma unroll
@@ -588,21 +670,23 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
       }
     }
   }
-  // dD = rowsum(S_c ⊙ dS'), the gradient of e^{Γ_C} (key d).
+  // This half's share of dD = rowsum(S_c ⊙ dS'), the gradient of e^{Γ_C} (key d).
   float dD = 0.f;
 #pragma unroll 8
-  for (int v = 0; v < VD; ++v) dD += __bfloat162float(sg.S[v][d]) * __bfloat162float(sg.dS[v][d]);
-  // dv = (Tβ)ᵀ dVn (value d).
+  for (int v = hh * (VD / 2); v < (hh + 1) * (VD / 2); ++v)
+    dD += __bfloat162float(sg.S[v][d]) * __bfloat162float(sg.dS[v][d]);
+  // dv = (Tβ)ᵀ dVn for value d, rows r0 + j.
   {
     float col[kC];
 #pragma unroll
     for (int r = 0; r < kC; ++r) col[r] = __bfloat162float(sg.dVn[r][d]);
     Tin* dvp = static_cast<Tin*>(p.dv);
 #pragma unroll
-    for (int s = 0; s < kC; ++s) {
+    for (int j = 0; j < kH; ++j) {
+      const int s = r0 + j;
       float acc = 0.f;
 #pragma unroll
-      for (int r = s; r < kC; ++r) acc += aux.T[r][s] * col[r];
+      for (int r = 0; r < kC; ++r) acc += aux.T[r][s] * col[r];  // T[r][s] = 0 for r < s
       if (s < ch.len)
         dvp[(static_cast<size_t>(ch.row0 + s) * p.H + h) * VD + d] = from_float<Tin>(acc * sg.beta[s]);
     }
@@ -612,14 +696,19 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
   float (*dQt)[FP] = reinterpret_cast<float(*)[FP]>(&sg.S[0][0]);
   float (*dKt)[FP] = dQt + kC;
   float (*dWm)[FP] = dQt + 2 * kC;
-  float (*KG)[FP] = reinterpret_cast<float(*)[FP]>(&sg.dS[0][0]);
-  float (*dM)[kC + 1] = reinterpret_cast<float(*)[kC + 1]>(&KG[kC][0]);
+  float (*dM)[kC + 1] = reinterpret_cast<float(*)[kC + 1]>(&dQt[3 * kC][0]);
   float (*Xm)[kC + 1] = dM + kC;
+  // Per-token channel rows for the other half and for dM: K⊙e^Γ always; the factored pair
+  // terms also read k⊙e^{−Γ} and q⊙e^Γ, the exact ones scale·q, k and Γ.
+  float (*KG)[FP] = reinterpret_cast<float(*)[FP]>(&sg.dS[0][0]);
+  float (*R1)[FP] = KG + kC;
+  float (*R2)[FP] = KG + 2 * kC;
+  float (*R3)[FP] = KG + 3 * kC;
 #pragma unroll
-  for (int j = 0; j < 4; ++j)
+  for (int j = 0; j < 2; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int row = g + (e >> 1) * 8, key = warp * 32 + j * 8 + 2 * t + (e & 1);
+      const int row = g + (e >> 1) * 8, key = warp * 16 + j * 8 + 2 * t + (e & 1);
       dQt[row][key] = aq[j][e];
       dKt[row][key] = ak[j][e];
       dWm[row][key] = -aw[j][e];
@@ -639,178 +728,200 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
         }
       }
   }
-  float eg[kC];
+  float eg[kH];
 #pragma unroll
-  for (int r = 0; r < kC; ++r) {
-    eg[r] = __expf(G[r]);
-    KG[r][d] = kn[r] * eg[r];
+  for (int j = 0; j < kH; ++j) {
+    const int r = r0 + j;
+    eg[j] = __expf(G[j]);
+    KG[r][d] = kn[j] * eg[j];
+    if constexpr (kFactored) {
+      R1[r][d] = kn[j] * __expf(-G[j]);
+      R2[r][d] = qn[j] * eg[j];
+    } else {
+      R1[r][d] = p.scale * qn[j];
+      R2[r][d] = kn[j];
+      R3[r][d] = G[j];
+    }
   }
   __syncthreads();
 
-  // dM = dMv + dW·(K⊙e^Γ)ᵀ on M's support r ≥ s; two entries per thread.
-#pragma unroll
-  for (int e2 = 0; e2 < 2; ++e2) {
-    const int e = d + e2 * KD, r = e >> 4, s = e & 15;
-    float m = 0.f;
-    if (r >= s) {
-      m = sg.dMv[r][s];
+  // The 16x16 gradients, one entry (r, s) per thread.
+  const int er = tid >> 4, es = tid & 15;
+  {
+    float m = 0.f;  // dM = dMv + dW·(K⊙e^Γ)ᵀ on M's support r ≥ s
+    if (er >= es) {
+      m = sg.dMv[er][es];
 #pragma unroll 8
       for (int j = 0; j < KD; j += 4) {
-        const float4 w = *reinterpret_cast<const float4*>(&dWm[r][j]);
-        const float4 k4 = *reinterpret_cast<const float4*>(&KG[s][j]);
+        const float4 w = *reinterpret_cast<const float4*>(&dWm[er][j]);
+        const float4 k4 = *reinterpret_cast<const float4*>(&KG[es][j]);
         m += w.x * k4.x + w.y * k4.y + w.z * k4.z + w.w * k4.w;
       }
     }
-    dM[r][s] = m;
+    dM[er][es] = m;
   }
   __syncthreads();
-  // With dT[i][j] = dM[i][j]·β_j:  Xm = Tᵀ dT,  dL = −Xm Tᵀ (strictly lower part).
-#pragma unroll
-  for (int e2 = 0; e2 < 2; ++e2) {
-    const int e = d + e2 * KD, r = e >> 4, j = e & 15;
-    float acc = 0.f;
-#pragma unroll
-    for (int i = 0; i < kC; ++i) acc += aux.T[i][r] * dM[i][j];
-    Xm[r][j] = acc * sg.beta[j];
-  }
-  __syncthreads();
-  float dl[2];
-#pragma unroll
-  for (int e2 = 0; e2 < 2; ++e2) {
-    const int e = d + e2 * KD, r = e >> 4, s = e & 15;
-    float acc = 0.f;
-    if (r > s) {
-#pragma unroll
-      for (int j = 0; j < kC; ++j) acc -= Xm[r][j] * aux.T[s][j];
-    }
-    dl[e2] = acc;
-    sg.dLb[r][s] = acc * sg.beta[r];
-    sg.dLbT[s][r] = acc * sg.beta[r];
-  }
   {
-    // dβ_r through L = Diag(β)·LL (row r): a 16-lane reduction within each half-warp row.
-    float part = 0.f;
+    // With dT[i][j] = dM[i][j]·β_j:  Xm = Tᵀ dT,  dL = −Xm Tᵀ (strictly lower part).
+    float acc = 0.f;
 #pragma unroll
-    for (int e2 = 0; e2 < 2; ++e2) {
-      const int e = d + e2 * KD, r = e >> 4, s = e & 15;
-      part = dl[e2] * aux.LL[r][s];
-#pragma unroll
-      for (int o = 8; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-      if (s == 0) sg.dbl[r] = part;
-    }
+    for (int i = 0; i < kC; ++i) acc += aux.T[i][er] * dM[i][es];
+    Xm[er][es] = acc * sg.beta[es];
   }
   __syncthreads();
-
-  if (d < kC && d < ch.len) {
+  {
+    float dl = 0.f;
+    if (er > es) {
+#pragma unroll
+      for (int j = 0; j < kC; ++j) dl -= Xm[er][j] * aux.T[es][j];
+    }
+    sg.dLb[er][es] = dl * sg.beta[er];
+    sg.dLbT[es][er] = dl * sg.beta[er];
+    // dβ_r through L = Diag(β)·LL (row r), summed over the 16 lanes holding row r.
+    float part = dl * aux.LL[er][es];
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+    if (es == 0) sg.dbl[er] = part;
+  }
+  __syncthreads();
+  if (tid < kC && tid < ch.len) {
     // dβ_r through M = Tβ (column r), plus the L part.
-    const int r = d;
+    const int r = tid;
     float db = sg.dbl[r];
     for (int i = r; i < kC; ++i) db += dM[i][r] * aux.T[i][r];
     if (p.use_beta_sigmoid) db *= sg.beta[r] * (1.f - sg.beta[r]);
     store_f(p.dbeta, p.beta_dtype, static_cast<size_t>(ch.row0 + r) * p.H + h, db);
   }
 
-  // Per key channel d: dq, dk and dΓ (before the in-chunk cumulative sum).
-  float dq[kC], dk[kC], dG[kC];
+  // Channel d, rows r0 + j: dq, dk and dΓ (before the in-chunk cumulative sum).
+  float dq[kH], dk[kH], dG[kH];
+  float dGC = dD * __expf(gc);  // this half's part of the gradient of Γ_C
   {
     float dWc[kC];
 #pragma unroll
-    for (int r = 0; r < kC; ++r) dWc[r] = dWm[r][d];
-    const float gc = G[kC - 1];
-    float dGC = dD * __expf(gc);
+    for (int i = 0; i < kC; ++i) dWc[i] = dWm[i][d];
 #pragma unroll
-    for (int r = 0; r < kC; ++r) {
+    for (int j = 0; j < kH; ++j) {
+      const int r = r0 + j;
       const float dqt = dQt[r][d], dkt = dKt[r][d];
       float dkw = 0.f;  // gradient of k_r⊙e^{Γ_r} through W = Tβ·(K⊙e^Γ)
 #pragma unroll
-      for (int i = r; i < kC; ++i) dkw += aux.T[i][r] * dWc[i];
+      for (int i = 0; i < kC; ++i) dkw += aux.T[i][r] * dWc[i];
       dkw *= sg.beta[r];
-      const float ekt = __expf(gc - G[r]);
-      const float tk = dkt * kn[r] * ekt;
-      dq[r] = p.scale * eg[r] * dqt;
-      dk[r] = eg[r] * dkw + ekt * dkt;
-      dG[r] = dqt * p.scale * qn[r] * eg[r] + dkw * kn[r] * eg[r] - tk;
+      const float ekt = __expf(gc - G[j]);
+      const float tk = dkt * kn[j] * ekt;
+      dq[j] = p.scale * eg[j] * dqt;
+      dk[j] = eg[j] * dkw + ekt * dkt;
+      dG[j] = dqt * p.scale * qn[j] * eg[j] + dkw * kn[j] * eg[j] - tk;
       dGC += tk;
     }
-    dG[kC - 1] += dGC;
   }
-  // Pair terms of Aqk (r ≥ s) and L (r > s), weighted by e^{Γ_r−Γ_s}.
+  sg.xch[hh][d] = dGC;
+  // Pair terms of Aqk (r ≥ s) and L (r > s), weighted by e^{Γ_r−Γ_s}: this thread takes the
+  // row role of its rows and the column role of its columns.
   if constexpr (kFactored) {
-    // e^{Γ_r−Γ_s} = e^{Γ_r}·e^{−Γ_s} (bounded span): four 16x16 by 16-vector products,
-    //   A1 = dAqk·(k⊙e^{−Γ}), A2 = dLb·(k⊙e^{−Γ}), B1 = dAqkᵀ·(q⊙e^Γ), B2 = dLbᵀ·(k⊙e^Γ).
-    float egi[kC], kgi[kC];
+    // e^{Γ_r−Γ_s} = e^{Γ_r}·e^{−Γ_s} (bounded span): with KGi = k⊙e^{−Γ}, QG = q⊙e^Γ,
+    //   rows:    dq += scale·e^Γ·(dAqk·KGi),  dk += e^Γ·(dLb·KGi)
+    //   columns: dk += e^{−Γ}·(dLbᵀ·KG + scale·dAqkᵀ·QG)
+    float a1[kH] = {}, a2[kH] = {}, b1[kH] = {}, b2[kH] = {};
 #pragma unroll
-    for (int r = 0; r < kC; ++r) {
-      egi[r] = __expf(-G[r]);
-      kgi[r] = kn[r] * egi[r];
-    }
+    for (int s4 = 0; s4 < kC; s4 += 4) {
+      float kgi[4], qg[4], kg[4];
 #pragma unroll
-    for (int r = 0; r < kC; ++r) {
-      float a1 = 0.f, a2 = 0.f;
+      for (int u = 0; u < 4; ++u) {
+        kgi[u] = R1[s4 + u][d];
+        qg[u] = R2[s4 + u][d];
+        kg[u] = KG[s4 + u][d];
+      }
 #pragma unroll
-      for (int s4 = 0; s4 <= r; s4 += 4) {
+      for (int j = 0; j < kH; ++j) {
+        const int r = r0 + j;
         const float4 a = *reinterpret_cast<const float4*>(&sg.dAqk[r][s4]);
         const float4 l = *reinterpret_cast<const float4*>(&sg.dLb[r][s4]);
-        a1 += a.x * kgi[s4] + a.y * kgi[s4 + 1] + a.z * kgi[s4 + 2] + a.w * kgi[s4 + 3];
-        a2 += l.x * kgi[s4] + l.y * kgi[s4 + 1] + l.z * kgi[s4 + 2] + l.w * kgi[s4 + 3];
+        const float4 at = *reinterpret_cast<const float4*>(&sg.dAqkT[r][s4]);
+        const float4 lt = *reinterpret_cast<const float4*>(&sg.dLbT[r][s4]);
+        a1[j] += a.x * kgi[0] + a.y * kgi[1] + a.z * kgi[2] + a.w * kgi[3];
+        a2[j] += l.x * kgi[0] + l.y * kgi[1] + l.z * kgi[2] + l.w * kgi[3];
+        b1[j] += at.x * qg[0] + at.y * qg[1] + at.z * qg[2] + at.w * qg[3];
+        b2[j] += lt.x * kg[0] + lt.y * kg[1] + lt.z * kg[2] + lt.w * kg[3];
       }
-      dq[r] += p.scale * eg[r] * a1;
-      dk[r] += eg[r] * a2;
-      dG[r] += eg[r] * (kn[r] * a2 + p.scale * qn[r] * a1);
     }
 #pragma unroll
-    for (int s = 0; s < kC; ++s) {
-      float b1 = 0.f, b2 = 0.f;
-#pragma unroll
-      for (int r4 = s & ~3; r4 < kC; r4 += 4) {
-        const float4 a = *reinterpret_cast<const float4*>(&sg.dAqkT[s][r4]);
-        const float4 l = *reinterpret_cast<const float4*>(&sg.dLbT[s][r4]);
-        b1 += a.x * (qn[r4] * eg[r4]) + a.y * (qn[r4 + 1] * eg[r4 + 1]) +
-              a.z * (qn[r4 + 2] * eg[r4 + 2]) + a.w * (qn[r4 + 3] * eg[r4 + 3]);
-        b2 += l.x * (kn[r4] * eg[r4]) + l.y * (kn[r4 + 1] * eg[r4 + 1]) +
-              l.z * (kn[r4 + 2] * eg[r4 + 2]) + l.w * (kn[r4 + 3] * eg[r4 + 3]);
-      }
-      const float b = b2 + p.scale * b1;
-      dk[s] += egi[s] * b;
-      dG[s] -= kgi[s] * b;
+    for (int j = 0; j < kH; ++j) {
+      const float b = b2[j] + p.scale * b1[j];
+      const float egi = __expf(-G[j]);
+      dq[j] += p.scale * eg[j] * a1[j];
+      dk[j] += eg[j] * a2[j] + egi * b;
+      dG[j] += eg[j] * (kn[j] * a2[j] + p.scale * qn[j] * a1[j]) - kn[j] * egi * b;
     }
   } else {
     // Exact: e^{Γ_r−Γ_s} per pair (any gate).
+    float qa[kC], ka_[kC], ga[kC];
 #pragma unroll
     for (int r = 0; r < kC; ++r) {
-      const float sq_r = p.scale * qn[r];
+      qa[r] = R1[r][d];
+      ka_[r] = R2[r][d];
+      ga[r] = R3[r][d];
+    }
 #pragma unroll
-      for (int s = 0; s <= r; ++s) {
-        const float E = s < r ? exp2f((G[r] - G[s]) * kLog2e) : 1.f;
-        const float ka = sg.dAqk[r][s] * E;
-        dq[r] += p.scale * ka * kn[s];
-        dk[s] += ka * sq_r;
-        if (s < r) {
-          const float le = sg.dLb[r][s] * E;
-          dk[r] += le * kn[s];
-          dk[s] += le * kn[r];
-          const float P = (le * kn[r] + ka * sq_r) * kn[s];
-          dG[r] += P;
-          dG[s] -= P;
+    for (int j = 0; j < kH; ++j) {
+      const int r = r0 + j;
+      const float sq_r = p.scale * qn[j];
+#pragma unroll
+      for (int o = 0; o < kC; ++o) {
+        // Row role: pair (r, o), o ≤ r.
+        if (o <= r) {
+          const float E = o < r ? exp2f((G[j] - ga[o]) * kLog2e) : 1.f;
+          const float ka = sg.dAqk[r][o] * E;
+          dq[j] += p.scale * ka * ka_[o];
+          if (o < r) {
+            const float le = sg.dLb[r][o] * E;
+            dk[j] += le * ka_[o];
+            dG[j] += (le * kn[j] + ka * sq_r) * ka_[o];
+          }
+        }
+        // Column role: pair (o, r), o ≥ r.
+        if (o >= r) {
+          const float E = o > r ? exp2f((ga[o] - G[j]) * kLog2e) : 1.f;
+          const float ka = sg.dAqk[o][r] * E;
+          dk[j] += ka * qa[o];
+          if (o > r) {
+            const float le = sg.dLb[o][r] * E;
+            dk[j] += le * ka_[o];
+            dG[j] -= (le * ka_[o] + ka * qa[o]) * kn[j];
+          }
         }
       }
     }
   }
+  __syncthreads();
+  // Reverse cumulative sum over the 16 rows: every row also gets the whole gradient of Γ_C;
+  // the first half needs the second half's total.
+  if (hh == 1) dG[kH - 1] += sg.xch[0][d] + sg.xch[1][d];
 #pragma unroll
-  for (int r = kC - 2; r >= 0; --r) dG[r] += dG[r + 1];
+  for (int j = kH - 2; j >= 0; --j) dG[j] += dG[j + 1];
+  __syncthreads();
+  if (hh == 1) sg.xch[0][d] = dG[0];
+  __syncthreads();
+  if (hh == 0) {
+    const float later = sg.xch[0][d];
+#pragma unroll
+    for (int j = 0; j < kH; ++j) dG[j] += later;
+  }
 
   if (p.use_qk_l2norm) {
-    float acc[32];
+    float acc[16];
 #pragma unroll
-    for (int r = 0; r < kC; ++r) {
-      acc[r] = qn[r] * dq[r];
-      acc[kC + r] = kn[r] * dk[r];
+    for (int j = 0; j < kH; ++j) {
+      acc[j] = qn[j] * dq[j];
+      acc[kH + j] = kn[j] * dk[j];
     }
-    block_sum32<KD / 32>(acc, sg.red, sg.dots);
+    half_sum16(acc, sg.red, sg.dots);
 #pragma unroll
-    for (int r = 0; r < kC; ++r) {
-      dq[r] = rsqrtf(aux.sq[r] + 1e-6f) * (dq[r] - sg.dots[r] * qn[r]);
-      dk[r] = rsqrtf(aux.sq[kC + r] + 1e-6f) * (dk[r] - sg.dots[kC + r] * kn[r]);
+    for (int j = 0; j < kH; ++j) {
+      const int r = r0 + j;
+      dq[j] = rsqrtf(aux.sq[r] + 1e-6f) * (dq[j] - sg.dots[16 * hh + j] * qn[j]);
+      dk[j] = rsqrtf(aux.sq[kC + r] + 1e-6f) * (dk[j] - sg.dots[16 * hh + kH + j] * kn[j]);
     }
   }
 
@@ -819,33 +930,40 @@ __global__ void __launch_bounds__(KD, 2) kda_bwd_grad_kernel(
   Tin* dqp = static_cast<Tin*>(p.dq);
   Tin* dkp = static_cast<Tin*>(p.dk);
 #pragma unroll
-  for (int r = 0; r < kC; ++r) {
+  for (int j = 0; j < kH; ++j) {
+    const int r = r0 + j;
     if (r < ch.len) {
-      float out = dG[r];
+      float out = dG[j];
       if (p.gate_mode == 1) {
-        const float x = xg[r];
-        out = -dG[r] * a_exp * sigmoid_f(x);
-        dA += dG[r] * (-a_exp * softplus_f(x));
+        const float x = xg[j];
+        out = -dG[j] * a_exp * sigmoid_f(x);
+        dA += dG[j] * (-a_exp * softplus_f(x));
         ddt += out;
       } else if (p.gate_mode == 2) {
-        const float x = xg[r];
+        const float x = xg[j];
         const float sx = sigmoid_f(a_exp * x);
-        out = dG[r] * p.lower_bound * sx * (1.f - sx) * a_exp;
+        out = dG[j] * p.lower_bound * sx * (1.f - sx) * a_exp;
         dA += out * x;
         ddt += out;
       }
       const size_t idx = (static_cast<size_t>(ch.row0 + r) * p.H + h) * KD + d;
-      dqp[idx] = from_float<Tin>(dq[r]);
-      dkp[idx] = from_float<Tin>(dk[r]);
+      dqp[idx] = from_float<Tin>(dq[j]);
+      dkp[idx] = from_float<Tin>(dk[j]);
       store_f(p.dg, p.g_dtype, idx, out);
     }
   }
-  pdt[hs * KD + d] = ddt;
+  if (hh == 1) sg.xch[1][d] = ddt;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) dA += __shfl_xor_sync(0xffffffffu, dA, o);
-  if (lane == 0) sg.red[0][warp] = dA;
+  if (lane == 0) sg.red[warp][0] = dA;
   __syncthreads();
-  if (d == 0) pda[hs] = (sg.red[0][0] + sg.red[0][1]) + (sg.red[0][2] + sg.red[0][3]);
+  if (hh == 0) pdt[hs * KD + d] = ddt + sg.xch[1][d];
+  if (tid == 0) {
+    float a = 0.f;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) a += sg.red[w][0];
+    pda[hs] = a;
+  }
 }
 // ---------------------------------------------------------------------------------------------
 // Kernel 4: per batch row and head, the partial sums in slot order; and, varlen, zero
@@ -924,8 +1042,8 @@ cudaError_t bwd_t(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
     auto grad = kda_bwd_grad_kernel<kFactored, Tin>;
     constexpr int bytes = sizeof(GradSmem);
     KDA_TRY(cudaFuncSetAttribute(grad, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    grad<<<dim3(slots, p.H), KD, bytes, stream>>>(p, auxs, states, dstates, vn, dvn, pdt, pda,
-                                                  slots);
+    grad<<<dim3(slots, p.H), 2 * KD, bytes, stream>>>(p, auxs, states, dstates, vn, dvn, pdt,
+                                                      pda, slots);
     KDA_TRY(cudaGetLastError());
   }
   kda_bwd_reduce_kernel<Tin><<<dim3(p.B, p.H), KD, 0, stream>>>(p, pdt, pda, slots);
