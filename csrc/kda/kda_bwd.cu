@@ -103,60 +103,6 @@ __device__ __forceinline__ Tin from_float(float x) {
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
 
 // ---------------------------------------------------------------------------------------------
-// Per-channel chunk inputs, shared by prep and grad: one CTA of 128 threads, thread d = key
-// channel d. Leaves qn, kn (after l2norm), G (= Γ, cumulative log-decay) and xg (gate input +
-// dt_bias) in registers and β in beta_s. Tokens past the sequence act as q = k = 0, g = 0,
-// β = 0, which changes nothing for the real ones. `norms()` returns the 32 squared norms of
-// q and k rows once they are available to every thread (called only with l2norm).
-template <typename Tin, typename Norms>
-__device__ __forceinline__ void load_chunk(const FwdParams& p, const Chunk& ch, int h,
-                                           float* beta_s, float (&qn)[kC], float (&kn)[kC],
-                                           float (&G)[kC], float (&xg)[kC], Norms norms) {
-  const int d = threadIdx.x;
-  const float a_exp = p.gate_mode ? __expf(p.A_log[h]) : 0.f;
-  const float dtb = p.gate_mode ? p.dt_bias[h * KD + d] : 0.f;
-  const Tin* qp = static_cast<const Tin*>(p.q);
-  const Tin* kp = static_cast<const Tin*>(p.k);
-  const size_t i0 = (static_cast<size_t>(ch.row0) * p.H + h) * KD + d;
-  const size_t step = static_cast<size_t>(p.H) * KD;
-  float graw[kC];
-#pragma unroll
-  for (int r = 0; r < kC; ++r) {
-    const bool ok = r < ch.len;
-    const size_t i = i0 + (ok ? r : 0) * step;
-    qn[r] = ok ? to_float(qp[i]) : 0.f;
-    kn[r] = ok ? to_float(kp[i]) : 0.f;
-    graw[r] = ok ? load_f(p.g, p.g_dtype, i) : 0.f;
-  }
-#pragma unroll
-  for (int r = 0; r < kC; ++r) {
-    xg[r] = graw[r] + dtb;
-    float gv = graw[r];
-    if (p.gate_mode == 1) gv = -a_exp * softplus_f(xg[r]);
-    else if (p.gate_mode == 2) gv = p.lower_bound * sigmoid_f(a_exp * xg[r]);
-    G[r] = r < ch.len ? gv : 0.f;
-  }
-  if (d < kC) {
-    float b = 0.f;
-    if (d < ch.len) {
-      b = load_f(p.beta, p.beta_dtype, static_cast<size_t>(ch.row0 + d) * p.H + h);
-      if (p.use_beta_sigmoid) b = sigmoid_f(b);
-    }
-    beta_s[d] = b;
-  }
-  if (p.use_qk_l2norm) {
-    const float* sq = norms(qn, kn);
-#pragma unroll
-    for (int r = 0; r < kC; ++r) {
-      qn[r] *= rsqrtf(sq[r] + 1e-6f);
-      kn[r] *= rsqrtf(sq[kC + r] + 1e-6f);
-    }
-  }
-#pragma unroll
-  for (int r = 1; r < kC; ++r) G[r] += G[r - 1];
-}
-
-// ---------------------------------------------------------------------------------------------
 constexpr int kH = kC / 2;  // token rows per thread in prep and grad (two threads per channel)
 
 // Sums, per token half, acc[i] (i < 16) over that half's 128 threads into out[16·hh + i].
@@ -241,63 +187,73 @@ __device__ __forceinline__ void load_half(const FwdParams& p, const Chunk& ch, i
 }
 
 // ---------------------------------------------------------------------------------------------
-// Kernel 1: the chain records and the exact factors for grad.
+// Kernel 1: the chain records and the exact factors for grad. CTA = (chunk slot, head) of 256
+// threads, thread (hh, d) = (tid / 128, tid % 128) owning key channel d for token rows
+// [8hh, 8hh+8), as in grad.
 struct PrepSmem {
   float X[kC][FP], Y[kC][FP], Z[kC][FP];  // row operands of the pair products
   float LL[kC][kC + 1], A[kC][kC + 1], T[kC][kC + 1];
-  float beta[kC], sq[2 * kC], diag[2 * kC], red[4][32];
+  float beta[kC], sq[2 * kC], diag[2 * kC], red[8][32];
 };
 
 template <bool kFactored, typename Tin>
-__global__ void __launch_bounds__(KD) kda_bwd_prep_kernel(BwdParams p, uint8_t* __restrict__ recs,
-                                                          Aux* __restrict__ auxs, int slots) {
+__global__ void __launch_bounds__(2 * KD, 4) kda_bwd_prep_kernel(BwdParams p, uint8_t* __restrict__ recs,
+                                                              Aux* __restrict__ auxs, int slots) {
   __shared__ __align__(16) PrepSmem sm;
-  const int slot = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+  const int tid = threadIdx.x, d = tid & (KD - 1), hh = tid >> 7, r0 = hh * kH;
+  const int slot = blockIdx.x, h = blockIdx.y;
   const Chunk ch = locate(p, slot);
   if (ch.len == 0) return;
-  float qn[kC], kn[kC], G[kC], xg[kC];
-  load_chunk<Tin>(p, ch, h, sm.beta, qn, kn, G, xg, [&](const float (&q)[kC], const float (&k)[kC]) {
-    float acc[32];
+  float qn[kH], kn[kH], G[kH], xg[kH], gc;
+  load_half<Tin>(p, ch, h, sm.beta, qn, kn, G, xg, gc);
+  if (p.use_qk_l2norm) {
+    float acc[16];
 #pragma unroll
-    for (int r = 0; r < kC; ++r) {
-      acc[r] = q[r] * q[r];
-      acc[kC + r] = k[r] * k[r];
+    for (int j = 0; j < kH; ++j) {
+      acc[j] = qn[j] * qn[j];
+      acc[kH + j] = kn[j] * kn[j];
     }
-    block_sum32<KD / 32>(acc, sm.red, sm.sq);
-    return static_cast<const float*>(sm.sq);
-  });
-
+    half_sum16(acc, sm.red, sm.sq);
 #pragma unroll
-  for (int r = 0; r < kC; ++r) {
+    for (int j = 0; j < kH; ++j) {
+      qn[j] *= rsqrtf(sm.sq[16 * hh + j] + 1e-6f);
+      kn[j] *= rsqrtf(sm.sq[16 * hh + kH + j] + 1e-6f);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kH; ++j) {
+    const int r = r0 + j;
     if constexpr (kFactored) {
-      const float e = __expf(G[r]);
-      sm.X[r][d] = p.scale * qn[r] * e;
-      sm.Y[r][d] = kn[r] * e;
-      sm.Z[r][d] = kn[r] * __expf(-G[r]);
+      const float e = __expf(G[j]);
+      sm.X[r][d] = p.scale * qn[j] * e;
+      sm.Y[r][d] = kn[j] * e;
+      sm.Z[r][d] = kn[j] * __expf(-G[j]);
     } else {
-      sm.X[r][d] = p.scale * qn[r];
-      sm.Y[r][d] = kn[r];
-      sm.Z[r][d] = G[r] * kLog2e;
+      sm.X[r][d] = p.scale * qn[j];
+      sm.Y[r][d] = kn[j];
+      sm.Z[r][d] = G[j] * kLog2e;
     }
   }
   {
     // The diagonal of Aqk (e^0 = 1) is a per-token sum over channels.
-    float acc[32];
+    float acc[16];
 #pragma unroll
-    for (int r = 0; r < kC; ++r) {
-      acc[r] = p.scale * qn[r] * kn[r];
-      acc[kC + r] = 0.f;
+    for (int j = 0; j < kH; ++j) {
+      acc[j] = p.scale * qn[j] * kn[j];
+      acc[kH + j] = 0.f;
     }
-    block_sum32<KD / 32>(acc, sm.red, sm.diag);  // its barriers also publish X, Y, Z
+    half_sum16(acc, sm.red, sm.diag);  // its barriers also publish X, Y, Z
   }
-  // The 120 strictly-lower pairs, one per thread: LL and Aqk.
-  if (d < 120) {
+  // The 120 strictly-lower pairs (LL and Aqk), each split over two adjacent lanes by channel
+  // halves; the last 16 threads repeat pair 119 so that whole warps shuffle.
+  {
+    const int pr = min(tid >> 1, 119), c0 = (tid & 1) * (KD / 2);
     int r = 1;
-    while ((r + 1) * r / 2 <= d) ++r;
-    const int s = d - r * (r - 1) / 2;
+    while ((r + 1) * r / 2 <= pr) ++r;
+    const int s = pr - r * (r - 1) / 2;
     float acc_a = 0.f, acc_l = 0.f;
 #pragma unroll 4
-    for (int j = 0; j < KD; j += 4) {
+    for (int j = c0; j < c0 + KD / 2; j += 4) {
       const float4 x = *reinterpret_cast<const float4*>(&sm.X[r][j]);
       const float4 y = *reinterpret_cast<const float4*>(&sm.Y[r][j]);
       const float4 z = *reinterpret_cast<const float4*>(&sm.Z[s][j]);
@@ -313,22 +269,26 @@ __global__ void __launch_bounds__(KD) kda_bwd_prep_kernel(BwdParams p, uint8_t* 
         acc_l += y.x * e0 + y.y * e1 + y.z * e2 + y.w * e3;
       }
     }
-    sm.A[r][s] = acc_a;
-    sm.LL[r][s] = acc_l;
+    acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
+    acc_l += __shfl_xor_sync(0xffffffffu, acc_l, 1);
+    if ((tid & 1) == 0 && tid < 240) {
+      sm.A[r][s] = acc_a;
+      sm.LL[r][s] = acc_l;
+    }
   }
   __syncthreads();
-  if (d < kC) {
-    // Forward substitution for column d of T = (I+L)^-1, L[r][s] = β_r LL[r][s].
+  if (tid < kC) {
+    // Forward substitution for column tid of T = (I+L)^-1, L[r][s] = β_r LL[r][s].
     float tc[kC];
 #pragma unroll
     for (int r = 0; r < kC; ++r) {
       float l = 0.f;
 #pragma unroll
       for (int s = 0; s < r; ++s) l += sm.LL[r][s] * tc[s];
-      tc[r] = (r == d ? 1.f : 0.f) - sm.beta[r] * l;
+      tc[r] = (r == tid ? 1.f : 0.f) - sm.beta[r] * l;
     }
 #pragma unroll
-    for (int r = 0; r < kC; ++r) sm.T[r][d] = tc[r];
+    for (int r = 0; r < kC; ++r) sm.T[r][tid] = tc[r];
   }
   __syncthreads();
 
@@ -341,29 +301,35 @@ __global__ void __launch_bounds__(KD) kda_bwd_prep_kernel(BwdParams p, uint8_t* 
   Tin* raq = reinterpret_cast<Tin*>(rec + Rec::kAqk);
   float* reg = reinterpret_cast<float*>(rec + Rec::kEg);
 
-  const float gc = G[kC - 1];
-  reg[d] = __expf(gc);
-  float kb[kC];  // β_s · k_s ⊙ e^{Γ_s}, so that W = T·kb
+  if (hh == 0) reg[d] = __expf(gc);
+  float kb[kC];  // β_s · k_s ⊙ e^{Γ_s} of every row, so that W = T·kb
 #pragma unroll
-  for (int s = 0; s < kC; ++s) kb[s] = sm.beta[s] * kn[s] * __expf(G[s]);
+  for (int s = 0; s < kC; ++s) {
+    const float y = sm.Y[s][d];
+    kb[s] = sm.beta[s] * (kFactored ? y : y * exp2f(sm.Z[s][d]));
+  }
 #pragma unroll
-  for (int r = 0; r < kC; ++r) {
-    rq[r * KP + d] = from_float<Tin>(p.scale * qn[r] * __expf(G[r]));
-    rkt[r * KP + d] = __float2bfloat16_rn(kn[r] * __expf(gc - G[r]));
+  for (int j = 0; j < kH; ++j) {
+    const int r = r0 + j;
+    rq[r * KP + d] = from_float<Tin>(p.scale * qn[j] * __expf(G[j]));
+    rkt[r * KP + d] = __float2bfloat16_rn(kn[j] * __expf(gc - G[j]));
     float w = 0.f;
 #pragma unroll
-    for (int s = 0; s <= r; ++s) w += sm.T[r][s] * kb[s];
+    for (int s = 0; s < kC; ++s) w += sm.T[r][s] * kb[s];  // T[r][s] = 0 for s > r
     rw[r * KP + d] = __float2bfloat16_rn(-w);
   }
   Aux& aux = auxs[hs];
-  for (int i = d; i < kC * kC; i += KD) {
-    const int r = i / kC, s = i % kC;
-    rtb[i] = from_float<Tin>(sm.T[r][s] * sm.beta[s]);
-    raq[i] = from_float<Tin>(s < r ? sm.A[r][s] : s == r ? sm.diag[r] : 0.f);
+  {
+    const int r = tid / kC, s = tid % kC;
+    rtb[tid] = from_float<Tin>(sm.T[r][s] * sm.beta[s]);
+    raq[tid] = from_float<Tin>(s < r ? sm.A[r][s] : s == r ? sm.diag[16 * (r / kH) + r % kH] : 0.f);
     aux.T[r][s] = sm.T[r][s];
     aux.LL[r][s] = s < r ? sm.LL[r][s] : 0.f;
   }
-  if (d < 2 * kC) aux.sq[d] = p.use_qk_l2norm ? sm.sq[d] : 0.f;
+  if (tid < 2 * kC) {
+    const int r = tid % kC, qk = tid / kC;  // aux.sq holds q rows 0..15, then k rows 0..15
+    aux.sq[tid] = p.use_qk_l2norm ? sm.sq[16 * (r / kH) + qk * kH + r % kH] : 0.f;
+  }
 }
 // ---------------------------------------------------------------------------------------------
 // Kernel 2: the two chains. CTA = (value block of 16·NW columns, head, sequence and direction);
@@ -1028,8 +994,8 @@ cudaError_t bwd_t(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
   auto* pdt = reinterpret_cast<float*>(ws + lay.pdt);
   auto* pda = reinterpret_cast<float*>(ws + lay.pda);
   if (slots > 0) {
-    kda_bwd_prep_kernel<kFactored, Tin><<<dim3(slots, p.H), KD, 0, stream>>>(p, ws + lay.rec,
-                                                                            auxs, slots);
+    kda_bwd_prep_kernel<kFactored, Tin><<<dim3(slots, p.H), 2 * KD, 0, stream>>>(
+        p, ws + lay.rec, auxs, slots);
     KDA_TRY(cudaGetLastError());
   }
   if (p.N > 0) {
