@@ -3,7 +3,8 @@
 #   TESTS=0 skips the tests, TEST_FILES picks them (TEST_TIMEOUT, default 420 s: test_vs_fla
 #   compiles and autotunes fla's Triton kernels first); TIME=0 skips the timings; SANITIZE=1
 #   adds compute-sanitizer memcheck + racecheck; NCU=1 adds full ncu reports at NCU_SHAPES
-#   (big long), per SASS line too; WARPS=auto,1,2,4,8 times forward variants. Logs, and the
+#   (big long), per SASS line too; KTIMES=1 prints each kernel's duration (ncu, one metric) at
+#   NCU_SHAPES; WARPS=auto,1,2,4,8 times forward variants. Logs, and the
 #   compile caches for the next call, under $OUT.
 source "$(dirname "$0")/device_preamble.sh"
 PY=$(command -v python3)
@@ -40,6 +41,22 @@ if [ "${NCU:-0}" = 1 ]; then
     echo "ncu $shape:"
     grep -E "^  [a-z_: ]*kda_|Duration|DRAM Throughput|Warp Cycles Per Issued|Issued Ipc" \
       "$OUT/ncu_$shape.log" | sed -E 's/\((Fwd|Bwd)Params.*//' | head -40
+  done
+fi
+
+if [ "${KTIMES:-0}" = 1 ]; then
+  for shape in ${NCU_SHAPES:-big long}; do
+    echo "kernel times, $shape (ms):"
+    timeout 240 ncu --kernel-name "regex:${NCU_KERNEL:-kda_}" --launch-count "${NCU_COUNT:-12}" \
+      --metrics gpu__time_duration.sum --csv "$PY" scripts/time_kernels.py --shapes "$shape" \
+      --iters 1 ${NCU_TIME_ARGS:-} 2>"$OUT/ktimes_$shape.err" | tee "$OUT/ktimes_$shape.csv" |
+      "$PY" -c 'import csv, sys
+rows = [r for r in csv.reader(sys.stdin) if len(r) > 10 and r[-3] == "gpu__time_duration.sum"]
+for r in rows:
+    unit = r[-2]
+    ms = float(r[-1].replace(",", "")) / {"ns": 1e6, "nsecond": 1e6, "us": 1e3, "usecond": 1e3, "ms": 1, "msecond": 1}[unit]
+    name = r[4].split("(")[0].split("<")[0]
+    print(f"  {name:40s} {ms:8.3f}")'
   done
 fi
 
