@@ -93,6 +93,35 @@ __device__ __forceinline__ Chunk locate(const FwdParams& p, int slot) {
   return {sq.row0 + static_cast<long long>(c) * kChunk, min(kChunk, sq.len - c * kChunk)};
 }
 
+// Record of one (head, chunk), written by the prep kernel (kda_fwd.cu) and read by the
+// forward recurrence and the backward's chains, K key channels:
+//   Q̃ = scale·Q⊙e^Γ [16,K] | −W [16,K] bf16 | K̃ = K⊙e^{Γ_C−Γ} [16,K] bf16 |
+//   Tβ = T·Diag(β) [16,16] (dtype of v) | Aqk [16,16] | e^{Γ_C} [K] f32
+// Q̃ and Aqk are bf16 for the forward and of the dtype of q for the backward, where they
+// multiply dO inside mma. Matrix rows are padded to K+8 elements, the shared-memory layout that
+// keeps ldmatrix free of bank conflicts, so that a recurrence fetches a record with one bulk copy.
+template <int K>
+struct Rec {
+  static constexpr int kPitch = K + 8;
+  static constexpr int kMat = kChunk * kPitch * 2;
+  static constexpr int kQ = 0, kW = kMat, kKt = 2 * kMat, kTb = 3 * kMat, kAqk = kTb + 512,
+                       kEg = kTb + 1024;
+  static constexpr int kBytes = kEg + 4 * K;
+};
+
+// What the backward's gradient kernel takes from the prep besides the record (one per head and
+// chunk): the 16x16 factors in fp32 and the l2norm scales.
+struct PrepAux {
+  float T[kChunk][kChunk];   // (I+L)^-1, zeros above the diagonal
+  float LL[kChunk][kChunk];  // L without β: Σ_d k_rd k_sd e^{Γ_rd−Γ_sd} for r > s, zeros elsewhere
+  float rn[2 * kChunk];      // 1/|q_r| then 1/|k_r| (with use_qk_l2norm)
+};
+
+// The backward's prep (K = 128): records as above with Q̃ and Aqk in the dtype of q, and a
+// PrepAux per (head, chunk slot), both indexed h·slots + slot. Defined in kda_fwd.cu.
+cudaError_t prep_for_backward(const FwdParams& p, uint8_t* recs, PrepAux* aux, int slots,
+                              cudaStream_t stream);
+
 // Sums acc[i], i < 32, over the CTA's kWarps warps into out[i] = finish(sum), visible to all
 // threads after (the two CTA barriers inside also publish earlier shared-memory writes).
 struct Unchanged {

@@ -1,8 +1,8 @@
 // Hopper backward of Kimi Delta Attention (K = V = 128, chunks of 16 tokens), in four launches.
 //
-// 1. prep (grid: chunk slots x heads, token-parallel): recomputes the chunk quantities of the
-//    forward (gate, l2norm, Γ, L, Aqk, T) and writes one record per (head, chunk) holding what
-//    the two chains read: Q̃, −W, K̃, Tβ, Aqk, e^{Γ_C}; and, for grad, T and L in fp32.
+// 1. prep: the forward's prep kernel (kda_fwd.cu, prep_for_backward) recomputes the chunk
+//    records the two chains read (Q̃, −W, K̃, Tβ, Aqk, e^{Γ_C}) and, for grad, T, L and the
+//    l2norm scales in fp32 (PrepAux).
 // 2. chains (grid: value blocks x heads x 2N): z < N re-runs the forward recurrence and stores
 //    every chunk's incoming state S_c (bf16) and Vn = U − W S_c; z ≥ N runs the state gradient
 //    backwards over chunks,
@@ -42,24 +42,7 @@ constexpr int KP = KD + 8;  // bf16 row pitch (+16 bytes: conflict-free ldmatrix
 constexpr int FP = KD + 4;  // fp32 row pitch
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Record of one (head, chunk), rows padded to KP so that one bulk copy lands it in the
-// ldmatrix-friendly shared layout:
-//   Q̃ = scale·Q⊙e^Γ [16,KP] (dtype of q) | −W [16,KP] bf16 | K̃ = K⊙e^{Γ_C−Γ} [16,KP] bf16 |
-//   Tβ [16,16] (dtype of q) | Aqk [16,16] (dtype of q) | e^{Γ_C} [K] f32
-// Q̃, Tβ and Aqk multiply dO or V inside mma, so they share the dtype of q/v.
-struct Rec {
-  static constexpr int kMat = kC * KP * 2;
-  static constexpr int kQ = 0, kW = kMat, kKt = 2 * kMat, kTb = 3 * kMat, kAqk = kTb + 512,
-                       kEg = kAqk + 512;
-  static constexpr int kBytes = kEg + 4 * KD;
-};
-
-// What prep hands to grad besides the record: the exact 16x16 factors and the l2norm sums.
-struct Aux {
-  float T[kC][kC];   // (I+L)^-1, zeros above the diagonal
-  float LL[kC][kC];  // Σ_d k_rd k_sd e^{Γ_rd−Γ_sd} for r > s (L without β), zeros elsewhere
-  float sq[2 * kC];  // |q_r|², |k_r|² before l2norm
-};
+using R = Rec<KD>;  // the chunk record (chunks.cuh), written by prep_for_backward
 
 size_t align256(size_t x) { return (x + 255) & ~size_t{255}; }
 
@@ -74,8 +57,8 @@ struct WsLayout {
       off += align256(bytes);
       return at;
     };
-    rec = take(hs * Rec::kBytes);
-    aux = take(hs * sizeof(Aux));
+    rec = take(hs * R::kBytes);
+    aux = take(hs * sizeof(PrepAux));
     states = take(hs * VD * KD * 2);   // Sᵀ_c [V][K] bf16
     dstates = take(hs * VD * KD * 2);  // dS'ᵀ_c [V][K] bf16
     vn = take(hs * kC * VD * 2);       // Vn [16][V] bf16
@@ -187,151 +170,6 @@ __device__ __forceinline__ void load_half(const FwdParams& p, const Chunk& ch, i
 }
 
 // ---------------------------------------------------------------------------------------------
-// Kernel 1: the chain records and the exact factors for grad. CTA = (chunk slot, head) of 256
-// threads, thread (hh, d) = (tid / 128, tid % 128) owning key channel d for token rows
-// [8hh, 8hh+8), as in grad.
-struct PrepSmem {
-  float X[kC][FP], Y[kC][FP], Z[kC][FP];  // row operands of the pair products
-  float LL[kC][kC + 1], A[kC][kC + 1], T[kC][kC + 1];
-  float beta[kC], sq[2 * kC], diag[2 * kC], red[8][32];
-};
-
-template <bool kFactored, typename Tin>
-__global__ void __launch_bounds__(2 * KD, 4) kda_bwd_prep_kernel(BwdParams p, uint8_t* __restrict__ recs,
-                                                              Aux* __restrict__ auxs, int slots) {
-  __shared__ __align__(16) PrepSmem sm;
-  const int tid = threadIdx.x, d = tid & (KD - 1), hh = tid >> 7, r0 = hh * kH;
-  const int slot = blockIdx.x, h = blockIdx.y;
-  const Chunk ch = locate(p, slot);
-  if (ch.len == 0) return;
-  float qn[kH], kn[kH], G[kH], xg[kH], gc;
-  load_half<Tin>(p, ch, h, sm.beta, qn, kn, G, xg, gc);
-  if (p.use_qk_l2norm) {
-    float acc[16];
-#pragma unroll
-    for (int j = 0; j < kH; ++j) {
-      acc[j] = qn[j] * qn[j];
-      acc[kH + j] = kn[j] * kn[j];
-    }
-    half_sum16(acc, sm.red, sm.sq);
-#pragma unroll
-    for (int j = 0; j < kH; ++j) {
-      qn[j] *= rsqrtf(sm.sq[16 * hh + j] + 1e-6f);
-      kn[j] *= rsqrtf(sm.sq[16 * hh + kH + j] + 1e-6f);
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < kH; ++j) {
-    const int r = r0 + j;
-    if constexpr (kFactored) {
-      const float e = __expf(G[j]);
-      sm.X[r][d] = p.scale * qn[j] * e;
-      sm.Y[r][d] = kn[j] * e;
-      sm.Z[r][d] = kn[j] * __expf(-G[j]);
-    } else {
-      sm.X[r][d] = p.scale * qn[j];
-      sm.Y[r][d] = kn[j];
-      sm.Z[r][d] = G[j] * kLog2e;
-    }
-  }
-  {
-    // The diagonal of Aqk (e^0 = 1) is a per-token sum over channels.
-    float acc[16];
-#pragma unroll
-    for (int j = 0; j < kH; ++j) {
-      acc[j] = p.scale * qn[j] * kn[j];
-      acc[kH + j] = 0.f;
-    }
-    half_sum16(acc, sm.red, sm.diag);  // its barriers also publish X, Y, Z
-  }
-  // The 120 strictly-lower pairs (LL and Aqk), each split over two adjacent lanes by channel
-  // halves; the last 16 threads repeat pair 119 so that whole warps shuffle.
-  {
-    const int pr = min(tid >> 1, 119), c0 = (tid & 1) * (KD / 2);
-    int r = 1;
-    while ((r + 1) * r / 2 <= pr) ++r;
-    const int s = pr - r * (r - 1) / 2;
-    float acc_a = 0.f, acc_l = 0.f;
-#pragma unroll 4
-    for (int j = c0; j < c0 + KD / 2; j += 4) {
-      const float4 x = *reinterpret_cast<const float4*>(&sm.X[r][j]);
-      const float4 y = *reinterpret_cast<const float4*>(&sm.Y[r][j]);
-      const float4 z = *reinterpret_cast<const float4*>(&sm.Z[s][j]);
-      if constexpr (kFactored) {
-        acc_a += x.x * z.x + x.y * z.y + x.z * z.z + x.w * z.w;
-        acc_l += y.x * z.x + y.y * z.y + y.z * z.z + y.w * z.w;
-      } else {
-        const float4 ys = *reinterpret_cast<const float4*>(&sm.Y[s][j]);
-        const float4 zr = *reinterpret_cast<const float4*>(&sm.Z[r][j]);
-        const float e0 = ys.x * exp2f(zr.x - z.x), e1 = ys.y * exp2f(zr.y - z.y);
-        const float e2 = ys.z * exp2f(zr.z - z.z), e3 = ys.w * exp2f(zr.w - z.w);
-        acc_a += x.x * e0 + x.y * e1 + x.z * e2 + x.w * e3;
-        acc_l += y.x * e0 + y.y * e1 + y.z * e2 + y.w * e3;
-      }
-    }
-    acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
-    acc_l += __shfl_xor_sync(0xffffffffu, acc_l, 1);
-    if ((tid & 1) == 0 && tid < 240) {
-      sm.A[r][s] = acc_a;
-      sm.LL[r][s] = acc_l;
-    }
-  }
-  __syncthreads();
-  if (tid < kC) {
-    // Forward substitution for column tid of T = (I+L)^-1, L[r][s] = β_r LL[r][s].
-    float tc[kC];
-#pragma unroll
-    for (int r = 0; r < kC; ++r) {
-      float l = 0.f;
-#pragma unroll
-      for (int s = 0; s < r; ++s) l += sm.LL[r][s] * tc[s];
-      tc[r] = (r == tid ? 1.f : 0.f) - sm.beta[r] * l;
-    }
-#pragma unroll
-    for (int r = 0; r < kC; ++r) sm.T[r][tid] = tc[r];
-  }
-  __syncthreads();
-
-  const size_t hs = static_cast<size_t>(h) * slots + slot;
-  uint8_t* rec = recs + hs * Rec::kBytes;
-  Tin* rq = reinterpret_cast<Tin*>(rec + Rec::kQ);
-  __nv_bfloat16* rw = reinterpret_cast<__nv_bfloat16*>(rec + Rec::kW);
-  __nv_bfloat16* rkt = reinterpret_cast<__nv_bfloat16*>(rec + Rec::kKt);
-  Tin* rtb = reinterpret_cast<Tin*>(rec + Rec::kTb);
-  Tin* raq = reinterpret_cast<Tin*>(rec + Rec::kAqk);
-  float* reg = reinterpret_cast<float*>(rec + Rec::kEg);
-
-  if (hh == 0) reg[d] = __expf(gc);
-  float kb[kC];  // β_s · k_s ⊙ e^{Γ_s} of every row, so that W = T·kb
-#pragma unroll
-  for (int s = 0; s < kC; ++s) {
-    const float y = sm.Y[s][d];
-    kb[s] = sm.beta[s] * (kFactored ? y : y * exp2f(sm.Z[s][d]));
-  }
-#pragma unroll
-  for (int j = 0; j < kH; ++j) {
-    const int r = r0 + j;
-    rq[r * KP + d] = from_float<Tin>(p.scale * qn[j] * __expf(G[j]));
-    rkt[r * KP + d] = __float2bfloat16_rn(kn[j] * __expf(gc - G[j]));
-    float w = 0.f;
-#pragma unroll
-    for (int s = 0; s < kC; ++s) w += sm.T[r][s] * kb[s];  // T[r][s] = 0 for s > r
-    rw[r * KP + d] = __float2bfloat16_rn(-w);
-  }
-  Aux& aux = auxs[hs];
-  {
-    const int r = tid / kC, s = tid % kC;
-    rtb[tid] = from_float<Tin>(sm.T[r][s] * sm.beta[s]);
-    raq[tid] = from_float<Tin>(s < r ? sm.A[r][s] : s == r ? sm.diag[16 * (r / kH) + r % kH] : 0.f);
-    aux.T[r][s] = sm.T[r][s];
-    aux.LL[r][s] = s < r ? sm.LL[r][s] : 0.f;
-  }
-  if (tid < 2 * kC) {
-    const int r = tid % kC, qk = tid / kC;  // aux.sq holds q rows 0..15, then k rows 0..15
-    aux.sq[tid] = p.use_qk_l2norm ? sm.sq[16 * (r / kH) + qk * kH + r % kH] : 0.f;
-  }
-}
-// ---------------------------------------------------------------------------------------------
 // Kernel 2: the two chains. CTA = (value block of 16·NW columns, head, sequence and direction);
 // warp w owns value columns [16w, 16w+16) of the block and keeps its slice of S (or dS)
 // transposed in fp32 mma accumulators: s[nt][0..1] = (value g, key 8nt+2t+{0,1}),
@@ -340,13 +178,19 @@ template <int NW, int kStages_>
 struct ChainSmem {
   static constexpr int BV = 16 * NW;
   static constexpr int VP = BV + 8;
-  static constexpr int kStage = Rec::kBytes + kC * VP * 2;  // record + 16 rows of V or dO
+  static constexpr int kStage = R::kBytes + kC * VP * 2;  // record + 16 rows of V or dO
   static constexpr int kStages = kStages_;
   static constexpr int kRowPitch = 24;
   static constexpr int kRowStage = kStages * kStage;  // per warp [16][24] bf16
-  static constexpr int kBar = kRowStage + NW * kC * kRowPitch * 2;
+  static constexpr int kStateTile = kRowStage + NW * kC * kRowPitch * 2;  // per warp [16][K] bf16
+  static constexpr int kBar = kStateTile + NW * kC * KD * 2;
   static constexpr int kBytes = kBar + 2 * kStages * 8;  // "full" and "empty" barriers
 };
+
+// The stored states are Sᵀ [value][key] bf16 with the 16-byte key chunks of each row permuted:
+// chunk c of value row v sits at chunk c ^ (v % 8). That is the chains' conflict-free
+// shared-memory tile, stored as one bulk copy; the grad kernel undoes it as it loads.
+__device__ __forceinline__ int state_chunk(int v, int c) { return c ^ (v & 7); }
 
 template <int NW, int kStages_, int kMinBlocks, typename Tin>
 __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
@@ -365,7 +209,7 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
   const int g = lane >> 2, t = lane & 3;
   const Seq sq = seq_of(p, n);
   const int nch = (sq.len + kC - 1) / kC;
-  const uint8_t* rec0 = recs + (static_cast<size_t>(h) * slots + sq.slot0) * Rec::kBytes;
+  const uint8_t* rec0 = recs + (static_cast<size_t>(h) * slots + sq.slot0) * R::kBytes;
   const Tin* rows_src = static_cast<const Tin*>(reverse ? p.dout : p.v);
   auto chunk_at = [&](int i) { return reverse ? nch - 1 - i : i; };
 
@@ -374,13 +218,13 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
   // engine serialised warp 0). Rows past the sequence repeat its first row: finite values that
   // meet zero columns of Tβ (zero rows of Q̃ and Aqk).
   auto fetch_record = [&](int i) {
-    ring.fetch_record(i, rec0 + static_cast<size_t>(chunk_at(i)) * Rec::kBytes, Rec::kBytes,
+    ring.fetch_record(i, rec0 + static_cast<size_t>(chunk_at(i)) * R::kBytes, R::kBytes,
                       lane);
   };
   auto fetch_rows = [&](int i) {
     const int c = chunk_at(i);
     ptx::warp_tile16_cp_async(
-        reinterpret_cast<Tin*>(ring.stage(i) + Rec::kBytes) + warp * 16, VP,
+        reinterpret_cast<Tin*>(ring.stage(i) + R::kBytes) + warp * 16, VP,
         rows_src + (static_cast<size_t>(sq.row0 + c * kC) * p.H + h) * VD + vb * BV + warp * 16,
         static_cast<size_t>(p.H) * VD, sq.len - c * kC, lane);
   };
@@ -399,6 +243,7 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     for (int j = 0; j < 4; ++j) s[nt][j] = s0[st_index(nt, j)];
 
   __nv_bfloat16* rstage = reinterpret_cast<__nv_bfloat16*>(smem + L::kRowStage) + warp * kC * RP;
+  __nv_bfloat16* tile = reinterpret_cast<__nv_bfloat16*>(smem + L::kStateTile) + warp * kC * KD;
   __nv_bfloat16* st_out = reverse ? dstates : states;
   __nv_bfloat16* row_out = reverse ? dvn_out : vn_out;
   const int brow = (lane & 7) + ((lane >> 4) & 1) * 8, bcol = ((lane >> 3) & 1) * 8;
@@ -409,26 +254,35 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     const int c = chunk_at(i);
     const size_t hs = static_cast<size_t>(h) * slots + sq.slot0 + c;
 
-    // The state (gradient) this chunk starts from, as bf16 Sᵀ rows [value][key], straight from
-    // the fragments: half-sector stores whose neighbours follow at once, merged in L2.
+    // The state (gradient) this chunk starts from, as bf16 Sᵀ rows [value][key]: the warp's
+    // 16 value rows are 4 KB of contiguous global memory, so they leave through its staging
+    // tile in one bulk store (ncu: the 32 4-byte stores per lane and step they replace were
+    // the chains' largest stall, LSU queue full).
     {
-      __nv_bfloat16* dst = st_out + (hs * VD + v_lo) * KD + 2 * t;
+      if (lane == 0) ptx::bulk_wait_read_all();  // the previous step's store has left the tile
+      __syncwarp();
 #pragma unroll
-      for (int nt = 0; nt < KD / 8; ++nt) {
-        *reinterpret_cast<uint32_t*>(dst + nt * 8) = ptx::pack_bf16(s[nt][0], s[nt][1]);
-        *reinterpret_cast<uint32_t*>(dst + 8 * KD + nt * 8) = ptx::pack_bf16(s[nt][2], s[nt][3]);
+      for (int nt = 0; nt < KD / 8; nt += 2) {
+        const int row = (lane & 7) + ((lane >> 3) & 1) * 8, c = nt + (lane >> 4);
+        const uint32_t f[4] = {ptx::pack_bf16(s[nt][0], s[nt][1]), ptx::pack_bf16(s[nt][2], s[nt][3]),
+                               ptx::pack_bf16(s[nt + 1][0], s[nt + 1][1]),
+                               ptx::pack_bf16(s[nt + 1][2], s[nt + 1][3])};
+        ptx::stsm_x4(tile + row * KD + state_chunk(row, c) * 8, f);
       }
+      ptx::fence_proxy_async_smem();
+      __syncwarp();
+      if (lane == 0) ptx::bulk_s2g(st_out + (hs * VD + v_lo - g) * KD, tile, kC * KD * 2);
     }
 
     ring.wait(i);
     const uint8_t* st = ring.stage(i);
-    const Tin* qs = reinterpret_cast<const Tin*>(st + Rec::kQ);
-    const __nv_bfloat16* wsm = reinterpret_cast<const __nv_bfloat16*>(st + Rec::kW);
-    const __nv_bfloat16* kts = reinterpret_cast<const __nv_bfloat16*>(st + Rec::kKt);
-    const Tin* tbs = reinterpret_cast<const Tin*>(st + Rec::kTb);
-    const Tin* aqs = reinterpret_cast<const Tin*>(st + Rec::kAqk);
-    const float* egs = reinterpret_cast<const float*>(st + Rec::kEg);
-    const Tin* rs = reinterpret_cast<const Tin*>(st + Rec::kBytes);
+    const Tin* qs = reinterpret_cast<const Tin*>(st + R::kQ);
+    const __nv_bfloat16* wsm = reinterpret_cast<const __nv_bfloat16*>(st + R::kW);
+    const __nv_bfloat16* kts = reinterpret_cast<const __nv_bfloat16*>(st + R::kKt);
+    const Tin* tbs = reinterpret_cast<const Tin*>(st + R::kTb);
+    const Tin* aqs = reinterpret_cast<const Tin*>(st + R::kAqk);
+    const float* egs = reinterpret_cast<const float*>(st + R::kEg);
+    const Tin* rs = reinterpret_cast<const Tin*>(st + R::kBytes);
 
     // Rows of this step (transposed, [value][token]): Vnᵀ = Vᵀ(Tβ)ᵀ + Sᵀ(−W)ᵀ forwards,
     // dVnᵀ = dOᵀ Aqk + dS'ᵀ K̃ᵀ backwards. Two accumulator sets halve the dependent chain.
@@ -504,6 +358,7 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
 #pragma unroll
       for (int j = 0; j < 4; ++j) p.dinitial_state[st_index(nt, j)] = s[nt][j];
   }
+  if (lane == 0) ptx::bulk_wait_all();  // the tile stays allocated until its last store is done
 }
 
 
@@ -516,7 +371,7 @@ struct GradSmem {
   __nv_bfloat16 S[VD][KP];   // Sᵀ_c; then dQ̃, dK̃, dW, dM, Xm in fp32
   __nv_bfloat16 dS[VD][KP];  // dS'ᵀ_c; then per-token channel rows in fp32
   __nv_bfloat16 dO[kC][KP], Vn[kC][KP], dVn[kC][KP], V[kC][KP];
-  Aux aux;
+  PrepAux aux;
   // Rows and columns (transposed copies) for whole-row broadcast reads; zeros off the support.
   float dAqk[kC][kC], dAqkT[kC][kC];  // r ≥ s
   float dLb[kC][kC], dLbT[kC][kC];    // β_r·dL[r][s], r > s
@@ -528,7 +383,7 @@ struct GradSmem {
 
 template <bool kFactored, typename Tin>
 __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
-    BwdParams p, const Aux* __restrict__ auxs, const __nv_bfloat16* __restrict__ states,
+    BwdParams p, const PrepAux* __restrict__ auxs, const __nv_bfloat16* __restrict__ states,
     const __nv_bfloat16* __restrict__ dstates, const __nv_bfloat16* __restrict__ vn,
     const __nv_bfloat16* __restrict__ dvn, float* __restrict__ pdt, float* __restrict__ pda,
     int slots) {
@@ -547,7 +402,7 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
 
   {
     const uint8_t* src = reinterpret_cast<const uint8_t*>(auxs + hs);
-    for (int i = tid; i < static_cast<int>(sizeof(Aux) / 16); i += 2 * KD)
+    for (int i = tid; i < static_cast<int>(sizeof(PrepAux) / 16); i += 2 * KD)
       ptx::cp_async16(reinterpret_cast<uint8_t*>(&sg.aux) + i * 16, src + i * 16);
     ptx::cp_async_commit();
     const __nv_bfloat16* sgl = states + hs * VD * KD;
@@ -555,8 +410,9 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
 #pragma unroll
     for (int i = tid; i < VD * KD / 8; i += 2 * KD) {
       const int row = i >> 4, col = (i & 15) * 8;
-      ptx::cp_async16(&sg.S[row][col], sgl + row * KD + col);
-      ptx::cp_async16(&sg.dS[row][col], dsgl + row * KD + col);
+      const int at = row * KD + state_chunk(row, col / 8) * 8;
+      ptx::cp_async16(&sg.S[row][col], sgl + at);
+      ptx::cp_async16(&sg.dS[row][col], dsgl + at);
     }
     const int row = tid >> 4, col = (tid & 15) * 8;
     ptx::cp_async16(&sg.Vn[row][col], vn + (hs * kC + row) * VD + col);
@@ -594,12 +450,12 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
   }
   ptx::cp_async_wait<0>();
   __syncthreads();
-  const Aux& aux = sg.aux;
+  const PrepAux& aux = sg.aux;
   if (p.use_qk_l2norm) {
 #pragma unroll
     for (int j = 0; j < kH; ++j) {
-      qn[j] *= rsqrtf(aux.sq[r0 + j] + 1e-6f);
-      kn[j] *= rsqrtf(aux.sq[kC + r0 + j] + 1e-6f);
+      qn[j] *= aux.rn[r0 + j];
+      kn[j] *= aux.rn[kC + r0 + j];
     }
   }
 
@@ -886,8 +742,8 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
 #pragma unroll
     for (int j = 0; j < kH; ++j) {
       const int r = r0 + j;
-      dq[j] = rsqrtf(aux.sq[r] + 1e-6f) * (dq[j] - sg.dots[16 * hh + j] * qn[j]);
-      dk[j] = rsqrtf(aux.sq[kC + r] + 1e-6f) * (dk[j] - sg.dots[16 * hh + kH + j] * kn[j]);
+      dq[j] = aux.rn[r] * (dq[j] - sg.dots[16 * hh + j] * qn[j]);
+      dk[j] = aux.rn[kC + r] * (dk[j] - sg.dots[16 * hh + kH + j] * kn[j]);
     }
   }
 
@@ -968,8 +824,9 @@ __global__ void __launch_bounds__(KD) kda_bwd_reduce_kernel(BwdParams p, const f
 constexpr int kChainWarps = 4;
 
 // The chains are latency-bound (a dependent step per chunk): with one CTA per SM or fewer, a
-// deep record prefetch hides the fetch latency; with more, four stages and three CTAs per SM
-// keep every chain of a large batch resident at once (two waves would double the time).
+// deep record prefetch hides the fetch latency; with more, three stages and three CTAs per SM (the
+// most that fit beside the state tiles) keep every chain of a large batch resident at once (two
+// waves would double the time).
 template <int kStages, int kMinBlocks, typename Tin>
 cudaError_t launch_chains(const BwdParams& p, const uint8_t* recs, __nv_bfloat16* states,
                           __nv_bfloat16* dstates, __nv_bfloat16* vn, __nv_bfloat16* dvn,
@@ -986,23 +843,19 @@ template <typename Tin, bool kFactored>
 cudaError_t bwd_t(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
   const int slots = chunk_slots(p);
   const WsLayout lay(p);
-  auto* auxs = reinterpret_cast<Aux*>(ws + lay.aux);
+  auto* auxs = reinterpret_cast<PrepAux*>(ws + lay.aux);
   auto* states = reinterpret_cast<__nv_bfloat16*>(ws + lay.states);
   auto* dstates = reinterpret_cast<__nv_bfloat16*>(ws + lay.dstates);
   auto* vn = reinterpret_cast<__nv_bfloat16*>(ws + lay.vn);
   auto* dvn = reinterpret_cast<__nv_bfloat16*>(ws + lay.dvn);
   auto* pdt = reinterpret_cast<float*>(ws + lay.pdt);
   auto* pda = reinterpret_cast<float*>(ws + lay.pda);
-  if (slots > 0) {
-    kda_bwd_prep_kernel<kFactored, Tin><<<dim3(slots, p.H), 2 * KD, 0, stream>>>(
-        p, ws + lay.rec, auxs, slots);
-    KDA_TRY(cudaGetLastError());
-  }
+  KDA_TRY(prep_for_backward(p, ws + lay.rec, auxs, slots, stream));
   if (p.N > 0) {
     const long long ctas = static_cast<long long>(VD / (16 * kChainWarps)) * p.H * 2 * p.N;
     KDA_TRY((ctas <= sm_count()
                  ? launch_chains<12, 1, Tin>(p, ws + lay.rec, states, dstates, vn, dvn, slots, stream)
-                 : launch_chains<4, 3, Tin>(p, ws + lay.rec, states, dstates, vn, dvn, slots, stream)));
+                 : launch_chains<3, 3, Tin>(p, ws + lay.rec, states, dstates, vn, dvn, slots, stream)));
   }
   if (slots > 0) {
     auto grad = kda_bwd_grad_kernel<kFactored, Tin>;

@@ -20,26 +20,13 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <type_traits>
 
 #include "kda/chunks.cuh"
 #include "kda/ptx.cuh"
 
 namespace kda {
 namespace {
-
-// Workspace record of one (head, chunk), K key channels:
-//   Q̃ = scale·Q⊙e^Γ [16,K] bf16 | −W [16,K] bf16 | K̃ = K⊙e^{Γ_C−Γ} [16,K] bf16 |
-//   Tβ = T·Diag(β) [16,16] (dtype of v) | Aqk [16,16] bf16 | e^{Γ_C} [K] f32
-// Matrix rows are padded to K+8 elements, the shared-memory layout that keeps ldmatrix free of
-// bank conflicts, so that the recurrence fetches a record with one bulk copy.
-template <int K>
-struct Rec {
-  static constexpr int kPitch = K + 8;
-  static constexpr int kMat = kChunk * kPitch * 2;
-  static constexpr int kQ = 0, kW = kMat, kKt = 2 * kMat, kTb = 3 * kMat, kAqk = kTb + 512,
-                       kEg = kTb + 1024;
-  static constexpr int kBytes = kEg + 4 * K;
-};
 
 size_t rec_bytes(int K) { return K == 64 ? Rec<64>::kBytes : Rec<128>::kBytes; }
 
@@ -77,20 +64,26 @@ __device__ __forceinline__ PrepItem prep_item(const FwdParams& p, int slots, lon
 
 // Dynamic shared memory of the prep kernel: the record being built (in its global layout), the
 // input stages (q, k: [16][K] Tin; g: [16][K] of its own dtype), and the pair-product operands.
-template <int K, bool kFactored>
+template <int K, bool kFactored, bool kAux, typename Tq>
 struct PrepSmem {
-  static constexpr int kStage0 = (Rec<K>::kBytes + 127) / 128 * 128;
-  static constexpr int kScratch = kFactored ? 2 * kChunk * (K + 8) * 2 : 3 * kChunk * (K + 4) * 4;
+  static constexpr int kAuxAt = (Rec<K>::kBytes + 127) / 128 * 128;
+  static constexpr int kStage0 = kAuxAt + (kAux ? (sizeof(PrepAux) + 127) / 128 * 128 : 0);
+  // Factored: bf16 K⊙e^Γ, K⊙e^−Γ and (for records whose Q̃ is not bf16) Q̃ as mma operands.
+  static constexpr int kScratch = kFactored
+                                      ? (std::is_same_v<Tq, __nv_bfloat16> ? 2 : 3) * kChunk * (K + 8) * 2
+                                      : 3 * kChunk * (K + 4) * 4;
   __host__ __device__ static int stage_bytes(const FwdParams& p) {
     return kChunk * K * (4 + (p.g_dtype == DType::kF32 ? 4 : 2));
   }
   static int bytes(const FwdParams& p) { return kStage0 + kPrepStages * stage_bytes(p) + kScratch; }
 };
 
-template <int K, bool kFactored, typename Tin>
+// Tq: the dtype of the record's Q̃ and Aqk (bf16 for the forward, that of q for the backward);
+// kAux: also write the PrepAux of each item (the backward).
+template <int K, bool kFactored, typename Tin, typename Tq, bool kAux>
 __global__ void __launch_bounds__(K, kPrepCtasPerSm)
-    kda_prep_kernel(FwdParams p, uint8_t* __restrict__ ws, int slots) {
-  using SL = PrepSmem<K, kFactored>;
+    kda_prep_kernel(FwdParams p, uint8_t* __restrict__ ws, PrepAux* __restrict__ auxs, int slots) {
+  using SL = PrepSmem<K, kFactored, kAux, Tq>;
   constexpr int KP = K + 4;  // padding keeps the pair loop's row reads off one bank
   constexpr int kWarps = K / 32;
   // Row operands of the pair products: fp32 [16][KP] for the exact path, bf16 [16][KH] (mma
@@ -107,6 +100,8 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
   auto Z = reinterpret_cast<float(*)[KP]>(scratch + 2 * kChunk * KP * 4);
   auto Yh = reinterpret_cast<__nv_bfloat16(*)[KH]>(scratch);
   auto Zh = reinterpret_cast<__nv_bfloat16(*)[KH]>(scratch + kChunk * KH * 2);
+  auto Xh = reinterpret_cast<__nv_bfloat16(*)[KH]>(scratch + 2 * kChunk * KH * 2);
+  PrepAux& aux_s = *reinterpret_cast<PrepAux*>(smem + SL::kAuxAt);
   __shared__ float Ls[kChunk][kChunk + 1], As[kChunk][kChunk + 1];
   __shared__ __align__(16) float Tb[kChunk][kChunk];
   // Tβ as the bf16 A operand of W's mma (factored path); +8 keeps ldmatrix conflict-free.
@@ -116,10 +111,11 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
   const int d = threadIdx.x, lane = d & 31, warp = d >> 5;
   const long long grid = gridDim.x;
 
-  __nv_bfloat16* rq = reinterpret_cast<__nv_bfloat16*>(rec + Rec<K>::kQ);
+  Tq* rq = reinterpret_cast<Tq*>(rec + Rec<K>::kQ);
   __nv_bfloat16* rw = reinterpret_cast<__nv_bfloat16*>(rec + Rec<K>::kW);
   __nv_bfloat16* rkt = reinterpret_cast<__nv_bfloat16*>(rec + Rec<K>::kKt);
-  __nv_bfloat16* raq = reinterpret_cast<__nv_bfloat16*>(rec + Rec<K>::kAqk);
+  Tq* raq = reinterpret_cast<Tq*>(rec + Rec<K>::kAqk);
+  constexpr bool kQbf16 = std::is_same_v<Tq, __nv_bfloat16>;
   Tin* rtb = reinterpret_cast<Tin*>(rec + Rec<K>::kTb);
   float* reg = reinterpret_cast<float*>(rec + Rec<K>::kEg);
 
@@ -220,6 +216,8 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
         acc[kChunk + r] = kv[r] * kv[r];
       }
       block_sum32<kWarps>(acc, red, rnorm, [](float sum) { return rsqrtf(sum + 1e-6f); });
+      if constexpr (kAux)
+        if (d < 2 * kChunk) aux_s.rn[d] = rnorm[d];
 #pragma unroll
       for (int r = 0; r < kChunk; ++r) {
         qv[r] *= rnorm[r];
@@ -238,11 +236,12 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
       const float e = __expf(G[r]);
       const float qd = p.scale * qv[r] * e;
       kd[r] = kv[r] * e;
-      rq[r * KH + d] = __float2bfloat16_rn(qd);
+      rq[r * KH + d] = Tq(qd);
       rkt[r * KH + d] = __float2bfloat16_rn(kv[r] * __expf(gc - G[r]));
       if constexpr (kFactored) {
         Yh[r][d] = __float2bfloat16_rn(kd[r]);
         Zh[r][d] = __float2bfloat16_rn(kv[r] * __expf(-G[r]));
+        if constexpr (!kQbf16) Xh[r][d] = __float2bfloat16_rn(qd);
       } else {
         X[r][d] = p.scale * qv[r];
         Y[r][d] = kv[r];
@@ -254,7 +253,9 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
     if constexpr (kFactored) {
       // L = Diag(β)·(K⊙e^Γ)(K⊙e^−Γ)ᵀ on warp 0, Aqk = Q̃(K⊙e^−Γ)ᵀ on warp 1, as 16x16xK mma.
       if (warp < 2) {
-        const __nv_bfloat16* a_rows = warp == 0 ? &Yh[0][0] : rq;
+        const __nv_bfloat16* a_rows;
+        if constexpr (kQbf16) a_rows = warp == 0 ? &Yh[0][0] : rq;
+        else a_rows = warp == 0 ? &Yh[0][0] : &Xh[0][0];
         const int g = lane >> 2, t = lane & 3;
         float acc[2][4] = {};
 #pragma unroll
@@ -271,8 +272,12 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             const int r = g + (j >> 1) * 8, c2 = nt * 8 + t * 2 + (j & 1);
-            if (warp == 0) Ls[r][c2] = beta_s[r] * acc[nt][j];
-            else As[r][c2] = acc[nt][j];
+            if (warp == 0) {
+              Ls[r][c2] = beta_s[r] * acc[nt][j];
+              if constexpr (kAux) aux_s.LL[r][c2] = c2 < r ? acc[nt][j] : 0.f;
+            } else {
+              As[r][c2] = acc[nt][j];
+            }
           }
       }
     } else {
@@ -302,12 +307,16 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
         }
         As[r][s] = acc_a;
         Ls[r][s] = beta_s[r] * acc_l;
+        if constexpr (kAux) aux_s.LL[r][s] = s < r ? acc_l : 0.f;
       }
+      if constexpr (kAux)
+        for (int e = d; e < kChunk * kChunk; e += K)
+          if (e % kChunk > e / kChunk) aux_s.LL[e / kChunk][e % kChunk] = 0.f;
     }
     __syncthreads();
     for (int e = d; e < kChunk * kChunk; e += K) {
       const int r = e / kChunk, s = e % kChunk;
-      raq[e] = __float2bfloat16_rn(s <= r ? As[r][s] : 0.f);
+      raq[e] = Tq(s <= r ? As[r][s] : 0.f);
     }
     if (d < kChunk) {
       // Forward substitution for column j = d of T = (I+L)^-1 (unit lower triangular).
@@ -322,6 +331,7 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
       const float b = beta_s[d];
 #pragma unroll
       for (int r = 0; r < kChunk; ++r) {
+        if constexpr (kAux) aux_s.T[r][d] = tc[r];
         const float tb = tc[r] * b;
         if constexpr (kFactored) Tbh[r][d] = __float2bfloat16_rn(tb);
         else Tb[r][d] = tb;
@@ -370,9 +380,11 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
     }
     ptx::fence_proxy_async_smem();
     __syncthreads();
-    if (d == 0)
-      ptx::bulk_s2g(ws + (static_cast<size_t>(h) * slots + it.slot) * Rec<K>::kBytes, rec,
-                    Rec<K>::kBytes);
+    if (d == 0) {
+      const size_t hs = static_cast<size_t>(h) * slots + it.slot;
+      ptx::bulk_s2g(ws + hs * Rec<K>::kBytes, rec, Rec<K>::kBytes);
+      if constexpr (kAux) ptx::bulk_s2g(auxs + hs, &aux_s, sizeof(PrepAux));
+    }
   }
   if (d == 0) ptx::bulk_wait_all();
 }
@@ -552,24 +564,29 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
   }
 }
 
-template <int K, bool kFactored, typename Tin>
-cudaError_t launch_prep_as(const FwdParams& p, uint8_t* ws, int slots, cudaStream_t stream) {
-  auto kernel = kda_prep_kernel<K, kFactored, Tin>;
-  const int smem = PrepSmem<K, kFactored>::bytes(p);
+template <int K, bool kFactored, typename Tin, typename Tq, bool kAux>
+cudaError_t launch_prep_as(const FwdParams& p, uint8_t* ws, PrepAux* auxs, int slots,
+                           cudaStream_t stream) {
+  auto kernel = kda_prep_kernel<K, kFactored, Tin, Tq, kAux>;
+  const int smem = PrepSmem<K, kFactored, kAux, Tq>::bytes(p);
   KDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   int per_sm = 0;
   KDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, K, smem));
   const long long items = static_cast<long long>(slots) * p.H;
   const int grid = static_cast<int>(std::min<long long>(items, std::max(per_sm, 1) * sm_count()));
-  kernel<<<grid, K, smem, stream>>>(p, ws, slots);
+  kernel<<<grid, K, smem, stream>>>(p, ws, auxs, slots);
   return cudaGetLastError();
+}
+
+bool factored_gate(const FwdParams& p) {
+  return p.gate_mode == 2 && p.lower_bound >= -5.f && p.lower_bound < 0.f;
 }
 
 template <int K, typename Tin>
 cudaError_t launch_prep(const FwdParams& p, uint8_t* ws, int slots, cudaStream_t stream) {
-  const bool factored = p.gate_mode == 2 && p.lower_bound >= -5.f && p.lower_bound < 0.f;
-  return factored ? launch_prep_as<K, true, Tin>(p, ws, slots, stream)
-                  : launch_prep_as<K, false, Tin>(p, ws, slots, stream);
+  using B = __nv_bfloat16;
+  return factored_gate(p) ? launch_prep_as<K, true, Tin, B, false>(p, ws, nullptr, slots, stream)
+                          : launch_prep_as<K, false, Tin, B, false>(p, ws, nullptr, slots, stream);
 }
 
 template <int K, int NW, typename Tin>
@@ -633,6 +650,19 @@ const char* fwd_unsupported(const FwdParams& p) {
   if (p.gate_mode < 0 || p.gate_mode > 2) return "gate_mode must be 0, 1 or 2";
   if (p.N > 65535 || p.H > 65535) return "the CUDA target supports at most 65535 sequences and heads";
   return nullptr;
+}
+
+cudaError_t prep_for_backward(const FwdParams& p, uint8_t* recs, PrepAux* aux, int slots,
+                              cudaStream_t stream) {
+  using B = __nv_bfloat16;
+  using F = __half;
+  if (slots == 0 || p.H == 0) return cudaSuccess;
+  const bool f = factored_gate(p);
+  if (p.qkv_dtype == DType::kF16)
+    return f ? launch_prep_as<128, true, F, F, true>(p, recs, aux, slots, stream)
+             : launch_prep_as<128, false, F, F, true>(p, recs, aux, slots, stream);
+  return f ? launch_prep_as<128, true, B, B, true>(p, recs, aux, slots, stream)
+           : launch_prep_as<128, false, B, B, true>(p, recs, aux, slots, stream);
 }
 
 size_t fwd_workspace_bytes(const FwdParams& p) {

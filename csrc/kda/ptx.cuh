@@ -107,6 +107,14 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(n) : "memory");
 }
 
+// Stores four 8x8 b16 matrices from mma-fragment registers; lane l gives the address of row
+// l % 8 of matrix l / 8.
+__device__ __forceinline__ void stsm_x4(void* p, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(smem_addr(p)),
+               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+
 // One warp copies a 16x16 tile of 2-byte elements (16 rows of 32 bytes) into shared memory, one
 // 16-byte cp.async per lane. Rows at or past `rows` repeat row 0: finite values for the caller to
 // multiply by zero. Row r of the source starts at src + r * src_pitch.
