@@ -46,6 +46,13 @@ __device__ __forceinline__ float load_f(const void* base, DType t, size_t i) {
   }
 }
 
+// Raw 16- or 32-bit pattern of a bf16/f16/f32 element to float.
+__device__ __forceinline__ float bits_to_float(uint32_t b, DType t) {
+  if (t == DType::kF32) return __uint_as_float(b);
+  if (t == DType::kF16) return __half2float(__ushort_as_half(static_cast<unsigned short>(b)));
+  return __uint_as_float(b << 16);
+}
+
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 

@@ -129,19 +129,34 @@ __device__ __forceinline__ void load_half(const FwdParams& p, const Chunk& ch, i
   const size_t step = static_cast<size_t>(p.H) * KD;
   const Tin* qp = static_cast<const Tin*>(p.q);
   const Tin* kp = static_cast<const Tin*>(p.k);
-  float graw[kC];
+  // Every load is issued before the first value is used: with the dtype switch of load_f
+  // inside the row loop, the compiler waited for each row's gate before loading the next (ncu:
+  // ~30% of the grad kernel's stall samples, 16 dependent global-memory round trips).
+  uint32_t gbits[kC];
+  Tin qraw[kH], kraw[kH];
+  if (p.g_dtype == DType::kF32) {
 #pragma unroll
-  for (int r = 0; r < kC; ++r) {
-    const bool ok = r < ch.len;
-    graw[r] = ok ? load_f(p.g, p.g_dtype, i0 + r * step) : 0.f;
+    for (int r = 0; r < kC; ++r)
+      gbits[r] = r < ch.len ? static_cast<const uint32_t*>(p.g)[i0 + r * step] : 0u;
+  } else {
+#pragma unroll
+    for (int r = 0; r < kC; ++r)
+      gbits[r] = r < ch.len ? static_cast<const uint16_t*>(p.g)[i0 + r * step] : 0u;
   }
 #pragma unroll
   for (int j = 0; j < kH; ++j) {
-    const int r = r0 + j;
-    const bool ok = r < ch.len;
-    const size_t i = i0 + (ok ? r : 0) * step;
-    qn[j] = ok ? to_float(qp[i]) : 0.f;
-    kn[j] = ok ? to_float(kp[i]) : 0.f;
+    const size_t i = i0 + (r0 + j < ch.len ? r0 + j : 0) * step;
+    qraw[j] = qp[i];
+    kraw[j] = kp[i];
+  }
+  float graw[kC];
+#pragma unroll
+  for (int r = 0; r < kC; ++r) graw[r] = bits_to_float(gbits[r], p.g_dtype);
+#pragma unroll
+  for (int j = 0; j < kH; ++j) {
+    const bool ok = r0 + j < ch.len;
+    qn[j] = ok ? to_float(qraw[j]) : 0.f;
+    kn[j] = ok ? to_float(kraw[j]) : 0.f;
   }
   float cum = 0.f;
 #pragma unroll
@@ -189,7 +204,7 @@ struct ChainSmem {
 
 // The stored states are Sᵀ [value][key] bf16 with the 16-byte key chunks of each row permuted:
 // chunk c of value row v sits at chunk c ^ (v % 8). That is the chains' conflict-free
-// shared-memory tile, stored as one bulk copy; the grad kernel undoes it as it loads.
+// shared-memory tile, copied out as is; the grad kernel undoes it as it loads.
 __device__ __forceinline__ int state_chunk(int v, int c) { return c ^ (v & 7); }
 
 template <int NW, int kStages_, int kMinBlocks, typename Tin>
@@ -254,13 +269,13 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     const int c = chunk_at(i);
     const size_t hs = static_cast<size_t>(h) * slots + sq.slot0 + c;
 
-    // The state (gradient) this chunk starts from, as bf16 Sᵀ rows [value][key]: the warp's
-    // 16 value rows are 4 KB of contiguous global memory, so they leave through its staging
-    // tile in one bulk store (ncu: the 32 4-byte stores per lane and step they replace were
-    // the chains' largest stall, LSU queue full).
+    // The state (gradient) this chunk starts from, as bf16 Sᵀ rows [value][key]. The warp's 16
+    // value rows are 4 KB of contiguous global memory: the fragments go to its shared tile
+    // (stmatrix) and leave as 16-byte row pieces, 8 full-line stores per lane. ncu: the 32
+    // 4-byte stores per lane and step these replace were the chains' largest stall (LSU queue
+    // full), and a bulk copy of the tile spent half the kernel waiting for it to be read.
     {
-      if (lane == 0) ptx::bulk_wait_read_all();  // the previous step's store has left the tile
-      __syncwarp();
+      __syncwarp();  // every lane has read the previous step's tile
 #pragma unroll
       for (int nt = 0; nt < KD / 8; nt += 2) {
         const int row = (lane & 7) + ((lane >> 3) & 1) * 8, c = nt + (lane >> 4);
@@ -269,9 +284,11 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
                                ptx::pack_bf16(s[nt + 1][2], s[nt + 1][3])};
         ptx::stsm_x4(tile + row * KD + state_chunk(row, c) * 8, f);
       }
-      ptx::fence_proxy_async_smem();
       __syncwarp();
-      if (lane == 0) ptx::bulk_s2g(st_out + (hs * VD + v_lo - g) * KD, tile, kC * KD * 2);
+      uint4* dst = reinterpret_cast<uint4*>(st_out + (hs * VD + v_lo - g) * KD);
+#pragma unroll
+      for (int j = 0; j < kC * KD / 8 / 32; ++j)
+        dst[j * 32 + lane] = reinterpret_cast<const uint4*>(tile)[j * 32 + lane];
     }
 
     ring.wait(i);
@@ -358,7 +375,6 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
 #pragma unroll
       for (int j = 0; j < 4; ++j) p.dinitial_state[st_index(nt, j)] = s[nt][j];
   }
-  if (lane == 0) ptx::bulk_wait_all();  // the tile stays allocated until its last store is done
 }
 
 
@@ -821,22 +837,37 @@ __global__ void __launch_bounds__(KD) kda_bwd_reduce_kernel(BwdParams p, const f
   }
 }
 
-constexpr int kChainWarps = 4;
-
 // The chains are latency-bound (a dependent step per chunk): with one CTA per SM or fewer, a
-// deep record prefetch hides the fetch latency; with more, three stages and three CTAs per SM (the
-// most that fit beside the state tiles) keep every chain of a large batch resident at once (two
-// waves would double the time).
-template <int kStages, int kMinBlocks, typename Tin>
+// deep record prefetch hides the fetch latency; with more, a few stages at two or three CTAs
+// per SM (the most that fit beside the state tiles) keep every chain of a large batch resident
+// at once (two waves would double the time).
+template <int NW, int kStages, int kMinBlocks, typename Tin>
 cudaError_t launch_chains(const BwdParams& p, const uint8_t* recs, __nv_bfloat16* states,
                           __nv_bfloat16* dstates, __nv_bfloat16* vn, __nv_bfloat16* dvn,
                           int slots, cudaStream_t stream) {
-  using L = ChainSmem<kChainWarps, kStages>;
-  auto chains = kda_bwd_chains_kernel<kChainWarps, kStages, kMinBlocks, Tin>;
+  using L = ChainSmem<NW, kStages>;
+  auto chains = kda_bwd_chains_kernel<NW, kStages, kMinBlocks, Tin>;
   KDA_TRY(cudaFuncSetAttribute(chains, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes));
-  chains<<<dim3(VD / L::BV, p.H, 2 * p.N), kChainWarps * 32, L::kBytes, stream>>>(
+  chains<<<dim3(VD / L::BV, p.H, 2 * p.N), NW * 32, L::kBytes, stream>>>(
       p, recs, states, dstates, vn, dvn, slots);
   return cudaGetLastError();
+}
+
+// Four warps per CTA share each record fetch; where that leaves under ~70% of the SMs a CTA
+// (few heads and sequences, long ones), two warps per CTA spread the chains over twice the SMs.
+template <typename Tin>
+cudaError_t launch_chains_any(const BwdParams& p, const uint8_t* recs, __nv_bfloat16* states,
+                              __nv_bfloat16* dstates, __nv_bfloat16* vn, __nv_bfloat16* dvn,
+                              int slots, cudaStream_t stream) {
+  const long long chains4 = static_cast<long long>(VD / 64) * p.H * 2 * p.N;
+  const int sms = sm_count();
+  if (chains4 * 10 >= 7LL * sms)
+    return chains4 <= sms
+               ? launch_chains<4, 12, 1, Tin>(p, recs, states, dstates, vn, dvn, slots, stream)
+               : launch_chains<4, 3, 3, Tin>(p, recs, states, dstates, vn, dvn, slots, stream);
+  return 2 * chains4 <= sms
+             ? launch_chains<2, 12, 1, Tin>(p, recs, states, dstates, vn, dvn, slots, stream)
+             : launch_chains<2, 4, 3, Tin>(p, recs, states, dstates, vn, dvn, slots, stream);
 }
 
 template <typename Tin, bool kFactored>
@@ -851,12 +882,8 @@ cudaError_t bwd_t(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
   auto* pdt = reinterpret_cast<float*>(ws + lay.pdt);
   auto* pda = reinterpret_cast<float*>(ws + lay.pda);
   KDA_TRY(prep_for_backward(p, ws + lay.rec, auxs, slots, stream));
-  if (p.N > 0) {
-    const long long ctas = static_cast<long long>(VD / (16 * kChainWarps)) * p.H * 2 * p.N;
-    KDA_TRY((ctas <= sm_count()
-                 ? launch_chains<12, 1, Tin>(p, ws + lay.rec, states, dstates, vn, dvn, slots, stream)
-                 : launch_chains<3, 3, Tin>(p, ws + lay.rec, states, dstates, vn, dvn, slots, stream)));
-  }
+  if (p.N > 0)
+    KDA_TRY(launch_chains_any<Tin>(p, ws + lay.rec, states, dstates, vn, dvn, slots, stream));
   if (slots > 0) {
     auto grad = kda_bwd_grad_kernel<kFactored, Tin>;
     constexpr int bytes = sizeof(GradSmem);

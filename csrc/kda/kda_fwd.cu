@@ -30,13 +30,6 @@ namespace {
 
 size_t rec_bytes(int K) { return K == 64 ? Rec<64>::kBytes : Rec<128>::kBytes; }
 
-// Raw 16- or 32-bit pattern of a bf16/f16/f32 element to float.
-__device__ __forceinline__ float bits_to_float(uint32_t b, DType t) {
-  if (t == DType::kF32) return __uint_as_float(b);
-  if (t == DType::kF16) return __half2float(__ushort_as_half(static_cast<unsigned short>(b)));
-  return __uint_as_float(b << 16);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Kernel 1: persistent CTAs of K threads (thread d owns key channel d), each walking the items
 // (chunk slot, head) i = blockIdx.x + j·gridDim.x. With one CTA per item, an item's loads were
