@@ -116,6 +116,24 @@ struct Rec {
   static constexpr int kBytes = kEg + 4 * K;
 };
 
+// Typed pointers into a record at `st`: Tq is the dtype of its Q̃ and Aqk, Tv that of Tβ.
+template <int K, typename Tq, typename Tv>
+struct RecView {
+  const Tq* q;
+  const __nv_bfloat16* w;  // −W
+  const __nv_bfloat16* kt;
+  const Tv* tb;
+  const Tq* aqk;
+  const float* eg;
+  __device__ explicit RecView(const uint8_t* st)
+      : q(reinterpret_cast<const Tq*>(st + Rec<K>::kQ)),
+        w(reinterpret_cast<const __nv_bfloat16*>(st + Rec<K>::kW)),
+        kt(reinterpret_cast<const __nv_bfloat16*>(st + Rec<K>::kKt)),
+        tb(reinterpret_cast<const Tv*>(st + Rec<K>::kTb)),
+        aqk(reinterpret_cast<const Tq*>(st + Rec<K>::kAqk)),
+        eg(reinterpret_cast<const float*>(st + Rec<K>::kEg)) {}
+};
+
 // What the backward's gradient kernel takes from the prep besides the record (one per head and
 // chunk): the 16x16 factors in fp32 and the l2norm scales.
 struct PrepAux {

@@ -293,12 +293,7 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
 
     ring.wait(i);
     const uint8_t* st = ring.stage(i);
-    const Tin* qs = reinterpret_cast<const Tin*>(st + R::kQ);
-    const __nv_bfloat16* wsm = reinterpret_cast<const __nv_bfloat16*>(st + R::kW);
-    const __nv_bfloat16* kts = reinterpret_cast<const __nv_bfloat16*>(st + R::kKt);
-    const Tin* tbs = reinterpret_cast<const Tin*>(st + R::kTb);
-    const Tin* aqs = reinterpret_cast<const Tin*>(st + R::kAqk);
-    const float* egs = reinterpret_cast<const float*>(st + R::kEg);
+    const RecView<KD, Tin, Tin> record(st);
     const Tin* rs = reinterpret_cast<const Tin*>(st + R::kBytes);
 
     // Rows of this step (transposed, [value][token]): Vnᵀ = Vᵀ(Tβ)ᵀ + Sᵀ(−W)ᵀ forwards,
@@ -308,12 +303,12 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     float x0[2][4] = {}, x1[2][4] = {};
     {
       uint32_t b[4];
-      if (reverse) ptx::ldsm_x4_trans(b, aqs + krow * kC + (lane >> 4) * 8);
-      else ptx::ldsm_x4(b, tbs + brow * kC + bcol);
+      if (reverse) ptx::ldsm_x4_trans(b, record.aqk + krow * kC + (lane >> 4) * 8);
+      else ptx::ldsm_x4(b, record.tb + brow * kC + bcol);
       ptx::mma16816<Tin>(x1[0], ar, b[0], b[1]);
       ptx::mma16816<Tin>(x1[1], ar, b[2], b[3]);
     }
-    const __nv_bfloat16* red_rows = reverse ? kts : wsm;
+    const __nv_bfloat16* red_rows = reverse ? record.kt : record.w;
 #pragma unroll
     for (int ks = 0; ks < KD / 16; ++ks) {
       float (&acc)[2][4] = (ks & 1) ? x1 : x0;
@@ -337,17 +332,17 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     // dSᵀ ← dS'ᵀ·Diag(e^{Γ_C}) + dOᵀQ̃ + dVnᵀ(−W) backwards.
 #pragma unroll
     for (int nt = 0; nt < KD / 8; nt += 2) {
-      const float2 e0 = *reinterpret_cast<const float2*>(egs + nt * 8 + t * 2);
-      const float2 e1 = *reinterpret_cast<const float2*>(egs + nt * 8 + 8 + t * 2);
+      const float2 e0 = *reinterpret_cast<const float2*>(record.eg + nt * 8 + t * 2);
+      const float2 e1 = *reinterpret_cast<const float2*>(record.eg + nt * 8 + 8 + t * 2);
       s[nt][0] *= e0.x; s[nt][1] *= e0.y; s[nt][2] *= e0.x; s[nt][3] *= e0.y;
       s[nt + 1][0] *= e1.x; s[nt + 1][1] *= e1.y; s[nt + 1][2] *= e1.x; s[nt + 1][3] *= e1.y;
       uint32_t b[4];
-      ptx::ldsm_x4_trans(b, (reverse ? wsm : kts) + krow * KP + (nt + (lane >> 4)) * 8);
+      ptx::ldsm_x4_trans(b, (reverse ? record.w : record.kt) + krow * KP + (nt + (lane >> 4)) * 8);
       ptx::mma16816<__nv_bfloat16>(s[nt], ax, b[0], b[1]);
       ptx::mma16816<__nv_bfloat16>(s[nt + 1], ax, b[2], b[3]);
       if (reverse) {
         uint32_t bq[4];
-        ptx::ldsm_x4_trans(bq, qs + krow * KP + (nt + (lane >> 4)) * 8);
+        ptx::ldsm_x4_trans(bq, record.q + krow * KP + (nt + (lane >> 4)) * 8);
         ptx::mma16816<Tin>(s[nt], ar, bq[0], bq[1]);
         ptx::mma16816<Tin>(s[nt + 1], ar, bq[2], bq[3]);
       }

@@ -454,12 +454,7 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
     ring.wait(c);
 
     const uint8_t* st = ring.stage(c);
-    const __nv_bfloat16* qs = reinterpret_cast<const __nv_bfloat16*>(st + R::kQ);
-    const __nv_bfloat16* wsm = reinterpret_cast<const __nv_bfloat16*>(st + R::kW);
-    const __nv_bfloat16* kts = reinterpret_cast<const __nv_bfloat16*>(st + R::kKt);
-    const Tin* tbs = reinterpret_cast<const Tin*>(st + R::kTb);
-    const __nv_bfloat16* aqs = reinterpret_cast<const __nv_bfloat16*>(st + R::kAqk);
-    const float* egs = reinterpret_cast<const float*>(st + R::kEg);
+    const RecView<K, __nv_bfloat16, Tin> record(st);
     const Tin* vs = reinterpret_cast<const Tin*>(st + L::kV);
 
     // Two accumulator sets halve the dependent mma chain of the K reduction.
@@ -467,7 +462,7 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
     {
       uint32_t av[4], bt[4];
       ptx::ldsm_x4_trans(av, vs + brow * VP + warp * 16 + bcol);
-      ptx::ldsm_x4(bt, tbs + brow * kChunk + bcol);
+      ptx::ldsm_x4(bt, record.tb + brow * kChunk + bcol);
       ptx::mma16816<Tin>(vn1[0], av, bt[0], bt[1]);
       ptx::mma16816<Tin>(vn1[1], av, bt[2], bt[3]);
     }
@@ -480,8 +475,8 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
                              ptx::pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]),
                              ptx::pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3])};
       uint32_t bw[4], bq[4];
-      ptx::ldsm_x4(bw, wsm + brow * KP + ks * 16 + bcol);
-      ptx::ldsm_x4(bq, qs + brow * KP + ks * 16 + bcol);
+      ptx::ldsm_x4(bw, record.w + brow * KP + ks * 16 + bcol);
+      ptx::ldsm_x4(bq, record.q + brow * KP + ks * 16 + bcol);
       ptx::mma16816<__nv_bfloat16>(va[0], a, bw[0], bw[1]);
       ptx::mma16816<__nv_bfloat16>(va[1], a, bw[2], bw[3]);
       ptx::mma16816<__nv_bfloat16>(oa[0], a, bq[0], bq[1]);
@@ -498,7 +493,7 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
                              ptx::pack_bf16(vn[1][0], vn[1][1]), ptx::pack_bf16(vn[1][2], vn[1][3])};
     {
       uint32_t ba[4];
-      ptx::ldsm_x4(ba, aqs + brow * kChunk + bcol);
+      ptx::ldsm_x4(ba, record.aqk + brow * kChunk + bcol);
       ptx::mma16816<__nv_bfloat16>(ot[0], avn, ba[0], ba[1]);
       ptx::mma16816<__nv_bfloat16>(ot[1], avn, ba[2], ba[3]);
     }
@@ -506,9 +501,9 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
 #pragma unroll
     for (int nt = 0; nt < K / 8; nt += 2) {
       uint32_t bk[4];
-      ptx::ldsm_x4_trans(bk, kts + krow * KP + (nt + (lane >> 4)) * 8);
-      const float2 e0 = *reinterpret_cast<const float2*>(egs + nt * 8 + t * 2);
-      const float2 e1 = *reinterpret_cast<const float2*>(egs + nt * 8 + 8 + t * 2);
+      ptx::ldsm_x4_trans(bk, record.kt + krow * KP + (nt + (lane >> 4)) * 8);
+      const float2 e0 = *reinterpret_cast<const float2*>(record.eg + nt * 8 + t * 2);
+      const float2 e1 = *reinterpret_cast<const float2*>(record.eg + nt * 8 + 8 + t * 2);
       s[nt][0] *= e0.x; s[nt][1] *= e0.y; s[nt][2] *= e0.x; s[nt][3] *= e0.y;
       s[nt + 1][0] *= e1.x; s[nt + 1][1] *= e1.y; s[nt + 1][2] *= e1.x; s[nt + 1][3] *= e1.y;
       ptx::mma16816<__nv_bfloat16>(s[nt], avn, bk[0], bk[1]);
