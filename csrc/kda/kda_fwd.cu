@@ -3,6 +3,8 @@
 // 1. prep (persistent CTAs over the (chunk slot, head) items, token-parallel): gate activation,
 //    l2norm, the in-chunk cumulative decay Γ, the 16x16 matrices L and Aqk, T = (I+L)^-1, and
 //    the per-chunk operands of the recurrence, written to a workspace record per (head, chunk).
+//    The backward runs the same kernel (prep_for_backward), which then also writes the fp32
+//    factors its gradient kernel needs (PrepAux).
 // 2. recurrence (grid: value blocks x heads x sequences): each warp owns 16 value columns of the
 //    state S (all K keys), kept transposed in fp32 mma accumulators for the whole sequence, so the
 //    accumulator layout doubles as the bf16 A/B operand layout and S never leaves registers.
