@@ -100,6 +100,12 @@ __device__ __forceinline__ Chunk locate(const FwdParams& p, int slot) {
   return {sq.row0 + static_cast<long long>(c) * kChunk, min(kChunk, sq.len - c * kChunk)};
 }
 
+// The safe gate bounds the in-chunk span of Γ (≥ −80 over 16 tokens), so e^{Γ_r−Γ_s} may be
+// factored into e^{Γ_r}·e^{−Γ_s}; forward and backward take their factored paths on this test.
+inline bool factored_gate(const FwdParams& p) {
+  return p.gate_mode == 2 && p.lower_bound >= -5.f && p.lower_bound < 0.f;
+}
+
 // Record of one (head, chunk), written by the prep kernel (kda_fwd.cu) and read by the
 // forward recurrence and the backward's chains, K key channels:
 //   Q̃ = scale·Q⊙e^Γ [16,K] | −W [16,K] bf16 | K̃ = K⊙e^{Γ_C−Γ} [16,K] bf16 |

@@ -86,7 +86,7 @@ __device__ __forceinline__ Tin from_float(float x) {
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
 
 // ---------------------------------------------------------------------------------------------
-constexpr int kH = kC / 2;  // token rows per thread in prep and grad (two threads per channel)
+constexpr int kH = kC / 2;  // token rows per thread in grad (two threads per channel)
 
 // Sums, per token half, acc[i] (i < 16) over that half's 128 threads into out[16·hh + i].
 __device__ __forceinline__ void half_sum16(float (&acc)[16], float (*red)[32], float* out) {
@@ -909,7 +909,7 @@ cudaError_t bwd(const BwdParams& p, void* workspace, cudaStream_t stream) {
   if (bwd_unsupported(p)) return cudaErrorInvalidValue;
   if (p.B == 0 || p.H == 0) return cudaSuccess;
   uint8_t* ws = static_cast<uint8_t*>(workspace);
-  const bool factored = p.gate_mode == 2 && p.lower_bound >= -5.f && p.lower_bound < 0.f;
+  const bool factored = factored_gate(p);
   const bool f16 = p.qkv_dtype == DType::kF16;
   if (f16) return factored ? bwd_t<__half, true>(p, ws, stream) : bwd_t<__half, false>(p, ws, stream);
   return factored ? bwd_t<__nv_bfloat16, true>(p, ws, stream)

@@ -64,9 +64,9 @@ struct PrepSmem {
   static constexpr int kAuxAt = (Rec<K>::kBytes + 127) / 128 * 128;
   static constexpr int kStage0 = kAuxAt + (kAux ? (sizeof(PrepAux) + 127) / 128 * 128 : 0);
   // Factored: bf16 K⊙e^Γ, K⊙e^−Γ and (for records whose Q̃ is not bf16) Q̃ as mma operands.
-  static constexpr int kScratch = kFactored
-                                      ? (std::is_same_v<Tq, __nv_bfloat16> ? 2 : 3) * kChunk * (K + 8) * 2
-                                      : 3 * kChunk * (K + 4) * 4;
+  static constexpr bool kQCopy = !std::is_same_v<Tq, __nv_bfloat16>;
+  static constexpr int kScratch =
+      kFactored ? (kQCopy ? 3 : 2) * kChunk * (K + 8) * 2 : 3 * kChunk * (K + 4) * 4;
   __host__ __device__ static int stage_bytes(const FwdParams& p) {
     return kChunk * K * (4 + (p.g_dtype == DType::kF32 ? 4 : 2));
   }
@@ -110,7 +110,6 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
   __nv_bfloat16* rw = reinterpret_cast<__nv_bfloat16*>(rec + Rec<K>::kW);
   __nv_bfloat16* rkt = reinterpret_cast<__nv_bfloat16*>(rec + Rec<K>::kKt);
   Tq* raq = reinterpret_cast<Tq*>(rec + Rec<K>::kAqk);
-  constexpr bool kQbf16 = std::is_same_v<Tq, __nv_bfloat16>;
   Tin* rtb = reinterpret_cast<Tin*>(rec + Rec<K>::kTb);
   float* reg = reinterpret_cast<float*>(rec + Rec<K>::kEg);
 
@@ -236,7 +235,7 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
       if constexpr (kFactored) {
         Yh[r][d] = __float2bfloat16_rn(kd[r]);
         Zh[r][d] = __float2bfloat16_rn(kv[r] * __expf(-G[r]));
-        if constexpr (!kQbf16) Xh[r][d] = __float2bfloat16_rn(qd);
+        if constexpr (SL::kQCopy) Xh[r][d] = __float2bfloat16_rn(qd);
       } else {
         X[r][d] = p.scale * qv[r];
         Y[r][d] = kv[r];
@@ -249,8 +248,8 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
       // L = Diag(β)·(K⊙e^Γ)(K⊙e^−Γ)ᵀ on warp 0, Aqk = Q̃(K⊙e^−Γ)ᵀ on warp 1, as 16x16xK mma.
       if (warp < 2) {
         const __nv_bfloat16* a_rows;
-        if constexpr (kQbf16) a_rows = warp == 0 ? &Yh[0][0] : rq;
-        else a_rows = warp == 0 ? &Yh[0][0] : &Xh[0][0];
+        if constexpr (SL::kQCopy) a_rows = warp == 0 ? &Yh[0][0] : &Xh[0][0];
+        else a_rows = warp == 0 ? &Yh[0][0] : rq;
         const int g = lane >> 2, t = lane & 3;
         float acc[2][4] = {};
 #pragma unroll
@@ -566,10 +565,6 @@ cudaError_t launch_prep_as(const FwdParams& p, uint8_t* ws, PrepAux* auxs, int s
   const int grid = static_cast<int>(std::min<long long>(items, std::max(per_sm, 1) * sm_count()));
   kernel<<<grid, K, smem, stream>>>(p, ws, auxs, slots);
   return cudaGetLastError();
-}
-
-bool factored_gate(const FwdParams& p) {
-  return p.gate_mode == 2 && p.lower_bound >= -5.f && p.lower_bound < 0.f;
 }
 
 template <int K, typename Tin>
