@@ -656,36 +656,66 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
     // e^{Γ_r−Γ_s} = e^{Γ_r}·e^{−Γ_s} (bounded span): with KGi = k⊙e^{−Γ}, QG = q⊙e^Γ,
     //   rows:    dq += scale·e^Γ·(dAqk·KGi),  dk += e^Γ·(dLb·KGi)
     //   columns: dk += e^{−Γ}·(dLbᵀ·KG + scale·dAqkᵀ·QG)
-    float a1[kH] = {}, a2[kH] = {}, b1[kH] = {}, b2[kH] = {};
+    // Three 16x16 by 16x128 products on tensor cores, warp w taking channels [16w, 16w+16), in
+    // 3xTF32 so that they stay as accurate as the fp32 loops they replace.
+    float pa1[2][4] = {}, pa2[2][4] = {}, pb[2][4] = {};
+    auto mma3 = [](float (&acc)[4], const uint32_t (&ah)[4], const uint32_t (&al)[4],
+                   const uint32_t (&bh)[2], const uint32_t (&bl)[2]) {
+      ptx::mma1688_tf32(acc, al, bh[0], bh[1]);
+      ptx::mma1688_tf32(acc, ah, bl[0], bl[1]);
+      ptx::mma1688_tf32(acc, ah, bh[0], bh[1]);
+    };
 #pragma unroll
-    for (int s4 = 0; s4 < kC; s4 += 4) {
-      float kgi[4], qg[4], kg[4];
+    for (int k0 = 0; k0 < kC; k0 += 8) {
+      auto frag_a = [&](const float (*m)[kC], float sc, uint32_t (&hi)[4], uint32_t (&lo)[4]) {
+        const float v[4] = {m[g][k0 + t], m[g + 8][k0 + t], m[g][k0 + t + 4], m[g + 8][k0 + t + 4]};
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        kgi[u] = R1[s4 + u][d];
-        qg[u] = R2[s4 + u][d];
-        kg[u] = KG[s4 + u][d];
-      }
+        for (int e = 0; e < 4; ++e) ptx::split_tf32(sc * v[e], hi[e], lo[e]);
+      };
+      uint32_t aqh[4], aql[4], alh[4], all[4], atqh[4], atql[4], atlh[4], atll[4];
+      frag_a(sg.dAqk, 1.f, aqh, aql);
+      frag_a(sg.dLb, 1.f, alh, all);
+      frag_a(sg.dAqkT, p.scale, atqh, atql);
+      frag_a(sg.dLbT, 1.f, atlh, atll);
 #pragma unroll
-      for (int j = 0; j < kH; ++j) {
-        const int r = r0 + j;
-        const float4 a = *reinterpret_cast<const float4*>(&sg.dAqk[r][s4]);
-        const float4 l = *reinterpret_cast<const float4*>(&sg.dLb[r][s4]);
-        const float4 at = *reinterpret_cast<const float4*>(&sg.dAqkT[r][s4]);
-        const float4 lt = *reinterpret_cast<const float4*>(&sg.dLbT[r][s4]);
-        a1[j] += a.x * kgi[0] + a.y * kgi[1] + a.z * kgi[2] + a.w * kgi[3];
-        a2[j] += l.x * kgi[0] + l.y * kgi[1] + l.z * kgi[2] + l.w * kgi[3];
-        b1[j] += at.x * qg[0] + at.y * qg[1] + at.z * qg[2] + at.w * qg[3];
-        b2[j] += lt.x * kg[0] + lt.y * kg[1] + lt.z * kg[2] + lt.w * kg[3];
+      for (int nt = 0; nt < 2; ++nt) {
+        const int col = warp * 16 + nt * 8 + g;
+        auto frag_b = [&](const float (*m)[FP], uint32_t (&hi)[2], uint32_t (&lo)[2]) {
+          ptx::split_tf32(m[k0 + t][col], hi[0], lo[0]);
+          ptx::split_tf32(m[k0 + t + 4][col], hi[1], lo[1]);
+        };
+        uint32_t kih[2], kil[2], qgh[2], qgl[2], kgh[2], kgl[2];
+        frag_b(R1, kih, kil);
+        frag_b(R2, qgh, qgl);
+        frag_b(KG, kgh, kgl);
+        mma3(pa1[nt], aqh, aql, kih, kil);
+        mma3(pa2[nt], alh, all, kih, kil);
+        mma3(pb[nt], atqh, atql, qgh, qgl);
+        mma3(pb[nt], atlh, atll, kgh, kgl);
       }
     }
+    __syncthreads();  // every warp has read R1, R2 and KG; the products take their place
+    float (*A1)[FP] = R1;
+    float (*A2)[FP] = R2;
+    float (*Bc)[FP] = R3;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = g + (e >> 1) * 8, ch = warp * 16 + nt * 8 + 2 * t + (e & 1);
+        A1[row][ch] = pa1[nt][e];
+        A2[row][ch] = pa2[nt][e];
+        Bc[row][ch] = pb[nt][e];
+      }
+    __syncthreads();
 #pragma unroll
     for (int j = 0; j < kH; ++j) {
-      const float b = b2[j] + p.scale * b1[j];
+      const int r = r0 + j;
+      const float a1 = A1[r][d], a2 = A2[r][d], b = Bc[r][d];
       const float egi = __expf(-G[j]);
-      dq[j] += p.scale * eg[j] * a1[j];
-      dk[j] += eg[j] * a2[j] + egi * b;
-      dG[j] += eg[j] * (kn[j] * a2[j] + p.scale * qn[j] * a1[j]) - kn[j] * egi * b;
+      dq[j] += p.scale * eg[j] * a1;
+      dk[j] += eg[j] * a2 + egi * b;
+      dG[j] += eg[j] * (kn[j] * a2 + p.scale * qn[j] * a1) - kn[j] * egi * b;
     }
   } else {
     // Exact: e^{Γ_r−Γ_s} per pair (any gate).
