@@ -115,65 +115,57 @@ __device__ __forceinline__ void half_sum16(float (&acc)[16], float (*red)[32], f
 }
 
 // The chunk inputs of key channel d = tid % 128 for the rows r0 + j, r0 = 8·(tid / 128): q, k
-// (not yet normalised), Γ (cumulative log-decay), the gate input + dt_bias, Γ_C; β of every row
-// into beta_s. The gate runs over all 16 tokens (the cumulative sum needs the earlier half);
-// tokens past the sequence act as q = k = g = β = 0, which changes nothing for the real ones.
+// (not yet normalised), the gate input + dt_bias, and Γ summed over this half's rows only, its
+// total in half_sum[hh][d] (the caller adds the first half's total to the second half after a
+// barrier); β of every row into beta_s. Tokens past the sequence act as q = k = g = β = 0,
+// which changes nothing for the real ones.
 template <typename Tin>
 __device__ __forceinline__ void load_half(const FwdParams& p, const Chunk& ch, int h,
-                                          float* beta_s, float (&qn)[kH], float (&kn)[kH],
-                                          float (&G)[kH], float (&xg)[kH], float& gc) {
+                                          float* beta_s, float (*half_sum)[KD], float (&qn)[kH],
+                                          float (&kn)[kH], float (&G)[kH], float (&xg)[kH]) {
   const int tid = threadIdx.x, d = tid & (KD - 1), hh = tid >> 7, r0 = hh * kH;
   const float a_exp = p.gate_mode ? __expf(p.A_log[h]) : 0.f;
   const float dtb = p.gate_mode ? p.dt_bias[h * KD + d] : 0.f;
-  const size_t i0 = (static_cast<size_t>(ch.row0) * p.H + h) * KD + d;
+  const size_t i0 = (static_cast<size_t>(ch.row0 + r0) * p.H + h) * KD + d;
   const size_t step = static_cast<size_t>(p.H) * KD;
   const Tin* qp = static_cast<const Tin*>(p.q);
   const Tin* kp = static_cast<const Tin*>(p.k);
   // Every load is issued before the first value is used: with the dtype switch of load_f
   // inside the row loop, the compiler waited for each row's gate before loading the next (ncu:
   // ~30% of the grad kernel's stall samples, 16 dependent global-memory round trips).
-  uint32_t gbits[kC];
+  uint32_t gbits[kH];
   Tin qraw[kH], kraw[kH];
   if (p.g_dtype == DType::kF32) {
 #pragma unroll
-    for (int r = 0; r < kC; ++r)
-      gbits[r] = r < ch.len ? static_cast<const uint32_t*>(p.g)[i0 + r * step] : 0u;
+    for (int j = 0; j < kH; ++j)
+      gbits[j] = r0 + j < ch.len ? static_cast<const uint32_t*>(p.g)[i0 + j * step] : 0u;
   } else {
 #pragma unroll
-    for (int r = 0; r < kC; ++r)
-      gbits[r] = r < ch.len ? static_cast<const uint16_t*>(p.g)[i0 + r * step] : 0u;
+    for (int j = 0; j < kH; ++j)
+      gbits[j] = r0 + j < ch.len ? static_cast<const uint16_t*>(p.g)[i0 + j * step] : 0u;
   }
 #pragma unroll
   for (int j = 0; j < kH; ++j) {
-    const size_t i = i0 + (r0 + j < ch.len ? r0 + j : 0) * step;
+    const size_t i = r0 + j < ch.len ? i0 + j * step : i0 - r0 * step;
     qraw[j] = qp[i];
     kraw[j] = kp[i];
   }
-  float graw[kC];
-#pragma unroll
-  for (int r = 0; r < kC; ++r) graw[r] = bits_to_float(gbits[r], p.g_dtype);
+  float cum = 0.f;
 #pragma unroll
   for (int j = 0; j < kH; ++j) {
     const bool ok = r0 + j < ch.len;
     qn[j] = ok ? to_float(qraw[j]) : 0.f;
     kn[j] = ok ? to_float(kraw[j]) : 0.f;
-  }
-  float cum = 0.f;
-#pragma unroll
-  for (int r = 0; r < kC; ++r) {
-    const float x = graw[r] + dtb;
-    float gv = graw[r];
+    const float graw = bits_to_float(gbits[j], p.g_dtype);
+    const float x = graw + dtb;
+    float gv = graw;
     if (p.gate_mode == 1) gv = -a_exp * softplus_f(x);
     else if (p.gate_mode == 2) gv = p.lower_bound * sigmoid_f(a_exp * x);
-    cum += r < ch.len ? gv : 0.f;
-    if (r < kH) {
-      if (hh == 0) { G[r] = cum; xg[r] = x; }
-    } else if (hh == 1) {
-      G[r - kH] = cum;
-      xg[r - kH] = x;
-    }
+    cum += ok ? gv : 0.f;
+    G[j] = cum;
+    xg[j] = x;
   }
-  gc = cum;
+  half_sum[hh][d] = cum;
   if (tid < kC) {
     float b = 0.f;
     if (tid < ch.len) {
@@ -391,6 +383,10 @@ struct GradSmem {
   float xch[2][KD];  // per-channel values handed between the two token halves
   float red[8][32];
 };
+// The grad kernel's eight per-warp partial products of dM overwrite dO and Vn once both are dead.
+static_assert(offsetof(GradSmem, Vn) == offsetof(GradSmem, dO) + sizeof(GradSmem::dO) &&
+                  sizeof(GradSmem::dO) + sizeof(GradSmem::Vn) >= 8 * kC * kC * sizeof(float),
+              "dM's partial products need dO and Vn side by side");
 
 template <bool kFactored, typename Tin>
 __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
@@ -441,8 +437,8 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
     vr = ok ? *reinterpret_cast<const uint4*>(static_cast<const Tin*>(p.v) + at) : zero;
   }
 
-  float qn[kH], kn[kH], G[kH], xg[kH], gc;
-  load_half<Tin>(p, ch, h, sg.beta, qn, kn, G, xg, gc);
+  float qn[kH], kn[kH], G[kH], xg[kH];
+  load_half<Tin>(p, ch, h, sg.beta, sg.xch, qn, kn, G, xg);
   {
     const int row = tid >> 4, col = (tid & 15) * 8;
     auto put_bf16 = [&](__nv_bfloat16* dst, uint4 x) {
@@ -462,6 +458,12 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
   ptx::cp_async_wait<0>();
   __syncthreads();
   const PrepAux& aux = sg.aux;
+  // Γ and Γ_C over the whole chunk from the two halves' sums.
+  const float gc = sg.xch[0][d] + sg.xch[1][d];
+  if (hh == 1) {
+#pragma unroll
+    for (int j = 0; j < kH; ++j) G[j] += sg.xch[0][d];
+  }
   if (p.use_qk_l2norm) {
 #pragma unroll
     for (int j = 0; j < kH; ++j) {
@@ -508,21 +510,46 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
 #pragma unroll 8
   for (int v = hh * (VD / 2); v < (hh + 1) * (VD / 2); ++v)
     dD += __bfloat162float(sg.S[v][d]) * __bfloat162float(sg.dS[v][d]);
-  // dv = (Tβ)ᵀ dVn for value d, rows r0 + j.
-  {
-    float col[kC];
+  // A = Diag(β)·Tᵀ as m16n8k8 tf32 fragments (columns k0..k0+7), split for 3xTF32: the left
+  // factor of dv = Diag(β)·Tᵀ·dVn and, on the factored path, of dK through W = Tβ·(K⊙e^Γ).
+  auto frag_bt = [&](int k0, uint32_t (&hi)[4], uint32_t (&lo)[4]) {
+    const float v[4] = {sg.beta[g] * aux.T[k0 + t][g], sg.beta[g + 8] * aux.T[k0 + t][g + 8],
+                        sg.beta[g] * aux.T[k0 + t + 4][g],
+                        sg.beta[g + 8] * aux.T[k0 + t + 4][g + 8]};
 #pragma unroll
-    for (int r = 0; r < kC; ++r) col[r] = __bfloat162float(sg.dVn[r][d]);
+    for (int e = 0; e < 4; ++e) ptx::split_tf32(v[e], hi[e], lo[e]);
+  };
+  // dv = Diag(β)·Tᵀ·dVn, warp w taking values [16w, 16w+16); dVn (bf16) is exact in tf32, so
+  // two products (T's two parts) keep fp32 accuracy.
+  {
+    float acc[2][4] = {};
+#pragma unroll
+    for (int k0 = 0; k0 < kC; k0 += 8) {
+      uint32_t th[4], tl[4];
+      frag_bt(k0, th, tl);
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const int col = warp * 16 + nt * 8 + g;
+        const uint32_t b0 = static_cast<uint32_t>(__bfloat16_as_ushort(sg.dVn[k0 + t][col])) << 16;
+        const uint32_t b1 = static_cast<uint32_t>(__bfloat16_as_ushort(sg.dVn[k0 + t + 4][col]))
+                            << 16;
+        ptx::mma1688_tf32(acc[nt], tl, b0, b1);
+        ptx::mma1688_tf32(acc[nt], th, b0, b1);
+      }
+    }
     Tin* dvp = static_cast<Tin*>(p.dv);
 #pragma unroll
-    for (int j = 0; j < kH; ++j) {
-      const int s = r0 + j;
-      float acc = 0.f;
+    for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-      for (int r = 0; r < kC; ++r) acc += aux.T[r][s] * col[r];  // T[r][s] = 0 for r < s
-      if (s < ch.len)
-        dvp[(static_cast<size_t>(ch.row0 + s) * p.H + h) * VD + d] = from_float<Tin>(acc * sg.beta[s]);
-    }
+      for (int half = 0; half < 2; ++half) {
+        const int s = g + half * 8, col = warp * 16 + nt * 8 + 2 * t;
+        if (s < ch.len) {
+          __align__(4) Tin pair[2] = {from_float<Tin>(acc[nt][2 * half]),
+                                      from_float<Tin>(acc[nt][2 * half + 1])};
+          *reinterpret_cast<uint32_t*>(dvp + (static_cast<size_t>(ch.row0 + s) * p.H + h) * VD +
+                                       col) = *reinterpret_cast<const uint32_t*>(pair);
+        }
+      }
   }
   __syncthreads();  // S and dS' are dead from here on
 
@@ -578,18 +605,41 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
   }
   __syncthreads();
 
+  // dM = dMv + dW·(K⊙e^Γ)ᵀ on M's support r ≥ s: warp w multiplies the keys [16w, 16w+16) in
+  // 3xTF32, and the eight partial 16x16 products are summed in a fixed order (deterministic).
+  float (*dMp)[kC][kC] = reinterpret_cast<float(*)[kC][kC]>(&sg.dO[0][0]);  // dO, Vn are dead
+  {
+    float pm[2][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      const int k0 = warp * 16 + kk * 8;
+      uint32_t ah[4], al[4];
+      const float a[4] = {dWm[g][k0 + t], dWm[g + 8][k0 + t], dWm[g][k0 + t + 4],
+                          dWm[g + 8][k0 + t + 4]};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ptx::split_tf32(a[e], ah[e], al[e]);
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        uint32_t bh[2], bl[2];
+        ptx::split_tf32(KG[nt * 8 + g][k0 + t], bh[0], bl[0]);
+        ptx::split_tf32(KG[nt * 8 + g][k0 + t + 4], bh[1], bl[1]);
+        ptx::mma1688_3xtf32(pm[nt], ah, al, bh, bl);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dMp[warp][g + (e >> 1) * 8][nt * 8 + 2 * t + (e & 1)] = pm[nt][e];
+  }
+  __syncthreads();
   // The 16x16 gradients, one entry (r, s) per thread.
   const int er = tid >> 4, es = tid & 15;
   {
-    float m = 0.f;  // dM = dMv + dW·(K⊙e^Γ)ᵀ on M's support r ≥ s
+    float m = 0.f;
     if (er >= es) {
       m = sg.dMv[er][es];
-#pragma unroll 8
-      for (int j = 0; j < KD; j += 4) {
-        const float4 w = *reinterpret_cast<const float4*>(&dWm[er][j]);
-        const float4 k4 = *reinterpret_cast<const float4*>(&KG[es][j]);
-        m += w.x * k4.x + w.y * k4.y + w.z * k4.z + w.w * k4.w;
-      }
+#pragma unroll
+      for (int w = 0; w < 8; ++w) m += dMp[w][er][es];
     }
     dM[er][es] = m;
   }
@@ -630,17 +680,23 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
   float dq[kH], dk[kH], dG[kH];
   float dGC = dD * __expf(gc);  // this half's part of the gradient of Γ_C
   {
+    // dkw, the gradient of k_r⊙e^{Γ_r} through W = Tβ·(K⊙e^Γ), is (Diag(β)·Tᵀ·dW)[r][d]; the
+    // factored path adds it on tensor cores to the pair terms' dLb·KGi, which it joins there.
     float dWc[kC];
+    if constexpr (!kFactored) {
 #pragma unroll
-    for (int i = 0; i < kC; ++i) dWc[i] = dWm[i][d];
+      for (int i = 0; i < kC; ++i) dWc[i] = dWm[i][d];
+    }
 #pragma unroll
     for (int j = 0; j < kH; ++j) {
       const int r = r0 + j;
       const float dqt = dQt[r][d], dkt = dKt[r][d];
-      float dkw = 0.f;  // gradient of k_r⊙e^{Γ_r} through W = Tβ·(K⊙e^Γ)
+      float dkw = 0.f;
+      if constexpr (!kFactored) {
 #pragma unroll
-      for (int i = 0; i < kC; ++i) dkw += aux.T[i][r] * dWc[i];
-      dkw *= sg.beta[r];
+        for (int i = 0; i < kC; ++i) dkw += aux.T[i][r] * dWc[i];
+        dkw *= sg.beta[r];
+      }
       const float ekt = __expf(gc - G[j]);
       const float tk = dkt * kn[j] * ekt;
       dq[j] = p.scale * eg[j] * dqt;
@@ -654,17 +710,10 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
   // row role of its rows and the column role of its columns.
   if constexpr (kFactored) {
     // e^{Γ_r−Γ_s} = e^{Γ_r}·e^{−Γ_s} (bounded span): with KGi = k⊙e^{−Γ}, QG = q⊙e^Γ,
-    //   rows:    dq += scale·e^Γ·(dAqk·KGi),  dk += e^Γ·(dLb·KGi)
+    //   rows:    dq += scale·e^Γ·(dAqk·KGi),  dk += e^Γ·(dLb·KGi + dkw)
     //   columns: dk += e^{−Γ}·(dLbᵀ·KG + scale·dAqkᵀ·QG)
-    // Three 16x16 by 16x128 products on tensor cores, warp w taking channels [16w, 16w+16), in
-    // 3xTF32 so that they stay as accurate as the fp32 loops they replace.
+    // 16x16 by 16x128 products on tensor cores in 3xTF32, warp w taking channels [16w, 16w+16).
     float pa1[2][4] = {}, pa2[2][4] = {}, pb[2][4] = {};
-    auto mma3 = [](float (&acc)[4], const uint32_t (&ah)[4], const uint32_t (&al)[4],
-                   const uint32_t (&bh)[2], const uint32_t (&bl)[2]) {
-      ptx::mma1688_tf32(acc, al, bh[0], bh[1]);
-      ptx::mma1688_tf32(acc, ah, bl[0], bl[1]);
-      ptx::mma1688_tf32(acc, ah, bh[0], bh[1]);
-    };
 #pragma unroll
     for (int k0 = 0; k0 < kC; k0 += 8) {
       auto frag_a = [&](const float (*m)[kC], float sc, uint32_t (&hi)[4], uint32_t (&lo)[4]) {
@@ -672,11 +721,12 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
 #pragma unroll
         for (int e = 0; e < 4; ++e) ptx::split_tf32(sc * v[e], hi[e], lo[e]);
       };
-      uint32_t aqh[4], aql[4], alh[4], all[4], atqh[4], atql[4], atlh[4], atll[4];
+      uint32_t aqh[4], aql[4], alh[4], all[4], atqh[4], atql[4], atlh[4], atll[4], abh[4], abl[4];
       frag_a(sg.dAqk, 1.f, aqh, aql);
       frag_a(sg.dLb, 1.f, alh, all);
       frag_a(sg.dAqkT, p.scale, atqh, atql);
       frag_a(sg.dLbT, 1.f, atlh, atll);
+      frag_bt(k0, abh, abl);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
         const int col = warp * 16 + nt * 8 + g;
@@ -684,14 +734,16 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
           ptx::split_tf32(m[k0 + t][col], hi[0], lo[0]);
           ptx::split_tf32(m[k0 + t + 4][col], hi[1], lo[1]);
         };
-        uint32_t kih[2], kil[2], qgh[2], qgl[2], kgh[2], kgl[2];
+        uint32_t kih[2], kil[2], qgh[2], qgl[2], kgh[2], kgl[2], dwh[2], dwl[2];
         frag_b(R1, kih, kil);
         frag_b(R2, qgh, qgl);
         frag_b(KG, kgh, kgl);
-        mma3(pa1[nt], aqh, aql, kih, kil);
-        mma3(pa2[nt], alh, all, kih, kil);
-        mma3(pb[nt], atqh, atql, qgh, qgl);
-        mma3(pb[nt], atlh, atll, kgh, kgl);
+        frag_b(dWm, dwh, dwl);
+        ptx::mma1688_3xtf32(pa1[nt], aqh, aql, kih, kil);
+        ptx::mma1688_3xtf32(pa2[nt], alh, all, kih, kil);
+        ptx::mma1688_3xtf32(pa2[nt], abh, abl, dwh, dwl);
+        ptx::mma1688_3xtf32(pb[nt], atqh, atql, qgh, qgl);
+        ptx::mma1688_3xtf32(pb[nt], atlh, atll, kgh, kgl);
       }
     }
     __syncthreads();  // every warp has read R1, R2 and KG; the products take their place

@@ -45,12 +45,13 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
   }
 }
 
-// x ≈ hi + lo with both parts tf32, for 3xTF32 products (hi·hi + hi·lo + lo·hi) that keep
-// fp32-level accuracy on tensor cores.
+// x = hi + lo exactly, hi being x with its 13 low mantissa bits cleared (a tf32 value), for
+// 3xTF32 products (hi·hi + hi·lo + lo·hi) that keep fp32-level accuracy on tensor cores. lo goes
+// in as is: the mma reads its tf32 bits only, an error of 2^-10 in a part below 2^-10·|x|. Two
+// instructions, where cvt.rna.tf32 costs several.
 __device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(hi) : "f"(x));
-  const float rest = x - __uint_as_float(hi);
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(lo) : "f"(rest));
+  hi = __float_as_uint(x) & 0xffffe000u;
+  lo = __float_as_uint(x - __uint_as_float(hi));
 }
 
 // D = A*B + D, m16n8k8, tf32 operands, fp32 accumulate. Fragments (g = lane/4, t = lane%4):
@@ -62,6 +63,15 @@ __device__ __forceinline__ void mma1688_tf32(float (&d)[4], const uint32_t (&a)[
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// D += A*B in 3xTF32: A and B each given as hi and lo parts (split_tf32).
+__device__ __forceinline__ void mma1688_3xtf32(float (&d)[4], const uint32_t (&ah)[4],
+                                               const uint32_t (&al)[4], const uint32_t (&bh)[2],
+                                               const uint32_t (&bl)[2]) {
+  mma1688_tf32(d, al, bh[0], bh[1]);
+  mma1688_tf32(d, ah, bl[0], bl[1]);
+  mma1688_tf32(d, ah, bh[0], bh[1]);
 }
 
 // Lower half holds `lo` (the smaller column index), as the mma fragments expect.
