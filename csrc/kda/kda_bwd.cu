@@ -114,49 +114,49 @@ __device__ __forceinline__ void half_sum16(float (&acc)[16], float (*red)[32], f
   __syncthreads();
 }
 
-// The chunk inputs of key channel d = tid % 128 for the rows r0 + j, r0 = 8·(tid / 128): q, k
-// (not yet normalised), the gate input + dt_bias, and Γ summed over this half's rows only, its
-// total in half_sum[hh][d] (the caller adds the first half's total to the second half after a
-// barrier); β of every row into beta_s. Tokens past the sequence act as q = k = g = β = 0,
-// which changes nothing for the real ones.
+// The raw rows of q, k and the gate input, copied into shared memory as stored (16 bytes at a
+// time: the per-thread 2-byte loads they replace cost ~12 address instructions each).
+struct ChunkRows {
+  uint8_t q[kC][KD * 2], k[kC][KD * 2], g[kC][KD * 4];
+};
+
+// Rows past the sequence copy the first row; their values are masked where they are read.
 template <typename Tin>
-__device__ __forceinline__ void load_half(const FwdParams& p, const Chunk& ch, int h,
-                                          float* beta_s, float (*half_sum)[KD], float (&qn)[kH],
-                                          float (&kn)[kH], float (&G)[kH], float (&xg)[kH]) {
+__device__ __forceinline__ void copy_chunk_rows(const FwdParams& p, const Chunk& ch, int h,
+                                                ChunkRows& rows) {
+  const int tid = threadIdx.x, row = tid >> 4, c = tid & 15;
+  const size_t at = (static_cast<size_t>(ch.row0 + (row < ch.len ? row : 0)) * p.H + h) * KD;
+  ptx::cp_async16(&rows.q[row][c * 16], static_cast<const uint8_t*>(p.q) + at * sizeof(Tin) + c * 16);
+  ptx::cp_async16(&rows.k[row][c * 16], static_cast<const uint8_t*>(p.k) + at * sizeof(Tin) + c * 16);
+  const int gbytes = p.g_dtype == DType::kF32 ? 4 : 2;
+  const uint8_t* g = static_cast<const uint8_t*>(p.g) + at * gbytes;
+  ptx::cp_async16(&rows.g[row][c * 16], g + c * 16);
+  if (gbytes == 4) ptx::cp_async16(&rows.g[row][(c + 16) * 16], g + (c + 16) * 16);
+}
+
+// Key channel d = tid % 128, rows r0 + j, r0 = 8·(tid / 128): q, k (not yet normalised), the gate
+// input + dt_bias, and Γ summed over this half's rows only, with that total in half_sum[hh][d]
+// (after a barrier the caller adds the first half's total to the second half). Tokens past the
+// sequence act as q = k = g = 0, which changes nothing for the real ones.
+template <typename Tin>
+__device__ __forceinline__ void read_half(const FwdParams& p, const Chunk& ch, int h,
+                                          const ChunkRows& rows, float (*half_sum)[KD],
+                                          float (&qn)[kH], float (&kn)[kH], float (&G)[kH],
+                                          float (&xg)[kH]) {
   const int tid = threadIdx.x, d = tid & (KD - 1), hh = tid >> 7, r0 = hh * kH;
   const float a_exp = p.gate_mode ? __expf(p.A_log[h]) : 0.f;
   const float dtb = p.gate_mode ? p.dt_bias[h * KD + d] : 0.f;
-  const size_t i0 = (static_cast<size_t>(ch.row0 + r0) * p.H + h) * KD + d;
-  const size_t step = static_cast<size_t>(p.H) * KD;
-  const Tin* qp = static_cast<const Tin*>(p.q);
-  const Tin* kp = static_cast<const Tin*>(p.k);
-  // Every load is issued before the first value is used: with the dtype switch of load_f
-  // inside the row loop, the compiler waited for each row's gate before loading the next (ncu:
-  // ~30% of the grad kernel's stall samples, 16 dependent global-memory round trips).
-  uint32_t gbits[kH];
-  Tin qraw[kH], kraw[kH];
-  if (p.g_dtype == DType::kF32) {
-#pragma unroll
-    for (int j = 0; j < kH; ++j)
-      gbits[j] = r0 + j < ch.len ? static_cast<const uint32_t*>(p.g)[i0 + j * step] : 0u;
-  } else {
-#pragma unroll
-    for (int j = 0; j < kH; ++j)
-      gbits[j] = r0 + j < ch.len ? static_cast<const uint16_t*>(p.g)[i0 + j * step] : 0u;
-  }
-#pragma unroll
-  for (int j = 0; j < kH; ++j) {
-    const size_t i = r0 + j < ch.len ? i0 + j * step : i0 - r0 * step;
-    qraw[j] = qp[i];
-    kraw[j] = kp[i];
-  }
+  const bool g32 = p.g_dtype == DType::kF32;
   float cum = 0.f;
 #pragma unroll
   for (int j = 0; j < kH; ++j) {
-    const bool ok = r0 + j < ch.len;
-    qn[j] = ok ? to_float(qraw[j]) : 0.f;
-    kn[j] = ok ? to_float(kraw[j]) : 0.f;
-    const float graw = bits_to_float(gbits[j], p.g_dtype);
+    const int r = r0 + j;
+    const bool ok = r < ch.len;
+    qn[j] = ok ? to_float(reinterpret_cast<const Tin*>(rows.q[r])[d]) : 0.f;
+    kn[j] = ok ? to_float(reinterpret_cast<const Tin*>(rows.k[r])[d]) : 0.f;
+    const uint32_t bits = g32 ? reinterpret_cast<const uint32_t*>(rows.g[r])[d]
+                              : reinterpret_cast<const uint16_t*>(rows.g[r])[d];
+    const float graw = bits_to_float(bits, p.g_dtype);
     const float x = graw + dtb;
     float gv = graw;
     if (p.gate_mode == 1) gv = -a_exp * softplus_f(x);
@@ -166,14 +166,6 @@ __device__ __forceinline__ void load_half(const FwdParams& p, const Chunk& ch, i
     xg[j] = x;
   }
   half_sum[hh][d] = cum;
-  if (tid < kC) {
-    float b = 0.f;
-    if (tid < ch.len) {
-      b = load_f(p.beta, p.beta_dtype, static_cast<size_t>(ch.row0 + tid) * p.H + h);
-      if (p.use_beta_sigmoid) b = sigmoid_f(b);
-    }
-    beta_s[tid] = b;
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -374,6 +366,7 @@ struct GradSmem {
   __nv_bfloat16 S[VD][KP];   // Sᵀ_c; then dQ̃, dK̃, dW, dM, Xm in fp32
   __nv_bfloat16 dS[VD][KP];  // dS'ᵀ_c; then per-token channel rows in fp32
   __nv_bfloat16 dO[kC][KP], Vn[kC][KP], dVn[kC][KP], V[kC][KP];
+  ChunkRows rows;
   PrepAux aux;
   // Rows and columns (transposed copies) for whole-row broadcast reads; zeros off the support.
   float dAqk[kC][kC], dAqkT[kC][kC];  // r ≥ s
@@ -411,6 +404,7 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
     const uint8_t* src = reinterpret_cast<const uint8_t*>(auxs + hs);
     for (int i = tid; i < static_cast<int>(sizeof(PrepAux) / 16); i += 2 * KD)
       ptx::cp_async16(reinterpret_cast<uint8_t*>(&sg.aux) + i * 16, src + i * 16);
+    copy_chunk_rows<Tin>(p, ch, h, sg.rows);
     ptx::cp_async_commit();
     const __nv_bfloat16* sgl = states + hs * VD * KD;
     const __nv_bfloat16* dsgl = dstates + hs * VD * KD;
@@ -437,8 +431,14 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
     vr = ok ? *reinterpret_cast<const uint4*>(static_cast<const Tin*>(p.v) + at) : zero;
   }
 
-  float qn[kH], kn[kH], G[kH], xg[kH];
-  load_half<Tin>(p, ch, h, sg.beta, sg.xch, qn, kn, G, xg);
+  if (tid < kC) {
+    float b = 0.f;
+    if (tid < ch.len) {
+      b = load_f(p.beta, p.beta_dtype, static_cast<size_t>(ch.row0 + tid) * p.H + h);
+      if (p.use_beta_sigmoid) b = sigmoid_f(b);
+    }
+    sg.beta[tid] = b;
+  }
   {
     const int row = tid >> 4, col = (tid & 15) * 8;
     auto put_bf16 = [&](__nv_bfloat16* dst, uint4 x) {
@@ -458,12 +458,8 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
   ptx::cp_async_wait<0>();
   __syncthreads();
   const PrepAux& aux = sg.aux;
-  // Γ and Γ_C over the whole chunk from the two halves' sums.
-  const float gc = sg.xch[0][d] + sg.xch[1][d];
-  if (hh == 1) {
-#pragma unroll
-    for (int j = 0; j < kH; ++j) G[j] += sg.xch[0][d];
-  }
+  float qn[kH], kn[kH], G[kH], xg[kH];
+  read_half<Tin>(p, ch, h, sg.rows, sg.xch, qn, kn, G, xg);
   if (p.use_qk_l2norm) {
 #pragma unroll
     for (int j = 0; j < kH; ++j) {
@@ -552,6 +548,12 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
       }
   }
   __syncthreads();  // S and dS' are dead from here on
+  // Γ and Γ_C over the whole chunk from the two halves' sums.
+  const float gc = sg.xch[0][d] + sg.xch[1][d];
+  if (hh == 1) {
+#pragma unroll
+    for (int j = 0; j < kH; ++j) G[j] += sg.xch[0][d];
+  }
 
   float (*dQt)[FP] = reinterpret_cast<float(*)[FP]>(&sg.S[0][0]);
   float (*dKt)[FP] = dQt + kC;
