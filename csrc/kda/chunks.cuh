@@ -228,11 +228,12 @@ struct StepRing {
 
   __device__ uint8_t* stage(int i) const { return smem + (i % kStages) * kStageBytes; }
 
-  // Warp 0: the record of step i, `bytes` from `src`, into the start of its stage.
-  __device__ void fetch_record(int i, const void* src, uint32_t bytes, int lane) const {
+  // Warp 0: bytes [first, end) of step i's record at `rec` into the same place of its stage.
+  __device__ void fetch_record(int i, const uint8_t* rec, uint32_t first, uint32_t end,
+                               int lane) const {
     if (lane == 0) {
-      ptx::mbar_arrive_expect_tx(full(i), bytes);
-      ptx::bulk_g2s(stage(i), src, bytes, full(i));
+      ptx::mbar_arrive_expect_tx(full(i), end - first);
+      ptx::bulk_g2s(stage(i) + first, rec + first, end - first, full(i));
     }
   }
 

@@ -216,9 +216,12 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
   // the step's 16 rows of V (or dO) with one cp.async per lane (row copies through the bulk
   // engine serialised warp 0). Rows past the sequence repeat its first row: finite values that
   // meet zero columns of Tβ (zero rows of Q̃ and Aqk).
+  // The forward chain reads neither Q̃ nor Aqk: it skips Q̃, the record's first 30%.
+  static_assert(R::kQ == 0 && R::kW == R::kMat && R::kAqk > R::kW, "record layout");
+  const uint32_t rec_first = reverse ? 0 : R::kW;
   auto fetch_record = [&](int i) {
-    ring.fetch_record(i, rec0 + static_cast<size_t>(chunk_at(i)) * R::kBytes, R::kBytes,
-                      lane);
+    ring.fetch_record(i, rec0 + static_cast<size_t>(chunk_at(i)) * R::kBytes, rec_first,
+                      R::kBytes, lane);
   };
   auto fetch_rows = [&](int i) {
     const int c = chunk_at(i);
@@ -373,6 +376,7 @@ struct GradSmem {
   float dLb[kC][kC], dLbT[kC][kC];    // β_r·dL[r][s], r > s
   float dMv[kC][kC + 1];
   float beta[kC], dbl[kC], dots[2 * kC];
+  float dD[KD];  // rowsum(S_c ⊙ dS'), the gradient of e^{Γ_C}
   float xch[2][KD];  // per-channel values handed between the two token halves
   float red[8][32];
 };
@@ -469,8 +473,9 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
   }
 
   // dQ̃ = dO·S_cᵀ, dK̃ = Vn·dS'ᵀ, −dW = dVn·S_cᵀ (16 x 16 per warp, reduced over values);
-  // warp 0 also dAqk = dO·Vnᵀ, warp 1 dMv = dVn·Vᵀ.
-  float aq[2][4] = {}, ak[2][4] = {}, aw[2][4] = {}, a16[2][4] = {};
+  // warp 0 also dAqk = dO·Vnᵀ, warp 1 dMv = dVn·Vᵀ. dD = diag(S_cᵀ·dS') from the warp's
+  // diagonal 16x16 block, whose operands are the S_c and dS' fragments already loaded.
+  float aq[2][4] = {}, ak[2][4] = {}, aw[2][4] = {}, a16[2][4] = {}, dd[2][4] = {};
   {
     const int arow = (lane & 7) + ((lane >> 3) & 1) * 8, acol = (lane >> 4) * 8;
     const int krow = (lane & 7) + ((lane >> 3) & 1) * 8;
@@ -491,6 +496,9 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
       ptx::mma16816<__nv_bfloat16>(aw[1], fd, bs[2], bs[3]);
       ptx::mma16816<__nv_bfloat16>(ak[0], fv, bd[0], bd[1]);
       ptx::mma16816<__nv_bfloat16>(ak[1], fv, bd[2], bd[3]);
+      const uint32_t st[4] = {bs[0], bs[2], bs[1], bs[3]};  // the S_cᵀ block as an A operand
+      ptx::mma16816<__nv_bfloat16>(dd[0], st, bd[0], bd[1]);
+      ptx::mma16816<__nv_bfloat16>(dd[1], st, bd[2], bd[3]);
       if (warp < 2) {
         uint32_t af[4], bb[4];
 #pragma unroll
@@ -501,11 +509,12 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
       }
     }
   }
-  // This half's share of dD = rowsum(S_c ⊙ dS'), the gradient of e^{Γ_C} (key d).
-  float dD = 0.f;
-#pragma unroll 8
-  for (int v = hh * (VD / 2); v < (hh + 1) * (VD / 2); ++v)
-    dD += __bfloat162float(sg.S[v][d]) * __bfloat162float(sg.dS[v][d]);
+  // The diagonal: key g of the block sits in lanes with g = 2t + (g & 1), at column 2t + (g & 1)
+  // of n-tile 0 (row g) and of n-tile 1 (row g + 8).
+  if ((g >> 1) == t) {
+    sg.dD[warp * 16 + g] = dd[0][g & 1];
+    sg.dD[warp * 16 + 8 + g] = dd[1][2 + (g & 1)];
+  }
   // A = Diag(β)·Tᵀ as m16n8k8 tf32 fragments (columns k0..k0+7), split for 3xTF32: the left
   // factor of dv = Diag(β)·Tᵀ·dVn and, on the factored path, of dK through W = Tβ·(K⊙e^Γ).
   auto frag_bt = [&](int k0, uint32_t (&hi)[4], uint32_t (&lo)[4]) {
@@ -550,6 +559,7 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
   __syncthreads();  // S and dS' are dead from here on
   // Γ and Γ_C over the whole chunk from the two halves' sums.
   const float gc = sg.xch[0][d] + sg.xch[1][d];
+  const float dD = hh == 0 ? sg.dD[d] : 0.f;  // the first half carries dD
   if (hh == 1) {
 #pragma unroll
     for (int j = 0; j < kH; ++j) G[j] += sg.xch[0][d];

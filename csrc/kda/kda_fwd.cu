@@ -425,7 +425,7 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
   // columns of the chunk's 16 rows of V with one cp.async per lane: issuing the 16 row copies
   // through the bulk engine serialised warp 0 (ncu: ~45% of its time) and starved every warp.
   auto fetch_record = [&](int c) {
-    ring.fetch_record(c, rec0 + static_cast<size_t>(c) * R::kBytes, R::kBytes, lane);
+    ring.fetch_record(c, rec0 + static_cast<size_t>(c) * R::kBytes, 0, R::kBytes, lane);
   };
   auto fetch_v = [&](int c) {
     ptx::warp_tile16_cp_async(
