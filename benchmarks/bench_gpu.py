@@ -15,7 +15,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -123,8 +126,29 @@ def ours(x, cu, impl):
     args = [x[n] for n in ("q", "k", "v", "g", "beta", "A_log", "dt_bias", "h0")]
     fns, sync, temp_gib = jax_timings(call, args)
     # The CUDA calls take their workspace from XLA's scratch allocator, which temp_size does not
-    # count: scripts/time_kernels.py measures that path's memory as the process peak instead.
+    # count: main() measures that path in fresh processes instead (cuda_peak_gib).
     return fns, sync, (temp_gib if impl == "chunked" else None)
+
+
+def print_cuda_peak(case):
+    """Run in a fresh process: the rise of JAX's peak device memory over the inputs for one
+    forward+backward of the CUDA path (outputs, gradients and workspace included, as torch's
+    peak for fla). The peak is per process and cannot be reset, hence one process per case."""
+    x, cu = make_case(jax.random.key(0), **CASES[case])
+    fns, sync, _ = ours(x, cu, "cuda")
+    jax.block_until_ready(x)
+    dev = jax.devices()[0]
+    base = dev.memory_stats()["bytes_in_use"]
+    sync(fns["fwd_bwd"]())
+    print((dev.memory_stats()["peak_bytes_in_use"] - base) / 2**30)
+
+
+def cuda_peak_gib(case):
+    """print_cuda_peak in a child process, run before this process takes GPU memory."""
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    out = subprocess.run([sys.executable, __file__, "--cuda-peak-of", case], env=env,
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
 
 
 def peer_fla(x, cu):
@@ -218,8 +242,20 @@ def main():
     # The floor is computed for every case; it is not an implementation to pick.
     parser.add_argument("--impls", nargs="+", default=impls, choices=impls)
     parser.add_argument("--out", default="benchmarks/results/gpu.json")
+    parser.add_argument("--cuda-peak-of", choices=list(CASES), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cuda_peak_of:
+        print_cuda_peak(args.cuda_peak_of)
+        return
 
+    cuda_peaks = {}
+    if "jax_flashkda" in args.impls and "fwd_bwd" in args.modes:
+        for case in args.cases:
+            try:
+                cuda_peaks[case] = cuda_peak_gib(case)
+            except subprocess.CalledProcessError as e:
+                print(f"{case:16s} jax_flashkda   no memory figure: {e.stderr.strip()[-160:]}",
+                      flush=True)
     device = jax.devices()[0]
     gpu = device.device_kind
     date = datetime.date.today().isoformat()
@@ -257,7 +293,9 @@ def main():
                           f"{str(e)[:160]}", flush=True)
                     continue
                 extra = {}
-                if mode == "fwd_bwd" and extra_gib is not None:
+                if mode == "fwd_bwd" and impl == "jax_flashkda" and case in cuda_peaks:
+                    extra["extra_gib"] = round(cuda_peaks[case], 3)
+                elif mode == "fwd_bwd" and extra_gib is not None:
                     extra["extra_gib"] = round(extra_gib(), 3)
                 record(case, impl, mode, ms, **extra)
         del x

@@ -119,8 +119,10 @@ def main(path):
     mem = [r for r in rows if "extra_gib" in r]
     if mem:
         parts += ["## extra device memory of forward+backward", "",
-                  "XLA's temp allocation of the compiled step (JAX) or the rise of torch's "
-                  "peak allocation (fla).", "", "| case | impl | GiB |", "|---|---|---|"]
+                  "jax_flashkda: the rise of JAX's peak over the inputs in a fresh process "
+                  "(its CUDA workspace is XLA scratch, which temp size does not count); "
+                  "jax_chunked: XLA's temp allocation of the compiled step; fla: the rise of "
+                  "torch's peak allocation. The peaks include the gradients.", "", "| case | impl | GiB |", "|---|---|---|"]
         parts += [f"| {r['case']} | {r['impl']} | {r['extra_gib']} |" for r in mem]
         parts.append("")
     path.with_suffix(".md").write_text("\n".join(parts))
