@@ -57,6 +57,17 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162f
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
+__device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
+
+// A token's log-decay in one key channel from its raw gate x: x itself (gate_mode 0),
+// −e^{A_log}·softplus(x + dt_bias) (1), or lower_bound·sigmoid(e^{A_log}·(x + dt_bias)) (2);
+// a_exp = e^{A_log}.
+__device__ __forceinline__ float log_decay(const FwdParams& p, float x, float a_exp, float dtb) {
+  const float y = x + dtb;
+  if (p.gate_mode == 1) return -a_exp * softplus_f(y);
+  if (p.gate_mode == 2) return p.lower_bound * sigmoid_f(a_exp * y);
+  return x;
+}
 
 // First global token row, slot of the first chunk, and length of sequence n.
 struct Seq {

@@ -83,8 +83,6 @@ __device__ __forceinline__ Tin from_float(float x) {
   else return __float2bfloat16_rn(x);
 }
 
-__device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
-
 // ---------------------------------------------------------------------------------------------
 constexpr int kH = kC / 2;  // token rows per thread in grad (two threads per channel)
 
@@ -112,6 +110,16 @@ __device__ __forceinline__ void half_sum16(float (&acc)[16], float (*red)[32], f
                        (red[4 * half + 2][i] + red[4 * half + 3][i]);
   }
   __syncthreads();
+}
+
+// The m16n8k8 tf32 A fragment of rows [0, 16), columns [k0, k0+8) of a row-major fp32 matrix,
+// scaled by sc and split for 3xTF32 (g = lane/4, t = lane%4).
+template <int P>
+__device__ __forceinline__ void frag_a_tf32(const float (*m)[P], int k0, float sc, int g, int t,
+                                            uint32_t (&hi)[4], uint32_t (&lo)[4]) {
+  const float v[4] = {m[g][k0 + t], m[g + 8][k0 + t], m[g][k0 + t + 4], m[g + 8][k0 + t + 4]};
+#pragma unroll
+  for (int e = 0; e < 4; ++e) ptx::split_tf32(sc * v[e], hi[e], lo[e]);
 }
 
 // The raw rows of q, k and the gate input, copied into shared memory as stored (16 bytes at a
@@ -157,13 +165,10 @@ __device__ __forceinline__ void read_half(const FwdParams& p, const Chunk& ch, i
     const uint32_t bits = g32 ? reinterpret_cast<const uint32_t*>(rows.g[r])[d]
                               : reinterpret_cast<const uint16_t*>(rows.g[r])[d];
     const float graw = bits_to_float(bits, p.g_dtype);
-    const float x = graw + dtb;
-    float gv = graw;
-    if (p.gate_mode == 1) gv = -a_exp * softplus_f(x);
-    else if (p.gate_mode == 2) gv = p.lower_bound * sigmoid_f(a_exp * x);
+    const float gv = log_decay(p, graw, a_exp, dtb);
     cum += ok ? gv : 0.f;
     G[j] = cum;
-    xg[j] = x;
+    xg[j] = graw + dtb;
   }
   half_sum[hh][d] = cum;
 }
@@ -626,10 +631,7 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
     for (int kk = 0; kk < 2; ++kk) {
       const int k0 = warp * 16 + kk * 8;
       uint32_t ah[4], al[4];
-      const float a[4] = {dWm[g][k0 + t], dWm[g + 8][k0 + t], dWm[g][k0 + t + 4],
-                          dWm[g + 8][k0 + t + 4]};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) ptx::split_tf32(a[e], ah[e], al[e]);
+      frag_a_tf32(dWm, k0, 1.f, g, t, ah, al);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
         uint32_t bh[2], bl[2];
@@ -728,16 +730,11 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
     float pa1[2][4] = {}, pa2[2][4] = {}, pb[2][4] = {};
 #pragma unroll
     for (int k0 = 0; k0 < kC; k0 += 8) {
-      auto frag_a = [&](const float (*m)[kC], float sc, uint32_t (&hi)[4], uint32_t (&lo)[4]) {
-        const float v[4] = {m[g][k0 + t], m[g + 8][k0 + t], m[g][k0 + t + 4], m[g + 8][k0 + t + 4]};
-#pragma unroll
-        for (int e = 0; e < 4; ++e) ptx::split_tf32(sc * v[e], hi[e], lo[e]);
-      };
       uint32_t aqh[4], aql[4], alh[4], all[4], atqh[4], atql[4], atlh[4], atll[4], abh[4], abl[4];
-      frag_a(sg.dAqk, 1.f, aqh, aql);
-      frag_a(sg.dLb, 1.f, alh, all);
-      frag_a(sg.dAqkT, p.scale, atqh, atql);
-      frag_a(sg.dLbT, 1.f, atlh, atll);
+      frag_a_tf32(sg.dAqk, k0, 1.f, g, t, aqh, aql);
+      frag_a_tf32(sg.dLb, k0, 1.f, g, t, alh, all);
+      frag_a_tf32(sg.dAqkT, k0, p.scale, g, t, atqh, atql);
+      frag_a_tf32(sg.dLbT, k0, 1.f, g, t, atlh, atll);
       frag_bt(k0, abh, abl);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
@@ -766,10 +763,10 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int row = g + (e >> 1) * 8, ch = warp * 16 + nt * 8 + 2 * t + (e & 1);
-        A1[row][ch] = pa1[nt][e];
-        A2[row][ch] = pa2[nt][e];
-        Bc[row][ch] = pb[nt][e];
+        const int row = g + (e >> 1) * 8, col = warp * 16 + nt * 8 + 2 * t + (e & 1);
+        A1[row][col] = pa1[nt][e];
+        A2[row][col] = pa2[nt][e];
+        Bc[row][col] = pb[nt][e];
       }
     __syncthreads();
 #pragma unroll

@@ -188,15 +188,7 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
       kv[r] = ok ? to_float(k_s[r * K + d]) : 0.f;
       const uint32_t graw = gb == 4 ? reinterpret_cast<const uint32_t*>(g_s)[r * K + d]
                                     : reinterpret_cast<const uint16_t*>(g_s)[r * K + d];
-      const float x = bits_to_float(graw, p.g_dtype);
-      if (p.gate_mode == 1) {
-        const float y = x + dtb;
-        G[r] = -a_exp * (y > 20.f ? y : log1pf(__expf(y)));
-      } else if (p.gate_mode == 2) {
-        G[r] = p.lower_bound * sigmoid_f(a_exp * (x + dtb));
-      } else {
-        G[r] = x;
-      }
+      G[r] = log_decay(p, bits_to_float(graw, p.g_dtype), a_exp, dtb);
       if (!ok) G[r] = 0.f;
     }
     if (d < kChunk) beta_s[d] = d < len && p.use_beta_sigmoid ? sigmoid_f(beta_raw) : beta_raw;
