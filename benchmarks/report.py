@@ -122,7 +122,8 @@ def main(path):
                   "jax_flashkda: the rise of JAX's peak over the inputs in a fresh process "
                   "(its CUDA workspace is XLA scratch, which temp size does not count); "
                   "jax_chunked: XLA's temp allocation of the compiled step; fla: the rise of "
-                  "torch's peak allocation. The peaks include the gradients.", "", "| case | impl | GiB |", "|---|---|---|"]
+                  "torch's peak allocation. The peaks include the gradients.", "",
+                  "| case | impl | GiB |", "|---|---|---|"]
         parts += [f"| {r['case']} | {r['impl']} | {r['extra_gib']} |" for r in mem]
         parts.append("")
     path.with_suffix(".md").write_text("\n".join(parts))
