@@ -3,8 +3,16 @@
 // the CUDA runtime.
 #include <nanobind/nanobind.h>
 
+#include <cstdint>
+#include <optional>
+#include <string>
+
 #if defined(KDA_TARGET_CUDA)
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+
 #include "ffi/kda_cuda_ffi.h"
+#include "kda/kda_bwd.h"
 #define KDA_MODULE _kda_cuda
 #define KDA_HANDLER(call) call##_cuda
 #else
@@ -22,4 +30,28 @@ NB_MODULE(KDA_MODULE, m) {
     targets["jax_flashkda_bwd"] = nb::capsule(reinterpret_cast<void*>(KDA_HANDLER(jax_flashkda_bwd)));
     return targets;
   });
+#if defined(KDA_TARGET_CUDA)
+  // What the CUDA target would refuse for a call of these sizes, asked at trace time so that
+  // kda(impl="auto") takes another path and impl="cuda" raises instead of failing at run time:
+  // the handler's and kernels' own checks, and a workspace larger than `memory_bytes`. None
+  // when the call fits.
+  m.def("cuda_refusal", [](bool backward, int64_t B, int64_t T, int64_t H, int64_t K, int64_t V,
+                           int64_t N, bool is_varlen, bool f16,
+                           int64_t memory_bytes) -> std::optional<std::string> {
+    if (const char* why = kda::index_range_unsupported(B, T, H, N)) return std::string(why);
+    kda::BwdParams p;
+    p.B = static_cast<int>(B), p.T = static_cast<int>(T), p.H = static_cast<int>(H);
+    p.K = static_cast<int>(K), p.V = static_cast<int>(V), p.N = static_cast<int>(N);
+    p.is_varlen = is_varlen;
+    p.qkv_dtype = f16 ? kda::DType::kF16 : kda::DType::kBF16;
+    const char* why = backward ? kda::bwd_unsupported(p) : kda::fwd_unsupported(p);
+    if (why) return std::string(why);
+    const size_t bytes = backward ? kda::bwd_workspace_bytes(p) : kda::fwd_workspace_bytes(p);
+    if (memory_bytes > 0 && bytes > static_cast<size_t>(memory_bytes))
+      return std::string(backward ? "the backward" : "the forward") + " needs " +
+             std::to_string(bytes) + " bytes of workspace, more than the device's " +
+             std::to_string(memory_bytes);
+    return std::nullopt;
+  });
+#endif
 }

@@ -91,6 +91,14 @@ def has_target(platform: str, target: str) -> bool:
     return target in _registered().get(platform, frozenset())
 
 
+def cuda_refusal(*, backward: bool, B: int, T: int, H: int, K: int, V: int, N: int,
+                 is_varlen: bool, f16: bool, memory_bytes: int) -> str | None:
+    """What the CUDA target would refuse for a call of these sizes (the extension's own checks,
+    and a workspace above `memory_bytes` when that is > 0); None when it fits."""
+    module = importlib.import_module("jax_flashkda._kda_cuda")
+    return module.cuda_refusal(backward, B, T, H, K, V, N, is_varlen, f16, memory_bytes)
+
+
 # ---------------------------------------------------------------------------------------
 # The raw calls (one device's shard).
 

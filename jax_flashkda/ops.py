@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -57,7 +58,9 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=
     args = _check(q, k, v, g, beta, scale, initial_state, use_gate_in_kernel, A_log, dt_bias,
                   lower_bound, state_v_first, cu_seqlens, impl)
     q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens = args
-    chosen = _choose_impl(impl, q, v)
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        return _kda_empty(q, v, initial_state, state_v_first, cu_seqlens, output_final_state)
+    chosen = _choose_impl(impl, q, v, cu_seqlens)
     if chosen in ("chunked", "recurrent"):
         pure = kda_chunked if chosen == "chunked" else kda_recurrent
         o, final_state = pure(
@@ -72,16 +75,49 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=
         o, final_state = _kda_compiled(
             q, k, v, g, beta, scale, initial_state, use_qk_l2norm_in_kernel,
             use_gate_in_kernel, use_beta_sigmoid_in_kernel, A_log, dt_bias, lower_bound,
-            state_v_first, cu_seqlens)
+            state_v_first, cu_seqlens, cuda_backward_fallback=impl == "auto")
     return o, (final_state if output_final_state else None)
+
+
+def _kda_empty(q, v, initial_state, state_v_first, cu_seqlens, output_final_state):
+    """B = 0 or T = 0: no token, so o is empty and every sequence keeps its initial state."""
+    b, _, h, kd = q.shape
+    vd = v.shape[-1]
+    if not output_final_state:
+        return jnp.zeros(v.shape, v.dtype), None
+    if initial_state is None:
+        n = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        shape = (n, h, vd, kd) if state_v_first else (n, h, kd, vd)
+        state_dtype = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+        initial_state = jnp.zeros(shape, state_dtype)
+    return jnp.zeros(v.shape, v.dtype), initial_state
+
+
+def check_cu_seqlens(cu_seqlens, num_tokens: int):
+    """Fails under `jax.experimental.checkify.checkify` when `cu_seqlens` does not start at 0,
+    decrease somewhere or does not end at `num_tokens`; for traced offsets, which `kda` cannot
+    check at trace time and makes legal instead (docs/robustness.md §1)."""
+    from jax.experimental import checkify
+
+    cu = jnp.asarray(cu_seqlens)
+    checkify.check(cu[0] == 0, "cu_seqlens[0] must be 0, got {}", cu[0])
+    checkify.check(cu[-1] == num_tokens, f"cu_seqlens[-1] must be T={num_tokens}, got {{}}",
+                   cu[-1])
+    steps = cu[1:] < cu[:-1]
+    checkify.check(~jnp.any(steps), "cu_seqlens must be non-decreasing; it decreases after "
+                   "entry {}", jnp.argmax(steps))
 
 
 # ---------------------------------------------------------------------------------------
 # Checking.
 
-def _shape_of(name, x, rank):
+def _array(name, x):
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"kda: {name} must be an array, got {type(x).__name__}")
+
+
+def _shape_of(name, x, rank):
+    _array(name, x)
     if x.ndim != rank:
         raise ValueError(f"kda: {name} must have rank {rank}, got shape {tuple(x.shape)}")
     return tuple(x.shape)
@@ -146,11 +182,18 @@ def _check(q, k, v, g, beta, scale, initial_state, use_gate, A_log, dt_bias, low
                 f"kda: cu_seqlens must have N + 1 >= 2 entries, got shape {cu_seqlens.shape}")
         n = cu_seqlens.shape[0] - 1
         if _is_concrete(cu_seqlens):
-            offsets = np.asarray(cu_seqlens)
-            if offsets[0] != 0 or offsets[-1] != t or np.any(np.diff(offsets) < 0):
+            # In Python integers: np.diff of an unsigned array wraps around instead of going
+            # negative.
+            offsets = [int(x) for x in np.asarray(cu_seqlens)]
+            if (offsets[0] != 0 or offsets[-1] != t
+                    or any(b < a for a, b in zip(offsets, offsets[1:]))):
                 raise ValueError(
                     f"kda: cu_seqlens must start at 0, be non-decreasing and end at T={t}, "
-                    f"got {offsets.tolist()}")
+                    f"got {offsets}")
+        elif jnp.dtype(cu_seqlens.dtype) != jnp.int32:
+            # Traced offsets are made legal on device (docs/robustness.md §1): clip into [0, T]
+            # before narrowing to int32 so that a wide or unsigned value cannot wrap around.
+            cu_seqlens = jnp.clip(cu_seqlens, 0, t)
         cu_seqlens = jnp.asarray(cu_seqlens, jnp.int32)
 
     if initial_state is not None:
@@ -179,6 +222,7 @@ def _check(q, k, v, g, beta, scale, initial_state, use_gate, A_log, dt_bias, low
         if A_log is None:
             A_log = jnp.zeros((h,), gate_dtype)
         else:
+            _array("A_log", A_log)
             _float_dtype("A_log", A_log)
             if tuple(A_log.shape) != (h,):
                 raise ValueError(f"kda: A_log must have shape [H] = ({h},), got {A_log.shape}")
@@ -186,6 +230,7 @@ def _check(q, k, v, g, beta, scale, initial_state, use_gate, A_log, dt_bias, low
         if dt_bias is None:
             dt_bias = jnp.zeros((h, kd), gate_dtype)
         else:
+            _array("dt_bias", dt_bias)
             _float_dtype("dt_bias", dt_bias)
             if tuple(dt_bias.shape) == (h * kd,):
                 dt_bias = dt_bias.reshape(h, kd)
@@ -242,14 +287,42 @@ def cuda_unavailable_reason(q_dtype=jnp.bfloat16, k_dim=128, v_dim=128) -> str |
     return None
 
 
+def _device_memory_bytes() -> int:
+    """What the first GPU can give one allocation at most (0: unknown). Only meaningful where
+    the call runs whole on that device, see _cuda_call_refusal."""
+    if jax.device_count() != 1:
+        return 0
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - a backend without memory statistics
+        return 0
+    return int(stats.get("bytes_limit", 0))
+
+
+def _cuda_call_refusal(q, v, cu_seqlens, backward: bool) -> str | None:
+    """What the CUDA target would refuse at run time for this call's sizes (index ranges,
+    sequence and head counts, a workspace larger than the device), asked of the extension at
+    trace time. On a mesh the workspace is per shard and is not judged here."""
+    b, t, h, kd = q.shape
+    n = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return _ffi.cuda_refusal(backward=backward, B=b, T=t, H=h, K=kd, V=v.shape[-1], N=n,
+                             is_varlen=cu_seqlens is not None,
+                             f16=q.dtype == jnp.float16, memory_bytes=_device_memory_bytes())
+
+
 def _cpu_target_ready() -> bool:
     return (_ffi.has_target("cpu", _ffi.FWD_TARGET) and _ffi.has_target("cpu", _ffi.BWD_TARGET))
 
 
-def _choose_impl(impl, q, v):
-    kd, vd = q.shape[-1], v.shape[-1]
+def _cuda_reason(q, v, cu_seqlens) -> str | None:
+    """None when the CUDA forward can run this call, else why not."""
+    return (cuda_unavailable_reason(q.dtype, q.shape[-1], v.shape[-1])
+            or _cuda_call_refusal(q, v, cu_seqlens, backward=False))
+
+
+def _choose_impl(impl, q, v, cu_seqlens):
     if impl == "cuda":
-        reason = cuda_unavailable_reason(q.dtype, kd, vd)
+        reason = _cuda_reason(q, v, cu_seqlens)
         if reason:
             raise ValueError(f"kda: impl='cuda' cannot run this call: {reason}")
         return "cuda"
@@ -259,12 +332,12 @@ def _choose_impl(impl, q, v):
                 raise ValueError(
                     f"kda: impl='ffi' on CPU needs the C++ target: {_ffi.load_error('cpu')}")
             return "cpu"
-        reason = cuda_unavailable_reason(q.dtype, kd, vd)
+        reason = _cuda_reason(q, v, cu_seqlens)
         if reason:
             raise ValueError(f"kda: impl='ffi' cannot run this call: {reason}")
         return "cuda"
     if impl == "auto":
-        if cuda_unavailable_reason(q.dtype, kd, vd) is None:
+        if _cuda_reason(q, v, cu_seqlens) is None:
             return "cuda"
         if (jax.default_backend() == "cpu" and _AUTO_PREFERS_CPU_TARGET
                 and q.dtype != jnp.float64 and _cpu_target_ready()):
@@ -283,8 +356,15 @@ def _gate_mode(use_gate, lower_bound):
 
 
 def _kda_compiled(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, use_gate,
-                  use_beta_sigmoid, A_log, dt_bias, lower_bound, state_v_first, cu_seqlens):
+                  use_beta_sigmoid, A_log, dt_bias, lower_bound, state_v_first, cu_seqlens,
+                  cuda_backward_fallback):
+    """The FFI path. The C++ target computes in fp32 and the CUDA target takes 16-bit q/k/v:
+    float64 inputs are computed in fp32 and o is returned in v's dtype, as documented."""
     b, _, h, kd = q.shape
+    out_dtype = v.dtype
+    backward_refusal = None
+    if jax.default_backend() != "cpu":
+        backward_refusal = _cuda_call_refusal(q, v, cu_seqlens, backward=True)
     vd = v.shape[-1]
     cfg = _ffi.CallConfig(
         scale=scale, use_qk_l2norm=bool(use_qk_l2norm), use_beta_sigmoid=bool(use_beta_sigmoid),
@@ -302,7 +382,12 @@ def _kda_compiled(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, use_gat
     dt_bias = (jnp.zeros((h, kd), jnp.float32) if dt_bias is None
                else dt_bias.astype(jnp.float32))
     cu = cu_seqlens if cu_seqlens is not None else jnp.zeros((1,), jnp.int32)
-    return _compiled_vjp(cfg)(q, k, v, g, beta, A_log, dt_bias, h0, cu)
+    if backward_refusal and not cuda_backward_fallback:
+        backward = _RefusedBackward(backward_refusal)
+    else:
+        backward = "pure" if backward_refusal else "compiled"
+    o, final_state = _compiled_vjp(cfg, backward)(q, k, v, g, beta, A_log, dt_bias, h0, cu)
+    return o.astype(out_dtype), final_state
 
 
 def _pure_vjp(cfg: _ffi.CallConfig, primals, cotangents):
@@ -346,8 +431,18 @@ def _typed_like(grad, primal):
     return _make_varying(grad, _varying_axes(primal))
 
 
+@dataclasses.dataclass(frozen=True)
+class _RefusedBackward:
+    """impl='cuda' for a call whose forward fits the CUDA target and whose backward does not:
+    taking its gradient raises, at trace time, saying why."""
+
+    reason: str
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled_vjp(cfg: _ffi.CallConfig):
+def _compiled_vjp(cfg: _ffi.CallConfig, backward):
+    """backward: "compiled" (the target's own), "pure" (autodiff of the chunked path, where the
+    CUDA backward refuses the call's sizes and impl='auto'), or a _RefusedBackward."""
     fwd = _ffi.fwd_call(cfg)
     bwd = _ffi.bwd_call(cfg)
 
@@ -362,8 +457,12 @@ def _compiled_vjp(cfg: _ffi.CallConfig):
 
     def run_bwd(primals, cotangents):
         do, dht = cotangents
+        if isinstance(backward, _RefusedBackward):
+            raise ValueError(
+                f"kda: impl='cuda' cannot differentiate this call: {backward.reason}; "
+                "impl='auto' would take the chunked backward")
         platform = "cpu" if jax.default_backend() == "cpu" else "CUDA"
-        if _ffi.has_target(platform, _ffi.BWD_TARGET):
+        if backward == "compiled" and _ffi.has_target(platform, _ffi.BWD_TARGET):
             axes = frozenset().union(*map(_varying_axes, primals + (do, dht)))
             outs = tuple(_make_varying(x, axes) for x in bwd(*primals, do, dht))
             dq, dk, dv, dg, dbeta, dA_log, ddt_bias, dh0 = outs

@@ -7,12 +7,14 @@
 #include <initializer_list>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <cuda_runtime.h>
 
 #include "ffi/contract.h"
 #include "kda/kda_bwd.h"
 #include "kda/kda_fwd.h"
+#include "kda/offsets.h"
 
 namespace ffi = xla::ffi;
 namespace contract = jax_flashkda::contract;
@@ -31,7 +33,8 @@ std::optional<kda::DType> to_dtype(ffi::DataType t) {
   }
 }
 
-// Operands 0-8 and the attributes into the launch parameters both calls share.
+// Operands 0-8 and the attributes into the launch parameters both calls share (sizes, dtypes,
+// attributes).
 ffi::Error decode_inputs(const std::string& who, ffi::AnyBuffer q, ffi::AnyBuffer k,
                          ffi::AnyBuffer v, ffi::AnyBuffer g, ffi::AnyBuffer beta,
                          ffi::AnyBuffer A_log, ffi::AnyBuffer dt_bias,
@@ -49,18 +52,11 @@ ffi::Error decode_inputs(const std::string& who, ffi::AnyBuffer q, ffi::AnyBuffe
   if (!g_t) return contract::invalid(who, "g must be bfloat16, float16 or float32");
   const auto beta_t = to_dtype(beta.element_type());
   if (!beta_t) return contract::invalid(who, "beta must be bfloat16, float16 or float32");
-  // The kernels index tokens·heads·4 and sequences in 32-bit integers.
-  if (s.B * s.T * s.H > (int64_t{1} << 31) / 4 || s.N > (int64_t{1} << 30))
-    return contract::invalid(who, "q is too large for the CUDA target");
+  if (const char* why = kda::index_range_unsupported(s.B, s.T, s.H, s.N))
+    return contract::invalid(who, why);
 
-  p.q = q.untyped_data();
-  p.k = k.untyped_data();
-  p.v = v.untyped_data();
-  p.g = g.untyped_data();
-  p.beta = beta.untyped_data();
-  p.A_log = static_cast<const float*>(A_log.untyped_data());
-  p.dt_bias = static_cast<const float*>(dt_bias.untyped_data());
-  p.initial_state = static_cast<const float*>(initial_state.untyped_data());
+  // Operand addresses are set by the staging (stage_operands); cu_seqlens is replaced by its
+  // legal form before the kernels run (launch).
   p.cu_seqlens = static_cast<const int32_t*>(cu_seqlens.untyped_data());
   p.qkv_dtype = *qkv_t;
   p.g_dtype = *g_t;
@@ -81,47 +77,151 @@ ffi::Error decode_inputs(const std::string& who, ffi::AnyBuffer q, ffi::AnyBuffe
   return ffi::Error::Success();
 }
 
-// JAX_FLASHKDA_POISON_OUTPUTS=1 (the GPU tests set it) fills every result with NaN bytes before
-// the kernels run, so that an element they leave unwritten fails a test instead of passing on
-// whatever the allocator left there. Off by default: it costs a memset per result.
-cudaError_t poison_if_asked(cudaStream_t stream, std::initializer_list<ffi::AnyBuffer*> results) {
-  const char* env = std::getenv("JAX_FLASHKDA_POISON_OUTPUTS");
-  if (!env || env[0] != '1') return cudaSuccess;
-  for (ffi::AnyBuffer* r : results)
-    if (r->size_bytes() > 0)
-      if (const cudaError_t err = cudaMemsetAsync(r->untyped_data(), 0xFF, r->size_bytes(), stream);
-          err != cudaSuccess)
-        return err;
-  return cudaSuccess;
-}
-
 ffi::Error cuda_error(const std::string& who, cudaError_t err) {
   return ffi::Error::Internal(who + ": " + cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
 }
 
-// Shared tail of both calls: the kernels' own refusals, the workspace, poisoning the results
-// when asked, the launch.
-template <typename Params, typename Unsupported, typename WorkspaceBytes, typename Launch>
-ffi::Error launch(const std::string& who, const Params& p, ffi::ScratchAllocator& scratch,
-                  cudaStream_t stream, std::initializer_list<ffi::AnyBuffer*> results,
-                  Unsupported unsupported, WorkspaceBytes workspace_bytes, Launch run) {
-  if (const char* why = unsupported(p))
-    return ffi::Error(ffi::ErrorCode::kUnimplemented, who + ": " + why);
-  if (const cudaError_t err = poison_if_asked(stream, results); err != cudaSuccess)
+ffi::Error scratch_error(const std::string& who, size_t bytes, const char* what) {
+  return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                    who + ": could not allocate " + std::to_string(bytes) + " bytes of " + what);
+}
+
+// The kernels move operands with 16-byte copies (cp.async, bulk copies, vector stores), which
+// fault on an address that is not a multiple of 16. XLA hands a dynamic_slice of a larger buffer
+// to a custom call as an offset pointer, so any address can arrive: an operand at one is copied
+// into aligned scratch before the kernels run, a result is written there and copied out after.
+constexpr uintptr_t kKernelAlignment = 16;
+
+class Staging {
+ public:
+  Staging(const std::string& who, ffi::ScratchAllocator& scratch, cudaStream_t stream)
+      : who_(who), scratch_(scratch), stream_(stream) {}
+
+  // Sets `ptr` to the address the kernels read `operand` from.
+  template <typename T>
+  ffi::Error input(const ffi::AnyBuffer& operand, const T*& ptr) {
+    const void* at = operand.untyped_data();
+    if (!aligned(at)) {
+      void* copy = nullptr;
+      KDA_RETURN_IF_ERROR(allocate(operand.size_bytes(), copy));
+      if (const cudaError_t err = cudaMemcpyAsync(copy, at, operand.size_bytes(),
+                                                  cudaMemcpyDeviceToDevice, stream_);
+          err != cudaSuccess)
+        return cuda_error(who_, err);
+      at = copy;
+    }
+    ptr = static_cast<const T*>(at);
+    return ffi::Error::Success();
+  }
+
+  // Sets `ptr` to the address the kernels write `result` to; copy_out() moves staged results
+  // into place after the kernels.
+  template <typename T>
+  ffi::Error output(ffi::AnyBuffer& result, T*& ptr) {
+    void* at = result.untyped_data();
+    if (!aligned(at)) {
+      KDA_RETURN_IF_ERROR(allocate(result.size_bytes(), at));
+      pending_.push_back({result.untyped_data(), at, result.size_bytes()});
+    }
+    ptr = static_cast<T*>(at);
+    written_.push_back({at, result.size_bytes()});
+    return ffi::Error::Success();
+  }
+
+  // JAX_FLASHKDA_POISON_OUTPUTS=1 (the GPU tests set it) fills every result the kernels write
+  // with NaN bytes first, so that an element they leave unwritten fails a test instead of
+  // passing on whatever the allocator left there. Off by default: it costs a memset per result.
+  cudaError_t poison_if_asked() const {
+    const char* env = std::getenv("JAX_FLASHKDA_POISON_OUTPUTS");
+    if (!env || env[0] != '1') return cudaSuccess;
+    for (const auto& [at, bytes] : written_)
+      if (bytes > 0)
+        if (const cudaError_t err = cudaMemsetAsync(at, 0xFF, bytes, stream_); err != cudaSuccess)
+          return err;
+    return cudaSuccess;
+  }
+
+  cudaError_t copy_out() const {
+    for (const Pending& r : pending_)
+      if (const cudaError_t err = cudaMemcpyAsync(r.dst, r.src, r.bytes,
+                                                  cudaMemcpyDeviceToDevice, stream_);
+          err != cudaSuccess)
+        return err;
+    return cudaSuccess;
+  }
+
+ private:
+  struct Pending {
+    void* dst;
+    const void* src;
+    size_t bytes;
+  };
+  static bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % kKernelAlignment == 0; }
+  ffi::Error allocate(size_t bytes, void*& ptr) {
+    std::optional<void*> got = scratch_.Allocate(bytes > 0 ? bytes : 1, kKernelAlignment);
+    if (!got) return scratch_error(who_, bytes, "staging for an unaligned buffer");
+    ptr = *got;
+    return ffi::Error::Success();
+  }
+
+  const std::string& who_;
+  ffi::ScratchAllocator& scratch_;
+  cudaStream_t stream_;
+  std::vector<Pending> pending_;
+  std::vector<std::pair<void*, size_t>> written_;
+};
+
+
+// The forward's operands 0-7 through the staging (cu_seqlens is read with 4-byte loads only, by
+// the offsets kernel).
+ffi::Error stage_operands(Staging& staging, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                          const ffi::AnyBuffer& v, const ffi::AnyBuffer& g,
+                          const ffi::AnyBuffer& beta, const ffi::AnyBuffer& A_log,
+                          const ffi::AnyBuffer& dt_bias, const ffi::AnyBuffer& initial_state,
+                          kda::FwdParams& p) {
+  KDA_RETURN_IF_ERROR(staging.input(q, p.q));
+  KDA_RETURN_IF_ERROR(staging.input(k, p.k));
+  KDA_RETURN_IF_ERROR(staging.input(v, p.v));
+  KDA_RETURN_IF_ERROR(staging.input(g, p.g));
+  KDA_RETURN_IF_ERROR(staging.input(beta, p.beta));
+  KDA_RETURN_IF_ERROR(staging.input(A_log, p.A_log));
+  KDA_RETURN_IF_ERROR(staging.input(dt_bias, p.dt_bias));
+  return staging.input(initial_state, p.initial_state);
+}
+
+// Shared tail of both calls, after the operands are staged: cu_seqlens made legal
+// (docs/robustness.md §1) in scratch, so that no offset value can send a kernel outside its
+// buffers; poisoning the results when asked; the workspace; the launch; staged results out.
+template <typename Params, typename WorkspaceBytes, typename Launch>
+ffi::Error launch(const std::string& who, Params& p, const Staging& staging,
+                  ffi::ScratchAllocator& scratch, cudaStream_t stream,
+                  WorkspaceBytes workspace_bytes, Launch run) {
+  if (p.is_varlen) {
+    const size_t bytes = static_cast<size_t>(p.N + 1) * sizeof(int32_t);
+    std::optional<void*> legal = scratch.Allocate(bytes, kKernelAlignment);
+    if (!legal) return scratch_error(who, bytes, "legal cu_seqlens");
+    if (const cudaError_t err = kda::legal_offsets(p.cu_seqlens, static_cast<int32_t*>(*legal),
+                                                   p.N + 1, p.T, stream);
+        err != cudaSuccess)
+      return cuda_error(who, err);
+    p.cu_seqlens = static_cast<const int32_t*>(*legal);
+  }
+  if (const cudaError_t err = staging.poison_if_asked(); err != cudaSuccess)
     return cuda_error(who, err);
   void* workspace = nullptr;
   if (const size_t bytes = workspace_bytes(p); bytes > 0) {
-    // XLA accepts alignments up to 16 bytes, which is what the kernels' 16-byte copies need.
-    std::optional<void*> got = scratch.Allocate(bytes, 16);
-    if (!got)
-      return ffi::Error(ffi::ErrorCode::kResourceExhausted,
-                        who + ": could not allocate " + std::to_string(bytes) +
-                            " bytes of workspace");
+    std::optional<void*> got = scratch.Allocate(bytes, kKernelAlignment);
+    if (!got) return scratch_error(who, bytes, "workspace");
     workspace = *got;
   }
   if (const cudaError_t err = run(p, workspace, stream); err != cudaSuccess)
     return cuda_error(who, err);
+  if (const cudaError_t err = staging.copy_out(); err != cudaSuccess) return cuda_error(who, err);
   return ffi::Error::Success();
+}
+
+ffi::Error unimplemented(const std::string& who, const char* why) {
+  return ffi::Error(ffi::ErrorCode::kUnimplemented, who + ": " + why);
 }
 
 ffi::Error fwd_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
@@ -138,10 +238,13 @@ ffi::Error fwd_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
                                     gate_mode, lower_bound, state_v_first, is_varlen, s, p));
   KDA_RETURN_IF_ERROR(contract::check_like(kFwd, *o, "o", {s.B, s.T, s.H, s.V}, v, "v"));
   KDA_RETURN_IF_ERROR(contract::check_f32(kFwd, *final_state, "final_state", s.state));
-  p.o = o->untyped_data();
-  p.final_state = static_cast<float*>(final_state->untyped_data());
-  return launch(kFwd, p, scratch, stream, {&*o, &*final_state}, kda::fwd_unsupported,
-                kda::fwd_workspace_bytes, kda::fwd);
+  if (const char* why = kda::fwd_unsupported(p)) return unimplemented(kFwd, why);
+  Staging staging(kFwd, scratch, stream);
+  KDA_RETURN_IF_ERROR(
+      stage_operands(staging, q, k, v, g, beta, A_log, dt_bias, initial_state, p));
+  KDA_RETURN_IF_ERROR(staging.output(*o, p.o));
+  KDA_RETURN_IF_ERROR(staging.output(*final_state, p.final_state));
+  return launch(kFwd, p, staging, scratch, stream, kda::fwd_workspace_bytes, kda::fwd);
 }
 
 ffi::Error bwd_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
@@ -163,19 +266,21 @@ ffi::Error bwd_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
   KDA_RETURN_IF_ERROR(contract::check_backward(kBwd, s, q, k, v, g, beta, dout, dfinal_state,
                                                *dq, *dk, *dv, *dg, *dbeta, *dA_log, *ddt_bias,
                                                *dinitial_state));
-  p.dout = dout.untyped_data();
-  p.dfinal_state = static_cast<const float*>(dfinal_state.untyped_data());
-  p.dq = dq->untyped_data();
-  p.dk = dk->untyped_data();
-  p.dv = dv->untyped_data();
-  p.dg = dg->untyped_data();
-  p.dbeta = dbeta->untyped_data();
-  p.dA_log = static_cast<float*>(dA_log->untyped_data());
-  p.ddt_bias = static_cast<float*>(ddt_bias->untyped_data());
-  p.dinitial_state = static_cast<float*>(dinitial_state->untyped_data());
-  return launch(kBwd, p, scratch, stream,
-                {&*dq, &*dk, &*dv, &*dg, &*dbeta, &*dA_log, &*ddt_bias, &*dinitial_state},
-                kda::bwd_unsupported, kda::bwd_workspace_bytes, kda::bwd);
+  if (const char* why = kda::bwd_unsupported(p)) return unimplemented(kBwd, why);
+  Staging staging(kBwd, scratch, stream);
+  KDA_RETURN_IF_ERROR(
+      stage_operands(staging, q, k, v, g, beta, A_log, dt_bias, initial_state, p));
+  KDA_RETURN_IF_ERROR(staging.input(dout, p.dout));
+  KDA_RETURN_IF_ERROR(staging.input(dfinal_state, p.dfinal_state));
+  KDA_RETURN_IF_ERROR(staging.output(*dq, p.dq));
+  KDA_RETURN_IF_ERROR(staging.output(*dk, p.dk));
+  KDA_RETURN_IF_ERROR(staging.output(*dv, p.dv));
+  KDA_RETURN_IF_ERROR(staging.output(*dg, p.dg));
+  KDA_RETURN_IF_ERROR(staging.output(*dbeta, p.dbeta));
+  KDA_RETURN_IF_ERROR(staging.output(*dA_log, p.dA_log));
+  KDA_RETURN_IF_ERROR(staging.output(*ddt_bias, p.ddt_bias));
+  KDA_RETURN_IF_ERROR(staging.output(*dinitial_state, p.dinitial_state));
+  return launch(kBwd, p, staging, scratch, stream, kda::bwd_workspace_bytes, kda::bwd);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/rules.h"
 #include "kda/kda_fwd.h"
 #include "kda/ptx.cuh"
 
@@ -59,14 +60,31 @@ __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
 
-// A token's log-decay in one key channel from its raw gate x: x itself (gate_mode 0),
-// −e^{A_log}·softplus(x + dt_bias) (1), or lower_bound·sigmoid(e^{A_log}·(x + dt_bias)) (2);
-// a_exp = e^{A_log}.
-__device__ __forceinline__ float log_decay(const FwdParams& p, float x, float a_exp, float dtb) {
+// A token's log-decay in one key channel from its raw gate x, before the floor: x itself
+// (gate_mode 0), −e^{A_log}·softplus(x + dt_bias) (1), or lower_bound·sigmoid(e^{A_log}·(x +
+// dt_bias)) (2); a_exp = e^{A_log}.
+__device__ __forceinline__ float gate_activation(const FwdParams& p, float x, float a_exp,
+                                                 float dtb) {
   const float y = x + dtb;
   if (p.gate_mode == 1) return -a_exp * softplus_f(y);
   if (p.gate_mode == 2) return p.lower_bound * sigmoid_f(a_exp * y);
   return x;
+}
+
+// NaN or ±inf, from the bits (immune to fast-math assumptions about non-finite values).
+__device__ __forceinline__ bool non_finite(float x) {
+  return (__float_as_uint(x) & 0x7f800000u) == 0x7f800000u;
+}
+
+// The floor of docs/robustness.md §2, as a select so that NaN stays NaN (fmaxf would drop it).
+__device__ __forceinline__ bool below_log_decay_floor(float g) {
+  return g < kda_rules::kLogDecayFloor;
+}
+
+// The log-decay the kernels use: the activation, raised to the floor.
+__device__ __forceinline__ float log_decay(const FwdParams& p, float x, float a_exp, float dtb) {
+  const float g = gate_activation(p, x, a_exp, dtb);
+  return below_log_decay_floor(g) ? kda_rules::kLogDecayFloor : g;
 }
 
 // First global token row, slot of the first chunk, and length of sequence n.

@@ -858,7 +858,11 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
     const int r = r0 + j;
     if (r < ch.len) {
       float out = dG[j];
-      if (p.gate_mode == 1) {
+      // A floored log-decay is a constant: no gradient reaches the gate input or A_log (xg
+      // already holds x + dt_bias).
+      if (below_log_decay_floor(gate_activation(p, xg[j], a_exp, 0.f))) {
+        out = 0.f;
+      } else if (p.gate_mode == 1) {
         const float x = xg[j];
         out = -dG[j] * a_exp * sigmoid_f(x);
         dA += dG[j] * (-a_exp * softplus_f(x));
@@ -891,7 +895,7 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
 }
 // ---------------------------------------------------------------------------------------------
 // Kernel 4: per batch row and head, the partial sums in slot order; and, varlen, zero
-// gradients for the tokens after the last sequence (they reach no output).
+// gradients for the tokens before the first and after the last sequence (they reach no output).
 template <typename Tin>
 __global__ void __launch_bounds__(KD) kda_bwd_reduce_kernel(BwdParams p, const float* __restrict__ pdt,
                                                             const float* __restrict__ pda, int slots) {
@@ -912,14 +916,18 @@ __global__ void __launch_bounds__(KD) kda_bwd_reduce_kernel(BwdParams p, const f
   if (d == 0) p.dA_log[b * p.H + h] = (red[0] + red[1]) + (red[2] + red[3]);
 
   if (p.is_varlen) {
-    for (long long tok = p.cu_seqlens[p.N]; tok < p.T; ++tok) {
-      const size_t row = static_cast<size_t>(tok) * p.H + h;
-      static_cast<Tin*>(p.dq)[row * KD + d] = from_float<Tin>(0.f);
-      static_cast<Tin*>(p.dk)[row * KD + d] = from_float<Tin>(0.f);
-      static_cast<Tin*>(p.dv)[row * VD + d] = from_float<Tin>(0.f);
-      store_f(p.dg, p.g_dtype, row * KD + d, 0.f);
-      if (d == 0) store_f(p.dbeta, p.beta_dtype, row, 0.f);
-    }
+    auto zero_tokens = [&](long long from, long long to) {
+      for (long long tok = from; tok < to; ++tok) {
+        const size_t row = static_cast<size_t>(tok) * p.H + h;
+        static_cast<Tin*>(p.dq)[row * KD + d] = from_float<Tin>(0.f);
+        static_cast<Tin*>(p.dk)[row * KD + d] = from_float<Tin>(0.f);
+        static_cast<Tin*>(p.dv)[row * VD + d] = from_float<Tin>(0.f);
+        store_f(p.dg, p.g_dtype, row * KD + d, 0.f);
+        if (d == 0) store_f(p.dbeta, p.beta_dtype, row, 0.f);
+      }
+    };
+    zero_tokens(0, p.cu_seqlens[0]);
+    zero_tokens(p.cu_seqlens[p.N], p.T);
   }
 }
 

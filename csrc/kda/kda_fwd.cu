@@ -102,6 +102,7 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
   // Tβ as the bf16 A operand of W's mma (factored path); +8 keeps ldmatrix conflict-free.
   __shared__ __align__(16) __nv_bfloat16 Tbh[kChunk][kChunk + 8];
   __shared__ float beta_s[kChunk], red[kWarps][32], rnorm[32];
+  __shared__ uint32_t bad_s[kWarps];
 
   const int d = threadIdx.x, lane = d & 31, warp = d >> 5;
   const long long grid = gridDim.x;
@@ -191,7 +192,36 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
       G[r] = log_decay(p, bits_to_float(graw, p.g_dtype), a_exp, dtb);
       if (!ok) G[r] = 0.f;
     }
-    if (d < kChunk) beta_s[d] = d < len && p.use_beta_sigmoid ? sigmoid_f(beta_raw) : beta_raw;
+    float beta_d = d < len && p.use_beta_sigmoid ? sigmoid_f(beta_raw) : beta_raw;
+
+    // docs/robustness.md §3: the chunk's first row with a non-finite q, k or β, or a NaN or
+    // +inf log-decay (after the floor: −inf is a legal reset), and every later row act as rows
+    // past the sequence (q = k = g = β = 0): otherwise 0·NaN in the chunk's products would
+    // reach the earlier rows. The forward's record then marks them (Q̃ rows and e^{Γ_C} NaN:
+    // their outputs, the state and every later output are NaN).
+    int dead_from = kChunk;
+    {
+      uint32_t bad = 0;
+#pragma unroll
+      for (int r = 0; r < kChunk; ++r)
+        if (r < len && (non_finite(qv[r]) || non_finite(kv[r]) || non_finite(G[r])))
+          bad |= 1u << r;
+      if (d < len && non_finite(beta_d)) bad |= 1u << d;
+      if (__syncthreads_or(bad != 0)) {
+        const uint32_t warp_bad = __reduce_or_sync(0xffffffffu, bad);
+        if (lane == 0) bad_s[warp] = warp_bad;
+        __syncthreads();
+        uint32_t all = 0;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) all |= bad_s[w];
+        dead_from = __ffs(all) - 1;
+#pragma unroll
+        for (int r = 0; r < kChunk; ++r)
+          if (r >= dead_from) qv[r] = kv[r] = G[r] = 0.f;
+        if (d >= dead_from) beta_d = 0.f;
+      }
+    }
+    if (d < kChunk) beta_s[d] = beta_d;
 
     if (p.use_qk_l2norm) {
       // 32 row sums (16 of q², 16 of k²) over the CTA, as 1/norms.
@@ -201,7 +231,7 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
         acc[r] = qv[r] * qv[r];
         acc[kChunk + r] = kv[r] * kv[r];
       }
-      block_sum32<kWarps>(acc, red, rnorm, [](float sum) { return rsqrtf(sum + 1e-6f); });
+      block_sum32<kWarps>(acc, red, rnorm, [](float sum) { return rsqrtf(sum + kda_rules::kL2NormEps); });
       if constexpr (kAux)
         if (d < 2 * kChunk) aux_s.rn[d] = rnorm[d];
 #pragma unroll
@@ -215,14 +245,17 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
     for (int r = 1; r < kChunk; ++r) G[r] += G[r - 1];
 
     const float gc = G[kChunk - 1];
-    reg[d] = __expf(gc);
+    constexpr float kNaN = __builtin_nanf("");
+    // The backward's records stay finite: its chains recompute the states from them.
+    const bool mark = !kAux && dead_from < kChunk;
+    reg[d] = mark ? kNaN : __expf(gc);
     float kd[kChunk];  // K⊙e^Γ, kept for W
 #pragma unroll
     for (int r = 0; r < kChunk; ++r) {
       const float e = __expf(G[r]);
       const float qd = p.scale * qv[r] * e;
       kd[r] = kv[r] * e;
-      rq[r * KH + d] = Tq(qd);
+      rq[r * KH + d] = Tq(mark && r >= dead_from ? kNaN : qd);
       rkt[r * KH + d] = __float2bfloat16_rn(kv[r] * __expf(gc - G[r]));
       if constexpr (kFactored) {
         Yh[r][d] = __float2bfloat16_rn(kd[r]);
@@ -394,6 +427,54 @@ struct RecurrenceSmem {
   static constexpr int kBytes = kBar + 2 * kStages * 8;  // "full" and "empty" barriers
 };
 
+// docs/robustness.md §3 for v. The columns of S evolve independently (the delta rule's
+// correction Sᵀk is per value column), so a non-finite v quarantines its own column only: from
+// the column's first bad row on, its V entries act as 0 in the chunk's products (where 0·NaN
+// would reach the earlier rows through Tβ) and its outputs and state become NaN. The warp's
+// [16 rows][16 columns] V tile at `tile` (pitch `pitch`, `rows` of them real; the others repeat
+// row 0 and are zeroed with it) is checked with one 16-byte read per lane; the rest runs only
+// when a value is bad.
+struct V16Quarantine {
+  bool any;
+  int first[2];  // first bad row of value columns g and g + 8 of this lane (g = lane / 4)
+};
+
+template <typename Tin>
+__device__ __forceinline__ V16Quarantine quarantine_v(Tin* tile, int pitch, int rows, int lane) {
+  constexpr uint32_t kExp = std::is_same_v<Tin, __half> ? 0x7c00u : 0x7f80u;
+  const int r = lane >> 1, half = lane & 1;
+  uint4* mine = reinterpret_cast<uint4*>(tile + r * pitch + half * 8);
+  const uint4 raw = *mine;
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+  uint32_t bad = 0;  // bit i: column half·8 + i of row r
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t bits = words[i >> 1] >> (16 * (i & 1));
+    if ((bits & kExp) == kExp) bad |= 1u << i;
+  }
+  if (r >= rows) bad = 0;
+  V16Quarantine q{false, {kChunk, kChunk}};
+  if (!__any_sync(0xffffffffu, bad != 0)) return q;
+  q.any = true;
+  const int g = lane >> 2;
+  int zero_from[8];
+#pragma unroll
+  for (int col = 0; col < 16; ++col) {
+    const uint32_t lanes = __ballot_sync(0xffffffffu, half == (col >> 3) && ((bad >> (col & 7)) & 1));
+    const int first = lanes ? (__ffs(lanes) - 1) >> 1 : kChunk;
+    if (col == g) q.first[0] = first;
+    if (col == g + 8) q.first[1] = first;
+    if ((col >> 3) == half) zero_from[col & 7] = first;
+  }
+  uint32_t out[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    if (r >= zero_from[i]) out[i >> 1] &= ~(0xffffu << (16 * (i & 1)));
+  *mine = make_uint4(out[0], out[1], out[2], out[3]);
+  __syncwarp();
+  return q;
+}
+
 template <int K, int NW, typename Tin>
 __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
                                                                  const uint8_t* __restrict__ ws,
@@ -449,6 +530,10 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
     const uint8_t* st = ring.stage(c);
     const RecView<K, __nv_bfloat16, Tin> record(st);
     const Tin* vs = reinterpret_cast<const Tin*>(st + L::kV);
+    // First row of each of this lane's value columns g and g + 8 with a non-finite v (kChunk:
+    // none); see quarantine_v.
+    const V16Quarantine vq = quarantine_v(const_cast<Tin*>(vs) + warp * 16, VP,
+                                          sq.len - c * kChunk, lane);
 
     // Two accumulator sets halve the dependent mma chain of the K reduction.
     float vn[2][4] = {}, ot[2][4] = {}, vn1[2][4] = {}, ot1[2][4] = {};
@@ -503,6 +588,20 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
       ptx::mma16816<__nv_bfloat16>(s[nt + 1], avn, bk[2], bk[3]);
     }
 
+    if (vq.any) {
+      // A quarantined column's outputs from its first bad row on, and its state, are NaN.
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (nt * 8 + t * 2 + (j & 1) >= vq.first[j >> 1]) ot[nt][j] = __int_as_float(0x7fffffff);
+#pragma unroll
+      for (int nt = 0; nt < K / 8; ++nt)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (vq.first[j >> 1] < kChunk) s[nt][j] = __int_as_float(0x7fffffff);
+    }
+
     // Oᵀ tile → [token][value] in shared memory → one 16-byte store per lane.
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
@@ -533,16 +632,18 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
 #pragma unroll
     for (int j = 0; j < 4; ++j) p.final_state[st_index(nt, j)] = s[nt][j];
 
-  // Tokens after the last varlen sequence belong to no sequence: their output is zero.
-  if (p.is_varlen && n == p.N - 1) {
-    const long long end = p.cu_seqlens[p.N];
-    for (long long i = end * 2 + tid; i < 2LL * p.T; i += NW * 32) {
+  // Tokens before the first or after the last varlen sequence belong to none: their output is
+  // zero (docs/robustness.md §1). The first and last sequences' CTAs write them.
+  auto zero_tokens = [&](long long from, long long to) {
+    for (long long i = from * 2 + tid; i < 2 * to; i += NW * 32) {
       const long long tok = i >> 1;
       const int half = static_cast<int>(i & 1);
       Tin* dst = out + (static_cast<size_t>(tok) * p.H + h) * p.V + vb * BV + half * (BV / 2);
       for (int j = 0; j < BV / 2; ++j) dst[j] = Tin(0.f);
     }
-  }
+  };
+  if (p.is_varlen && n == 0) zero_tokens(0, p.cu_seqlens[0]);
+  if (p.is_varlen && n == p.N - 1) zero_tokens(p.cu_seqlens[p.N], p.T);
 }
 
 template <int K, bool kFactored, typename Tin, typename Tq, bool kAux>

@@ -40,6 +40,17 @@ struct FwdParams {
   bool is_varlen = false;
 };
 
+// The kernels index token·head rows (times 4) and sequences in 32-bit integers: nullptr when
+// sizes given in 64 bits fit, else why not. Checked before the sizes are narrowed into the int
+// fields of FwdParams.
+inline const char* index_range_unsupported(int64_t B, int64_t T, int64_t H, int64_t N) {
+  if (B < 0 || T < 0 || H < 0 || N < 0) return "sizes must be non-negative";
+  if (B * T * H > (int64_t{1} << 29))
+    return "the CUDA target supports at most 2^29 token-heads (B*T*H)";
+  if (N > (int64_t{1} << 30)) return "the CUDA target supports at most 2^30 sequences";
+  return nullptr;
+}
+
 // nullptr when the shapes/dtypes are supported, else a static message saying why not.
 const char* fwd_unsupported(const FwdParams& p);
 
