@@ -4,10 +4,13 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <system_error>
 #include <thread>
 #include <type_traits>
 #include <vector>
+
+#include "common/rules.h"
 
 namespace jax_flashkda::cpu {
 namespace {
@@ -16,7 +19,6 @@ namespace {
 // the backward also checkpoints the state once per chunk and recomputes one chunk at a time, so
 // its memory is O(T / kChunk * K * V) per head instead of O(T * K * V).
 constexpr int64_t kChunk = 64;
-constexpr float kNormEps = 1e-6f;
 
 // Every column of the state evolves on its own (u, o, w and dv are per column; only the
 // per-row reductions of the backward mix columns, and they are sums). So the state is kept as
@@ -150,17 +152,35 @@ float sigmoid(float x) {
 
 float softplus(float x) { return std::max(x, 0.f) + std::log1p(std::exp(-std::fabs(x))); }
 
-float dot(const float* a, const float* b, int64_t n) {
+double dot_double(const float* a, const float* b, int64_t n) {
   double s = 0.0;
   for (int64_t i = 0; i < n; ++i) s += static_cast<double>(a[i]) * b[i];
-  return static_cast<float>(s);
+  return s;
 }
 
-// Normalises x in place and returns 1/sqrt(|x|^2 + eps).
-float l2normalize(float* x, int64_t n) {
-  const float r = 1.f / std::sqrt(dot(x, x, n) + kNormEps);
+float dot(const float* a, const float* b, int64_t n) {
+  return static_cast<float>(dot_double(a, b, n));
+}
+
+// Normalises x in place and sets r = 1/sqrt(|x|^2 + eps). Returns whether every element of x
+// is finite: their sum of squares is finite in double exactly when they are.
+bool l2normalize(float* x, int64_t n, float& r) {
+  const double sum_sq = dot_double(x, x, n);
+  r = 1.f / std::sqrt(static_cast<float>(sum_sq) + kda_rules::kL2NormEps);
   for (int64_t i = 0; i < n; ++i) x[i] *= r;
-  return r;
+  return std::isfinite(sum_sq);
+}
+
+// True when no element is inf or NaN. Tests the exponent bits (all ones) with integer ops so
+// the loop vectorises (a float reduction would stay scalar without -ffast-math).
+bool all_finite(const float* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, 4);
+    bad |= (bits & 0x7f800000u) == 0x7f800000u;
+  }
+  return bad == 0;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -170,24 +190,55 @@ struct Span {
   int64_t row, begin, end;
 };
 
+int64_t padded_v(int64_t V) { return (V + kBlock - 1) / kBlock * kBlock; }
+
+// docs/robustness.md §1: a traced cu_seqlens cannot be checked before the call, so its values
+// are made legal instead of rejected: c'[i] = max(clip(c[0], 0, T), ..., clip(c[i], 0, T)).
+// Computed in int64 from a copy, so INT32_MIN / INT32_MAX entries clip without overflow and no
+// later index depends on the raw values.
+std::vector<int64_t> legal_offsets(const KdaShape& shape, const KdaParams& params,
+                                   const int32_t* cu) {
+  if (!params.is_varlen) return {};
+  std::vector<int64_t> offsets(shape.N + 1);
+  int64_t running = 0;
+  for (int64_t n = 0; n <= shape.N; ++n) {
+    running = std::max(running, std::clamp<int64_t>(cu[n], 0, shape.T));
+    offsets[n] = running;
+  }
+  return offsets;
+}
+
 struct Problem {
   const KdaShape& shape;
   const KdaParams& params;
   const KdaInputs& in;
-  int64_t vp;  // V padded to kBlock
+  int64_t vp;                    // V padded to kBlock
+  std::vector<int64_t> offsets;  // the legal cu_seqlens (varlen only)
+
+  Problem(const KdaShape& s, const KdaParams& pr, const KdaInputs& i)
+      : shape(s), params(pr), in(i), vp(padded_v(s.V)),
+        offsets(legal_offsets(s, pr, i.cu_seqlens)) {}
 
   Span span(int64_t n) const {
     if (!params.is_varlen) return {n, 0, shape.T};
-    return {0, in.cu_seqlens[n], in.cu_seqlens[n + 1]};
+    return {0, offsets[n], offsets[n + 1]};
   }
   int64_t max_len() const {
-    if (!params.is_varlen) return shape.T;
     int64_t m = 0;
     for (int64_t n = 0; n < shape.N; ++n) m = std::max(m, span(n).end - span(n).begin);
     return m;
   }
   int64_t token(int64_t row, int64_t t, int64_t h) const { return (row * shape.T + t) * shape.H + h; }
   int64_t state_size() const { return shape.K * vp; }
+
+  // Writes `value` into tokens [from, to) of batch row `row`, head h, of a [B, T, H, width]
+  // tensor.
+  void fill_tokens(const Tensor& t, int64_t width, int64_t row, int64_t from, int64_t to,
+                   int64_t h, float value) const {
+    const std::vector<float> values(width, value);
+    for (int64_t tok = from; tok < to; ++tok)
+      store_row(t, token(row, tok, h) * width, width, values.data());
+  }
 
   // Internal state: column blocks [vp / kBlock][K][kBlock]. External: [K, V] or [V, K].
   int64_t internal(int64_t i, int64_t j) const {
@@ -208,6 +259,10 @@ struct Problem {
       for (int64_t j = 0; j < V; ++j)
         (params.state_v_first ? base[j * K + i] : base[i * V + j]) = S[internal(i, j)];
   }
+  void fill_state(float value, int64_t n, int64_t h, float* dst) const {
+    float* base = dst + (n * shape.H + h) * shape.K * shape.V;
+    std::fill(base, base + shape.K * shape.V, value);
+  }
 };
 
 // The preprocessed tokens of one chunk, slot s = token - chunk start. `x` (the gate
@@ -219,23 +274,36 @@ struct Chunk {
         v(kChunk * vp, 0.f), rq(kChunk), rk(kChunk), beta(kChunk) {}
 };
 
-void prepare_token(const Problem& p, int64_t row, int64_t t, int64_t h, Chunk& c, int64_t s) {
+// Whether log-decay g (as prepared) sits on the floor and so has a zero gradient (§2). A
+// log-decay exactly at the floor before the select counts too: its exp(g) is 0 in fp32, so its
+// gradient is 0 either way.
+inline bool floored(float g) { return g == kda_rules::kLogDecayFloor; }
+
+// Loads and preprocesses token t into slot s. Returns false when the token brings non-finite
+// input (docs/robustness.md §3): a non-finite q, k, v or beta (after the sigmoid), or a NaN or
+// +inf log-decay (after the activation and the floor; -inf is a legal hard reset). Where a loop
+// over the values runs anyway (the l2norm, the decays) the check rides along it.
+bool prepare_token(const Problem& p, int64_t row, int64_t t, int64_t h, Chunk& c, int64_t s) {
   const int64_t K = p.shape.K, V = p.shape.V;
   const int64_t idx = p.token(row, t, h);
   float* q = &c.q[s * K];
   float* k = &c.k[s * K];
   float* g = &c.g[s * K];
+  float* v = &c.v[s * p.vp];
   load_row(p.in.q, idx * K, K, q);
   load_row(p.in.k, idx * K, K, k);
-  load_row(p.in.v, idx * V, V, &c.v[s * p.vp]);
+  load_row(p.in.v, idx * V, V, v);
   load_row(p.in.g, idx * K, K, g);
   load_row(p.in.beta, idx, 1, &c.beta[s]);
-  c.rq[s] = c.rk[s] = 1.f;
-  if (p.params.use_qk_l2norm) {
-    c.rq[s] = l2normalize(q, K);
-    c.rk[s] = l2normalize(k, K);
-  }
   if (p.params.use_beta_sigmoid) c.beta[s] = sigmoid(c.beta[s]);
+  bool finite = all_finite(v, V) & std::isfinite(c.beta[s]);
+  if (p.params.use_qk_l2norm) {
+    finite &= l2normalize(q, K, c.rq[s]);
+    finite &= l2normalize(k, K, c.rk[s]);
+  } else {
+    c.rq[s] = c.rk[s] = 1.f;
+    finite &= all_finite(q, K) & all_finite(k, K);
+  }
   if (p.params.gate_mode != 0) {
     const float a = std::exp(p.in.A_log[h]);
     const float* bias = p.in.dt_bias + h * K;
@@ -245,11 +313,22 @@ void prepare_token(const Problem& p, int64_t row, int64_t t, int64_t h, Chunk& c
       g[i] = p.params.gate_mode == 1 ? -a * softplus(x) : p.params.lower_bound * sigmoid(a * x);
     }
   }
-  for (int64_t i = 0; i < K; ++i) c.decay[s * K + i] = std::exp(g[i]);
+  for (int64_t i = 0; i < K; ++i) {
+    // §2: the floor is a select, so a NaN log-decay stays NaN and quarantines the token.
+    g[i] = g[i] < kda_rules::kLogDecayFloor ? kda_rules::kLogDecayFloor : g[i];
+    finite &= g[i] < std::numeric_limits<float>::infinity();  // false for NaN and +inf
+    c.decay[s * K + i] = std::exp(g[i]);
+  }
+  return finite;
 }
 
-void prepare_chunk(const Problem& p, int64_t row, int64_t t0, int64_t len, int64_t h, Chunk& c) {
-  for (int64_t s = 0; s < len; ++s) prepare_token(p, row, t0 + s, h, c, s);
+// Prepares tokens [t0, t0 + len) and returns how many of them come before the first one with
+// non-finite input: only those may run, so that token never touches an earlier row.
+int64_t prepare_chunk(const Problem& p, int64_t row, int64_t t0, int64_t len, int64_t h,
+                      Chunk& c) {
+  for (int64_t s = 0; s < len; ++s)
+    if (!prepare_token(p, row, t0 + s, h, c, s)) return s;
+  return len;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -453,38 +532,27 @@ int64_t worker_count(int64_t items) {
   return std::max<int64_t>(1, std::min(hw, items));
 }
 
+// Zeroes the tokens outside every sequence, [0, c'[0]) and [c'[N], T) (docs/robustness.md §1).
 void zero_uncovered(const Problem& p, const Tensor& t, int64_t width) {
   if (!p.params.is_varlen) return;
   const int64_t row_elems = p.shape.H * width;
   const size_t es = element_size(t.dtype);
   char* base = static_cast<char*>(t.data);
-  const int64_t first = p.in.cu_seqlens[0], last = p.in.cu_seqlens[p.shape.N];
+  const int64_t first = p.offsets.front(), last = p.offsets.back();
   std::memset(base, 0, first * row_elems * es);
   std::memset(base + last * row_elems * es, 0, (p.shape.T - last) * row_elems * es);
 }
 
-int64_t padded_v(int64_t V) { return (V + kBlock - 1) / kBlock * kBlock; }
-
 }  // namespace
-
-std::string check_cu_seqlens(const KdaShape& shape, const int32_t* cu) {
-  for (int64_t n = 0; n <= shape.N; ++n) {
-    if (cu[n] < 0 || cu[n] > shape.T)
-      return "cu_seqlens[" + std::to_string(n) + "] = " + std::to_string(cu[n]) +
-             " is outside [0, T=" + std::to_string(shape.T) + "]";
-    if (n > 0 && cu[n] < cu[n - 1])
-      return "cu_seqlens must be non-decreasing (entry " + std::to_string(n) + ")";
-  }
-  return {};
-}
 
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
 void kda_forward(const KdaShape& shape, const KdaParams& params, const KdaInputs& in,
                  const KdaFwdOutputs& out) {
-  const int64_t K = shape.K, V = shape.V, vp = padded_v(V);
-  const Problem p{shape, params, in, vp};
+  const int64_t K = shape.K, V = shape.V;
+  const Problem p(shape, params, in);
+  const int64_t vp = p.vp;
   zero_uncovered(p, out.o, V);
 
   struct Scratch {
@@ -503,14 +571,21 @@ void kda_forward(const KdaShape& shape, const KdaParams& params, const KdaInputs
     const int64_t n = item / shape.H, h = item % shape.H;
     const Span sp = p.span(n);
     p.load_state(in.initial_state, n, h, sc.S.data());
-    for (int64_t t0 = sp.begin; t0 < sp.end; t0 += kChunk) {
-      const int64_t len = std::min(kChunk, sp.end - t0);
-      prepare_chunk(p, sp.row, t0, len, h, sc.chunk);
+    for (int64_t start = sp.begin; start < sp.end; start += kChunk) {
+      const int64_t len = std::min(kChunk, sp.end - start);
+      const int64_t clean = prepare_chunk(p, sp.row, start, len, h, sc.chunk);
       for (int64_t j0 = 0; j0 < vp; j0 += kBlock)
-        forward_block<false, true>(&sc.S[j0 * K], sc.chunk, len, K, vp, j0, params.scale,
+        forward_block<false, true>(&sc.S[j0 * K], sc.chunk, clean, K, vp, j0, params.scale,
                                    nullptr, nullptr, sc.o.data());
-      for (int64_t s = 0; s < len; ++s)
-        store_row(out.o, p.token(sp.row, t0 + s, h) * V, V, &sc.o[s * vp]);
+      for (int64_t s = 0; s < clean; ++s)
+        store_row(out.o, p.token(sp.row, start + s, h) * V, V, &sc.o[s * vp]);
+      if (clean < len) {
+        // §3: from the first non-finite token on, the state is the constant NaN.
+        const float nan = std::numeric_limits<float>::quiet_NaN();
+        p.fill_tokens(out.o, V, sp.row, start + clean, sp.end, h, nan);
+        p.fill_state(nan, n, h, out.final_state);
+        return;
+      }
     }
     p.store_state(sc.S.data(), n, h, out.final_state);
   });
@@ -521,9 +596,9 @@ void kda_forward(const KdaShape& shape, const KdaParams& params, const KdaInputs
 
 void kda_backward(const KdaShape& shape, const KdaParams& params, const KdaInputs& in,
                   Tensor do_, const float* dfinal_state, const KdaBwdOutputs& out) {
-  const int64_t K = shape.K, V = shape.V, H = shape.H, vp = padded_v(V);
-  const Problem p{shape, params, in, vp};
-  const int64_t kv = p.state_size();
+  const int64_t K = shape.K, V = shape.V, H = shape.H;
+  const Problem p(shape, params, in);
+  const int64_t vp = p.vp, kv = p.state_size();
   for (const Tensor* t : {&out.dq, &out.dk, &out.dg}) zero_uncovered(p, *t, K);
   zero_uncovered(p, out.dv, V);
   zero_uncovered(p, out.dbeta, 1);
@@ -551,31 +626,45 @@ void kda_backward(const KdaShape& shape, const KdaParams& params, const KdaInput
     Scratch& sc = scratch[w_id];
     const int64_t n = item / H, h = item % H;
     const Span sp = p.span(n);
-    const int64_t chunks = (sp.end - sp.begin + kChunk - 1) / kChunk;
     const float scale = params.scale;
 
-    // Forward sweep: the state entering each chunk.
+    // Forward sweep: the state entering each chunk, up to `stop`, the first token with
+    // non-finite input (or the end of the sequence).
+    int64_t stop = sp.end;
     p.load_state(in.initial_state, n, h, sc.S.data());
-    for (int64_t c = 0; c < chunks; ++c) {
+    for (int64_t start = sp.begin, c = 0; start < stop; start += kChunk, ++c) {
       std::copy(sc.S.begin(), sc.S.end(), sc.checkpoints.begin() + c * kv);
-      const int64_t t0 = sp.begin + c * kChunk, len = std::min(kChunk, sp.end - t0);
-      prepare_chunk(p, sp.row, t0, len, h, sc.chunk);
+      const int64_t len = std::min(kChunk, sp.end - start);
+      const int64_t clean = prepare_chunk(p, sp.row, start, len, h, sc.chunk);
+      if (clean < len) stop = start + clean;
       for (int64_t j0 = 0; j0 < vp; j0 += kBlock)
-        forward_block<false, false>(&sc.S[j0 * K], sc.chunk, len, K, vp, j0, 0.f, nullptr,
+        forward_block<false, false>(&sc.S[j0 * K], sc.chunk, clean, K, vp, j0, 0.f, nullptr,
                                     nullptr, nullptr);
     }
 
-    p.load_state(dfinal_state, n, h, sc.dS.data());
+    // §3: the sequence is differentiated as if it ended at stop - 1. The state at `stop` is a
+    // constant (NaN), so neither the final-state cotangent nor any do from `stop` on reaches
+    // an input, and every input from `stop` on gets a zero gradient.
+    if (stop < sp.end) {
+      for (const Tensor* t : {&out.dq, &out.dk, &out.dg})
+        p.fill_tokens(*t, K, sp.row, stop, sp.end, h, 0.f);
+      p.fill_tokens(out.dv, V, sp.row, stop, sp.end, h, 0.f);
+      p.fill_tokens(out.dbeta, 1, sp.row, stop, sp.end, h, 0.f);
+      std::fill(sc.dS.begin(), sc.dS.end(), 0.f);
+    } else {
+      p.load_state(dfinal_state, n, h, sc.dS.data());
+    }
+    const int64_t chunks = (stop - sp.begin + kChunk - 1) / kChunk;
     double dA = 0.0;
     double* dbias = &dbias_part[item * K];
     const float a = params.gate_mode != 0 ? std::exp(in.A_log[h]) : 0.f;
 
     for (int64_t c = chunks - 1; c >= 0; --c) {
-      const int64_t t0 = sp.begin + c * kChunk, len = std::min(kChunk, sp.end - t0);
+      const int64_t start = sp.begin + c * kChunk, len = std::min(kChunk, stop - start);
       const Chunk& ch = sc.chunk;
-      prepare_chunk(p, sp.row, t0, len, h, sc.chunk);
+      prepare_chunk(p, sp.row, start, len, h, sc.chunk);  // all clean: they precede stop
       for (int64_t s = 0; s < len; ++s)
-        load_row(do_, p.token(sp.row, t0 + s, h) * V, V, &sc.do_rows[s * vp]);
+        load_row(do_, p.token(sp.row, start + s, h) * V, V, &sc.do_rows[s * vp]);
       sc.sums.clear();
       for (int64_t j0 = 0; j0 < vp; j0 += kBlock) {
         // Recompute the chunk on this block from its checkpoint, keeping S'_t and u_t.
@@ -591,12 +680,14 @@ void kda_backward(const KdaShape& shape, const KdaParams& params, const KdaInput
       for (int64_t s = 0; s < len; ++s) {
         const float* q = &ch.q[s * K];
         const float* k = &ch.k[s * K];
+        const float* g = &ch.g[s * K];
         const float b = ch.beta[s];
         for (int64_t i = 0; i < K; ++i) {
           // S_t do = S'_t do + beta k (u . do)
           sc.dq[i] = scale * (ColumnSums::row(cs.sd, s, K, i) + b * k[i] * cs.udo[s]);
           sc.dk[i] = b * (ColumnSums::row(cs.du, s, K, i) - ColumnSums::row(cs.sw, s, K, i));
-          sc.dg[i] = ColumnSums::row(cs.gg, s, K, i);
+          // §2: a floored log-decay is a constant, with a zero gradient.
+          sc.dg[i] = floored(g[i]) ? 0.f : ColumnSums::row(cs.gg, s, K, i);
         }
         if (params.use_qk_l2norm) {
           const float pq = dot(q, sc.dq.data(), K), pk = dot(k, sc.dk.data(), K);
@@ -609,8 +700,9 @@ void kda_backward(const KdaShape& shape, const KdaParams& params, const KdaInput
         if (params.use_beta_sigmoid) dbeta *= b * (1.f - b);
         if (params.gate_mode != 0) {
           const float* x = &ch.x[s * K];
-          const float* g = &ch.g[s * K];
           for (int64_t i = 0; i < K; ++i) {
+            // A floored log-decay depends on nothing; its pre-activation may be infinite.
+            if (floored(g[i])) continue;
             float dx;
             if (params.gate_mode == 1) {
               dx = -sc.dg[i] * a * sigmoid(x[i]);
@@ -618,13 +710,15 @@ void kda_backward(const KdaShape& shape, const KdaParams& params, const KdaInput
             } else {
               const float sg = sigmoid(a * x[i]);
               dx = sc.dg[i] * params.lower_bound * sg * (1.f - sg) * a;
-              dA += static_cast<double>(dx) * x[i];
+              // sigmoid'(a x) x -> 0 as x -> +-inf: a saturated gate (dx == 0) adds nothing,
+              // where dx * x would be 0 * inf = NaN.
+              if (dx != 0.f) dA += static_cast<double>(dx) * x[i];
             }
             dbias[i] += dx;
             sc.dg[i] = dx;
           }
         }
-        const int64_t idx = p.token(sp.row, t0 + s, h);
+        const int64_t idx = p.token(sp.row, start + s, h);
         store_row(out.dq, idx * K, K, sc.dq.data());
         store_row(out.dk, idx * K, K, sc.dk.data());
         store_row(out.dv, idx * V, V, &sc.dv_rows[s * vp]);

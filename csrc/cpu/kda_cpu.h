@@ -1,9 +1,11 @@
 // Kimi Delta Attention on the CPU: the token recurrence of design §1, forward and backward.
 // Plain C++ (no XLA types) so the FFI handlers are the only code that knows about XLA.
+// Out-of-spec input follows docs/robustness.md: offsets are made legal, log-decays are floored
+// at kda_rules::kLogDecayFloor, and non-finite input is quarantined causally per sequence and
+// head. No values, however wild, make the kernels read or write outside their buffers.
 #pragma once
 
 #include <cstdint>
-#include <string>
 
 namespace jax_flashkda::cpu {
 
@@ -36,7 +38,7 @@ struct KdaInputs {
   const float* A_log;          // [H]
   const float* dt_bias;        // [H, K]
   const float* initial_state;  // [N, H, K, V] or [N, H, V, K]
-  const int32_t* cu_seqlens;   // [N + 1], read only when is_varlen
+  const int32_t* cu_seqlens;   // [N + 1], read only when is_varlen; any values (§1)
 };
 
 struct KdaFwdOutputs {
@@ -50,9 +52,6 @@ struct KdaBwdOutputs {
   float* ddt_bias;         // [B, H, K], per batch row
   float* dinitial_state;   // same layout as initial_state
 };
-
-// Checks cu_seqlens (non-decreasing, inside [0, T]); returns an empty string when valid.
-std::string check_cu_seqlens(const KdaShape& shape, const int32_t* cu_seqlens);
 
 void kda_forward(const KdaShape& shape, const KdaParams& params, const KdaInputs& in,
                  const KdaFwdOutputs& out);
