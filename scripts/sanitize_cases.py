@@ -28,4 +28,23 @@ for kw in [dict(gate_mode=2, T=37), dict(gate_mode=0, extreme=True, T=40),
            dict(gate_mode=2, T=1, dtype=jnp.float16)]:
     x, dtypes, static, do, dht = test_cuda_bwd.make_case(rng, H=2, **kw)
     test_cuda_bwd.cuda_grads(x, dtypes, static, do, dht)
+# docs/robustness.md: traced offsets of every kind, operands at odd addresses, non-finite input
+# and extreme gates, forward and backward (run with XLA_PYTHON_CLIENT_ALLOCATOR=platform, so
+# that an access outside a buffer is not hidden inside JAX's pool).
+import test_robust_cuda  # noqa: E402
+
+for offsets in test_robust_cuda.BAD_OFFSETS:
+    x, dtypes, static, do, _ = test_cuda_bwd.make_case(rng, T=64, H=2, gate_mode=2, seqlens=[64])
+    n = len(offsets) - 1
+    x["h0"] = 0.3 * rng.standard_normal((n, 2, 128, 128))
+    f, args = test_robust_cuda._call(x, dtypes, static, None)
+    jax.block_until_ready(f(args, jnp.asarray(offsets, jnp.int32), jnp.asarray(do, jnp.float32),
+                            jnp.asarray(rng.standard_normal(x["h0"].shape), jnp.float32)))
+for value in (np.nan, np.inf, -np.inf, -1e7):
+    x, dtypes, static, do, dht = test_cuda_bwd.make_case(rng, T=45, H=2, gate_mode=0)
+    for name in ("g", "v", "k"):
+        x[name][0, 21, 1, 5] = value
+    test_cuda_bwd.cuda_grads(x, dtypes, static, do, dht)
+for offset in (1, 2):
+    test_robust_cuda.test_unaligned_operands(rng, offset)
 print("sanitize cases done")

@@ -234,3 +234,49 @@ def test_backward_sequence_limit_known_at_trace_time():
         _lowered_text(_grad_fn("cuda", cu_seqlens=cu), *shapes)
     text = _lowered_text(_grad_fn("auto", cu_seqlens=cu), *shapes)
     assert "jax_flashkda_fwd" in text and "jax_flashkda_bwd" not in text
+
+
+@pytest.mark.parametrize("name", ["q", "k", "g", "beta", "v"])
+@pytest.mark.parametrize("t0", [0, 21])
+@pytest.mark.parametrize("gate_mode", [0, 2])
+def test_non_finite_input_is_cut_from_the_backward(rng, name, t0, gate_mode):
+    """NaN at token t0 of sequence 1, head 1, with non-zero (even NaN) cotangents from there on:
+    the gradients equal those of the clean input whose cotangents from t0 on (and of the final
+    state) are zero, in the hit head (for v: the hit value column, whose v from t0 on also
+    reads as 0); the hit places get exactly zero gradient; all are finite."""
+    seqlens = [20, 40, 9]
+    x, dtypes, static, do, dht = make_case(rng, H=2, gate_mode=gate_mode, seqlens=seqlens)
+    tok, end = seqlens[0] + t0, seqlens[0] + seqlens[1]
+    col = 37 if name == "v" else slice(None)
+    dirty = {n: a.copy() for n, a in x.items()}
+    if name == "beta":
+        dirty["beta"][0, tok, 1] = np.nan
+    elif name == "v":
+        dirty["v"][0, tok, 1, 37] = np.nan
+    else:
+        dirty[name][0, tok, 1, 5] = np.nan
+    do_dirty = do.copy()
+    do_dirty[0, tok:end, 1, col] = np.nan
+    got = cuda_grads(dirty, dtypes, static, do_dirty, dht)
+
+    clean = {n: a.copy() for n, a in x.items()}
+    if name == "v":
+        clean["v"][0, tok:end, 1, 37] = 0.0
+    do_cut, dht_cut = do.copy(), dht.copy()
+    do_cut[0, tok:end, 1, col] = 0.0
+    dht_cut[1, 1, :, col] = 0.0
+    want = cuda_grads(clean, dtypes, static, do_cut, dht_cut)
+
+    for n in got:
+        assert np.isfinite(got[n]).all(), f"d{n} has non-finite entries"
+    if name == "v":
+        assert np.all(got["v"][0, tok:end, 1, 37] == 0)
+    else:
+        for n in ("q", "k", "v", "g", "beta"):
+            assert np.all(got[n][0, tok:end, 1] == 0), f"d{n} at dead tokens"
+    for n in got:
+        assert rel_err(got[n], want[n]) < 2e-3, (n, rel_err(got[n], want[n]))
+    # Other heads and sequences run exactly as without the bad value.
+    for n in ("q", "k", "v", "g", "beta"):
+        np.testing.assert_array_equal(got[n][0, :, 0], want[n][0, :, 0])
+        np.testing.assert_array_equal(got[n][0, end:], want[n][0, end:])

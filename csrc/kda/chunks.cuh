@@ -76,6 +76,10 @@ __device__ __forceinline__ bool non_finite(float x) {
   return (__float_as_uint(x) & 0x7f800000u) == 0x7f800000u;
 }
 
+// "No dead row" in the backward's dead_rows / dead_cols (docs/robustness.md §3): the int of
+// four 0x7f bytes, so that one cudaMemsetAsync fills them; above any token row (< 2^29).
+constexpr int kNoDeadRow = 0x7f7f7f7f;
+
 // The floor of docs/robustness.md §2, as a select so that NaN stays NaN (fmaxf would drop it).
 __device__ __forceinline__ bool below_log_decay_floor(float g) {
   return g < kda_rules::kLogDecayFloor;
@@ -102,15 +106,16 @@ __device__ __forceinline__ Seq seq_of(const FwdParams& p, int n) {
   return {static_cast<long long>(n) * p.T, n * ((p.T + kChunk - 1) / kChunk), p.T};
 }
 
-// The chunk a slot holds: its first token row and length; len == 0 for unused slots.
+// The chunk a slot holds: its first token row, length and sequence; len == 0 for unused slots.
 struct Chunk {
   long long row0;
   int len;
+  int n;
 };
 
 __device__ __forceinline__ Chunk locate(const FwdParams& p, int slot) {
   int n = 0, c = slot;
-  if (p.N == 0) return {0, 0};
+  if (p.N == 0) return {0, 0, 0};
   if (p.is_varlen) {
     int lo = 0, hi = p.N - 1;
     while (lo < hi) {
@@ -125,8 +130,8 @@ __device__ __forceinline__ Chunk locate(const FwdParams& p, int slot) {
     c = slot % per;
   }
   const Seq sq = seq_of(p, n);
-  if (c < 0 || c * kChunk >= sq.len) return {0, 0};
-  return {sq.row0 + static_cast<long long>(c) * kChunk, min(kChunk, sq.len - c * kChunk)};
+  if (c < 0 || c * kChunk >= sq.len) return {0, 0, n};
+  return {sq.row0 + static_cast<long long>(c) * kChunk, min(kChunk, sq.len - c * kChunk), n};
 }
 
 // The safe gate bounds the in-chunk span of Γ (≥ −80 over 16 tokens), so e^{Γ_r−Γ_s} may be
@@ -178,9 +183,11 @@ struct PrepAux {
 };
 
 // The backward's prep (K = 128): records as above with Q̃ and Aqk in the dtype of q, and a
-// PrepAux per (head, chunk slot), both indexed h·slots + slot. Defined in kda_fwd.cu.
-cudaError_t prep_for_backward(const FwdParams& p, uint8_t* recs, PrepAux* aux, int slots,
-                              cudaStream_t stream);
+// PrepAux per (head, chunk slot), both indexed h·slots + slot; and, per (sequence, head), the
+// first row with a non-finite q, k, β or log-decay lowered into dead_rows[n·H + h] (atomicMin;
+// the caller fills it with kNoDeadRow first). Defined in kda_fwd.cu.
+cudaError_t prep_for_backward(const FwdParams& p, uint8_t* recs, PrepAux* aux, int* dead_rows,
+                              int slots, cudaStream_t stream);
 
 // Sums acc[i], i < 32, over the CTA's kWarps warps into out[i] = finish(sum), visible to all
 // threads after (the two CTA barriers inside also publish earlier shared-memory writes).

@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "kda/chunks.cuh"
+#include "kda/quarantine.cuh"
 #include "kda/ptx.cuh"
 
 namespace kda {
@@ -48,7 +49,7 @@ size_t align256(size_t x) { return (x + 255) & ~size_t{255}; }
 
 // Byte offsets of the workspace regions; per (head, slot) each.
 struct WsLayout {
-  size_t rec, aux, states, dstates, vn, dvn, pdt, pda, total;
+  size_t rec, aux, states, dstates, vn, dvn, pdt, pda, dead_rows, dead_cols, total;
   explicit WsLayout(const FwdParams& p) {
     const size_t hs = static_cast<size_t>(chunk_slots(p)) * p.H;
     size_t off = 0;
@@ -65,6 +66,11 @@ struct WsLayout {
     dvn = take(hs * kC * VD * 2);      // dVn [16][V] bf16
     pdt = take(hs * KD * 4);           // ddt_bias partials [K] f32
     pda = take(hs * 4);                // dA_log partials f32
+    // docs/robustness.md §3, per (sequence, head): the first row with a non-finite q, k, β or
+    // log-decay; then per value column the first with a non-finite v. Adjacent: one memset.
+    const size_t nh = static_cast<size_t>(p.N) * p.H;
+    dead_rows = take(nh * 4 + nh * VD * 4);
+    dead_cols = dead_rows + nh * 4;
     total = off;
   }
 };
@@ -200,7 +206,8 @@ template <int NW, int kStages_, int kMinBlocks, typename Tin>
 __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     BwdParams p, const uint8_t* __restrict__ recs, __nv_bfloat16* __restrict__ states,
     __nv_bfloat16* __restrict__ dstates, __nv_bfloat16* __restrict__ vn_out,
-    __nv_bfloat16* __restrict__ dvn_out, int slots) {
+    __nv_bfloat16* __restrict__ dvn_out, const int* __restrict__ dead_rows,
+    const int* __restrict__ dead_cols, int slots) {
   using L = ChainSmem<NW, kStages_>;
   constexpr int BV = L::BV, VP = L::VP, kStages = L::kStages, RP = L::kRowPitch;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -249,6 +256,27 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
 #pragma unroll
     for (int j = 0; j < 4; ++j) s[nt][j] = s0[st_index(nt, j)];
 
+  // docs/robustness.md §3 (quarantine.cuh): the first dead row of the head, and of each of the
+  // 8 value columns this lane holds in a row tile (those of its state columns g, g + 8 too).
+  const int* dead_col = dead_cols + (static_cast<size_t>(n) * p.H + h) * VD + vb * BV + warp * 16;
+  const int dead_head = dead_rows[n * p.H + h];
+  int dead_at[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) dead_at[e] = min(dead_head, dead_col[(lane & 1) * 8 + e]);
+  int warp_dead = kNoDeadRow;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) warp_dead = min(warp_dead, dead_at[e]);
+  warp_dead = __reduce_min_sync(0xffffffffu, warp_dead);
+  if (reverse) {
+    // A dead column's final state is a constant NaN: its cotangent reaches nothing.
+    const int dead_g[2] = {min(dead_head, dead_col[g]), min(dead_head, dead_col[g + 8])};
+#pragma unroll
+    for (int nt = 0; nt < KD / 8; ++nt)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        if (dead_g[j >> 1] != kNoDeadRow) s[nt][j] = 0.f;
+  }
+
   __nv_bfloat16* rstage = reinterpret_cast<__nv_bfloat16*>(smem + L::kRowStage) + warp * kC * RP;
   __nv_bfloat16* tile = reinterpret_cast<__nv_bfloat16*>(smem + L::kStateTile) + warp * kC * KD;
   __nv_bfloat16* st_out = reverse ? dstates : states;
@@ -287,6 +315,12 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     const uint8_t* st = ring.stage(i);
     const RecView<KD, Tin, Tin> record(st);
     const Tin* rs = reinterpret_cast<const Tin*>(st + R::kBytes);
+    const long long row0 = sq.row0 + static_cast<long long>(c) * kC;
+    // V (or dO) at dead places acts as 0; a chunk wholly past the head's first dead row keeps
+    // the state (gradient) as it is, whatever its records hold.
+    if (warp_dead < row0 + kC)
+      zero_dead16(const_cast<Tin*>(rs) + warp * 16, VP, row0, dead_at, lane);
+    const bool live_chunk = row0 < dead_head;
 
     // Rows of this step (transposed, [value][token]): Vnᵀ = Vᵀ(Tβ)ᵀ + Sᵀ(−W)ᵀ forwards,
     // dVnᵀ = dOᵀ Aqk + dS'ᵀ K̃ᵀ backwards. Two accumulator sets halve the dependent chain.
@@ -322,21 +356,23 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
 
     // State step: Sᵀ ← Sᵀ·Diag(e^{Γ_C}) + VnᵀK̃ forwards;
     // dSᵀ ← dS'ᵀ·Diag(e^{Γ_C}) + dOᵀQ̃ + dVnᵀ(−W) backwards.
+    if (live_chunk) {
 #pragma unroll
-    for (int nt = 0; nt < KD / 8; nt += 2) {
-      const float2 e0 = *reinterpret_cast<const float2*>(record.eg + nt * 8 + t * 2);
-      const float2 e1 = *reinterpret_cast<const float2*>(record.eg + nt * 8 + 8 + t * 2);
-      s[nt][0] *= e0.x; s[nt][1] *= e0.y; s[nt][2] *= e0.x; s[nt][3] *= e0.y;
-      s[nt + 1][0] *= e1.x; s[nt + 1][1] *= e1.y; s[nt + 1][2] *= e1.x; s[nt + 1][3] *= e1.y;
-      uint32_t b[4];
-      ptx::ldsm_x4_trans(b, (reverse ? record.w : record.kt) + krow * KP + (nt + (lane >> 4)) * 8);
-      ptx::mma16816<__nv_bfloat16>(s[nt], ax, b[0], b[1]);
-      ptx::mma16816<__nv_bfloat16>(s[nt + 1], ax, b[2], b[3]);
-      if (reverse) {
-        uint32_t bq[4];
-        ptx::ldsm_x4_trans(bq, record.q + krow * KP + (nt + (lane >> 4)) * 8);
-        ptx::mma16816<Tin>(s[nt], ar, bq[0], bq[1]);
-        ptx::mma16816<Tin>(s[nt + 1], ar, bq[2], bq[3]);
+      for (int nt = 0; nt < KD / 8; nt += 2) {
+        const float2 e0 = *reinterpret_cast<const float2*>(record.eg + nt * 8 + t * 2);
+        const float2 e1 = *reinterpret_cast<const float2*>(record.eg + nt * 8 + 8 + t * 2);
+        s[nt][0] *= e0.x; s[nt][1] *= e0.y; s[nt][2] *= e0.x; s[nt][3] *= e0.y;
+        s[nt + 1][0] *= e1.x; s[nt + 1][1] *= e1.y; s[nt + 1][2] *= e1.x; s[nt + 1][3] *= e1.y;
+        uint32_t b[4];
+        ptx::ldsm_x4_trans(b, (reverse ? record.w : record.kt) + krow * KP + (nt + (lane >> 4)) * 8);
+        ptx::mma16816<__nv_bfloat16>(s[nt], ax, b[0], b[1]);
+        ptx::mma16816<__nv_bfloat16>(s[nt + 1], ax, b[2], b[3]);
+        if (reverse) {
+          uint32_t bq[4];
+          ptx::ldsm_x4_trans(bq, record.q + krow * KP + (nt + (lane >> 4)) * 8);
+          ptx::mma16816<Tin>(s[nt], ar, bq[0], bq[1]);
+          ptx::mma16816<Tin>(s[nt + 1], ar, bq[2], bq[3]);
+        }
       }
     }
 
@@ -395,7 +431,7 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
     BwdParams p, const PrepAux* __restrict__ auxs, const __nv_bfloat16* __restrict__ states,
     const __nv_bfloat16* __restrict__ dstates, const __nv_bfloat16* __restrict__ vn,
     const __nv_bfloat16* __restrict__ dvn, float* __restrict__ pdt, float* __restrict__ pda,
-    int slots) {
+    const int* __restrict__ dead_rows, const int* __restrict__ dead_cols, int slots) {
   extern __shared__ __align__(128) uint8_t smem_raw[];
   GradSmem& sg = *reinterpret_cast<GradSmem*>(smem_raw);
   const int tid = threadIdx.x, d = tid & (KD - 1), hh = tid >> 7, r0 = hh * kH;
@@ -408,6 +444,13 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
     if (tid == 0) pda[hs] = 0.f;
     return;
   }
+  // docs/robustness.md §3: rows from the head's first dead one on read as q = k = g = β = 0
+  // (live.len is where they start), and V and dO at dead (row, column) places as 0, so that
+  // every gradient there is 0 and none of them reaches a live row; dead rows write zeros.
+  const int dead_head = dead_rows[ch.n * p.H + h];
+  Chunk live = ch;
+  live.len = static_cast<int>(
+      dead_head <= ch.row0 ? 0 : (dead_head - ch.row0 < ch.len ? dead_head - ch.row0 : ch.len));
 
   {
     const uint8_t* src = reinterpret_cast<const uint8_t*>(auxs + hs);
@@ -433,16 +476,25 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
   uint4 dor, vr;
   {
     const int row = tid >> 4, col = (tid & 15) * 8;
-    const bool ok = row < ch.len;
+    const bool ok = row < live.len;
     const size_t at = (static_cast<size_t>(ch.row0 + (ok ? row : 0)) * p.H + h) * VD + col;
     const uint4 zero = make_uint4(0, 0, 0, 0);
     dor = ok ? *reinterpret_cast<const uint4*>(static_cast<const Tin*>(p.dout) + at) : zero;
     vr = ok ? *reinterpret_cast<const uint4*>(static_cast<const Tin*>(p.v) + at) : zero;
+    const int* dead_col = dead_cols + (static_cast<size_t>(ch.n) * p.H + h) * VD + col;
+    uint32_t dead = 0;
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+      if (ch.row0 + row >= dead_col[e]) dead |= 1u << e;
+    if (dead) {
+      dor = zero_elements8(dor, dead);
+      vr = zero_elements8(vr, dead);
+    }
   }
 
   if (tid < kC) {
     float b = 0.f;
-    if (tid < ch.len) {
+    if (tid < live.len) {
       b = load_f(p.beta, p.beta_dtype, static_cast<size_t>(ch.row0 + tid) * p.H + h);
       if (p.use_beta_sigmoid) b = sigmoid_f(b);
     }
@@ -468,7 +520,7 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
   __syncthreads();
   const PrepAux& aux = sg.aux;
   float qn[kH], kn[kH], G[kH], xg[kH];
-  read_half<Tin>(p, ch, h, sg.rows, sg.xch, qn, kn, G, xg);
+  read_half<Tin>(p, live, h, sg.rows, sg.xch, qn, kn, G, xg);
   if (p.use_qk_l2norm) {
 #pragma unroll
     for (int j = 0; j < kH; ++j) {
@@ -554,8 +606,9 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
       for (int half = 0; half < 2; ++half) {
         const int s = g + half * 8, col = warp * 16 + nt * 8 + 2 * t;
         if (s < ch.len) {
-          __align__(4) Tin pair[2] = {from_float<Tin>(acc[nt][2 * half]),
-                                      from_float<Tin>(acc[nt][2 * half + 1])};
+          const bool ok = s < live.len;
+          __align__(4) Tin pair[2] = {from_float<Tin>(ok ? acc[nt][2 * half] : 0.f),
+                                      from_float<Tin>(ok ? acc[nt][2 * half + 1] : 0.f)};
           *reinterpret_cast<uint32_t*>(dvp + (static_cast<size_t>(ch.row0 + s) * p.H + h) * VD +
                                        col) = *reinterpret_cast<const uint32_t*>(pair);
         }
@@ -687,7 +740,8 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
     float db = sg.dbl[r];
     for (int i = r; i < kC; ++i) db += dM[i][r] * aux.T[i][r];
     if (p.use_beta_sigmoid) db *= sg.beta[r] * (1.f - sg.beta[r]);
-    store_f(p.dbeta, p.beta_dtype, static_cast<size_t>(ch.row0 + r) * p.H + h, db);
+    store_f(p.dbeta, p.beta_dtype, static_cast<size_t>(ch.row0 + r) * p.H + h,
+            r < live.len ? db : 0.f);
   }
 
   // Channel d, rows r0 + j: dq, dk and dΓ (before the in-chunk cumulative sum).
@@ -856,7 +910,7 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
 #pragma unroll
   for (int j = 0; j < kH; ++j) {
     const int r = r0 + j;
-    if (r < ch.len) {
+    if (r < live.len) {
       float out = dG[j];
       // A floored log-decay is a constant: no gradient reaches the gate input or A_log (xg
       // already holds x + dt_bias).
@@ -871,13 +925,18 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
         const float x = xg[j];
         const float sx = sigmoid_f(a_exp * x);
         out = dG[j] * p.lower_bound * sx * (1.f - sx) * a_exp;
-        dA += out * x;
+        if (out != 0.f) dA += out * x;  // a saturated sigmoid (x = ±inf, legal) gives 0, not 0·inf
         ddt += out;
       }
       const size_t idx = (static_cast<size_t>(ch.row0 + r) * p.H + h) * KD + d;
       dqp[idx] = from_float<Tin>(dq[j]);
       dkp[idx] = from_float<Tin>(dk[j]);
       store_f(p.dg, p.g_dtype, idx, out);
+    } else if (r < ch.len) {  // a dead row: the state there is a constant
+      const size_t idx = (static_cast<size_t>(ch.row0 + r) * p.H + h) * KD + d;
+      dqp[idx] = from_float<Tin>(0.f);
+      dkp[idx] = from_float<Tin>(0.f);
+      store_f(p.dg, p.g_dtype, idx, 0.f);
     }
   }
   if (hh == 1) sg.xch[1][d] = ddt;
@@ -938,12 +997,13 @@ __global__ void __launch_bounds__(KD) kda_bwd_reduce_kernel(BwdParams p, const f
 template <int NW, int kStages, int kMinBlocks, typename Tin>
 cudaError_t launch_chains(const BwdParams& p, const uint8_t* recs, __nv_bfloat16* states,
                           __nv_bfloat16* dstates, __nv_bfloat16* vn, __nv_bfloat16* dvn,
-                          int slots, cudaStream_t stream) {
+                          const int* dead_rows, const int* dead_cols, int slots,
+                          cudaStream_t stream) {
   using L = ChainSmem<NW, kStages>;
   auto chains = kda_bwd_chains_kernel<NW, kStages, kMinBlocks, Tin>;
   KDA_TRY(cudaFuncSetAttribute(chains, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes));
   chains<<<dim3(VD / L::BV, p.H, 2 * p.N), NW * 32, L::kBytes, stream>>>(
-      p, recs, states, dstates, vn, dvn, slots);
+      p, recs, states, dstates, vn, dvn, dead_rows, dead_cols, slots);
   return cudaGetLastError();
 }
 
@@ -952,16 +1012,21 @@ cudaError_t launch_chains(const BwdParams& p, const uint8_t* recs, __nv_bfloat16
 template <typename Tin>
 cudaError_t launch_chains_any(const BwdParams& p, const uint8_t* recs, __nv_bfloat16* states,
                               __nv_bfloat16* dstates, __nv_bfloat16* vn, __nv_bfloat16* dvn,
-                              int slots, cudaStream_t stream) {
+                              const int* dead_rows, const int* dead_cols, int slots,
+                              cudaStream_t stream) {
   const long long chains4 = static_cast<long long>(VD / 64) * p.H * 2 * p.N;
   const int sms = sm_count();
   if (chains4 * 10 >= 7LL * sms)
     return chains4 <= sms
-               ? launch_chains<4, 12, 1, Tin>(p, recs, states, dstates, vn, dvn, slots, stream)
-               : launch_chains<4, 3, 3, Tin>(p, recs, states, dstates, vn, dvn, slots, stream);
+               ? launch_chains<4, 12, 1, Tin>(p, recs, states, dstates, vn, dvn, dead_rows,
+                                              dead_cols, slots, stream)
+               : launch_chains<4, 3, 3, Tin>(p, recs, states, dstates, vn, dvn, dead_rows,
+                                             dead_cols, slots, stream);
   return 2 * chains4 <= sms
-             ? launch_chains<2, 12, 1, Tin>(p, recs, states, dstates, vn, dvn, slots, stream)
-             : launch_chains<2, 4, 3, Tin>(p, recs, states, dstates, vn, dvn, slots, stream);
+             ? launch_chains<2, 12, 1, Tin>(p, recs, states, dstates, vn, dvn, dead_rows,
+                                            dead_cols, slots, stream)
+             : launch_chains<2, 4, 3, Tin>(p, recs, states, dstates, vn, dvn, dead_rows,
+                                           dead_cols, slots, stream);
 }
 
 template <typename Tin, bool kFactored>
@@ -975,15 +1040,26 @@ cudaError_t bwd_t(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
   auto* dvn = reinterpret_cast<__nv_bfloat16*>(ws + lay.dvn);
   auto* pdt = reinterpret_cast<float*>(ws + lay.pdt);
   auto* pda = reinterpret_cast<float*>(ws + lay.pda);
-  KDA_TRY(prep_for_backward(p, ws + lay.rec, auxs, slots, stream));
+  auto* dead_rows = reinterpret_cast<int*>(ws + lay.dead_rows);
+  auto* dead_cols = reinterpret_cast<int*>(ws + lay.dead_cols);
+  const size_t nh = static_cast<size_t>(p.N) * p.H;
+  static_assert(kNoDeadRow == 0x7f7f7f7f, "filled bytewise");
+  KDA_TRY(cudaMemsetAsync(dead_rows, 0x7f, nh * (1 + VD) * sizeof(int), stream));
+  KDA_TRY(prep_for_backward(p, ws + lay.rec, auxs, dead_rows, slots, stream));
+  if (const long long pieces = static_cast<long long>(p.B) * p.T * p.H * (VD / 8); pieces > 0) {
+    kda_scan_v_kernel<Tin, VD><<<static_cast<unsigned>((pieces + 255) / 256), 256, 0, stream>>>(
+        p, dead_cols);
+    KDA_TRY(cudaGetLastError());
+  }
   if (p.N > 0)
-    KDA_TRY(launch_chains_any<Tin>(p, ws + lay.rec, states, dstates, vn, dvn, slots, stream));
+    KDA_TRY(launch_chains_any<Tin>(p, ws + lay.rec, states, dstates, vn, dvn, dead_rows,
+                                   dead_cols, slots, stream));
   if (slots > 0) {
     auto grad = kda_bwd_grad_kernel<kFactored, Tin>;
     constexpr int bytes = sizeof(GradSmem);
     KDA_TRY(cudaFuncSetAttribute(grad, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     grad<<<dim3(slots, p.H), 2 * KD, bytes, stream>>>(p, auxs, states, dstates, vn, dvn, pdt,
-                                                      pda, slots);
+                                                      pda, dead_rows, dead_cols, slots);
     KDA_TRY(cudaGetLastError());
   }
   kda_bwd_reduce_kernel<Tin><<<dim3(p.B, p.H), KD, 0, stream>>>(p, pdt, pda, slots);

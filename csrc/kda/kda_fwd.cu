@@ -26,6 +26,7 @@
 
 #include "kda/chunks.cuh"
 #include "kda/ptx.cuh"
+#include "kda/quarantine.cuh"
 
 namespace kda {
 namespace {
@@ -47,14 +48,15 @@ constexpr int kPrepCtasPerSm = 4;
 struct PrepItem {
   long long row0;  // first token row of the chunk
   int h, slot, len;  // len == 0: nothing to do (a varlen gap slot, or past the work)
+  int n;  // the chunk's sequence
 };
 
 __device__ __forceinline__ PrepItem prep_item(const FwdParams& p, int slots, long long i) {
-  if (i >= static_cast<long long>(slots) * p.H) return {0, 0, 0, 0};
+  if (i >= static_cast<long long>(slots) * p.H) return {0, 0, 0, 0, 0};
   // Heads vary fastest, so the CTAs running at one time read neighbouring rows of q, k and g.
   const int slot = static_cast<int>(i / p.H), h = static_cast<int>(i % p.H);
   const Chunk ch = locate(p, slot);
-  return {ch.row0, h, slot, ch.len};
+  return {ch.row0, h, slot, ch.len, ch.n};
 }
 
 // Dynamic shared memory of the prep kernel: the record being built (in its global layout), the
@@ -77,7 +79,8 @@ struct PrepSmem {
 // kAux: also write the PrepAux of each item (the backward).
 template <int K, bool kFactored, typename Tin, typename Tq, bool kAux>
 __global__ void __launch_bounds__(K, kPrepCtasPerSm)
-    kda_prep_kernel(FwdParams p, uint8_t* __restrict__ ws, PrepAux* __restrict__ auxs, int slots) {
+    kda_prep_kernel(FwdParams p, uint8_t* __restrict__ ws, PrepAux* __restrict__ auxs,
+                    int* __restrict__ dead_rows, int slots) {
   using SL = PrepSmem<K, kFactored, kAux, Tq>;
   constexpr int KP = K + 4;  // padding keeps the pair loop's row reads off one bank
   constexpr int kWarps = K / 32;
@@ -219,6 +222,9 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
         for (int r = 0; r < kChunk; ++r)
           if (r >= dead_from) qv[r] = kv[r] = G[r] = 0.f;
         if (d >= dead_from) beta_d = 0.f;
+        // The backward's kernels learn each head's first dead row from here (quarantine.cuh).
+        if constexpr (kAux)
+          if (d == 0) atomicMin(dead_rows + it.n * p.H + h, static_cast<int>(it.row0 + dead_from));
       }
     }
     if (d < kChunk) beta_s[d] = beta_d;
@@ -427,54 +433,6 @@ struct RecurrenceSmem {
   static constexpr int kBytes = kBar + 2 * kStages * 8;  // "full" and "empty" barriers
 };
 
-// docs/robustness.md §3 for v. The columns of S evolve independently (the delta rule's
-// correction Sᵀk is per value column), so a non-finite v quarantines its own column only: from
-// the column's first bad row on, its V entries act as 0 in the chunk's products (where 0·NaN
-// would reach the earlier rows through Tβ) and its outputs and state become NaN. The warp's
-// [16 rows][16 columns] V tile at `tile` (pitch `pitch`, `rows` of them real; the others repeat
-// row 0 and are zeroed with it) is checked with one 16-byte read per lane; the rest runs only
-// when a value is bad.
-struct V16Quarantine {
-  bool any;
-  int first[2];  // first bad row of value columns g and g + 8 of this lane (g = lane / 4)
-};
-
-template <typename Tin>
-__device__ __forceinline__ V16Quarantine quarantine_v(Tin* tile, int pitch, int rows, int lane) {
-  constexpr uint32_t kExp = std::is_same_v<Tin, __half> ? 0x7c00u : 0x7f80u;
-  const int r = lane >> 1, half = lane & 1;
-  uint4* mine = reinterpret_cast<uint4*>(tile + r * pitch + half * 8);
-  const uint4 raw = *mine;
-  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-  uint32_t bad = 0;  // bit i: column half·8 + i of row r
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const uint32_t bits = words[i >> 1] >> (16 * (i & 1));
-    if ((bits & kExp) == kExp) bad |= 1u << i;
-  }
-  if (r >= rows) bad = 0;
-  V16Quarantine q{false, {kChunk, kChunk}};
-  if (!__any_sync(0xffffffffu, bad != 0)) return q;
-  q.any = true;
-  const int g = lane >> 2;
-  int zero_from[8];
-#pragma unroll
-  for (int col = 0; col < 16; ++col) {
-    const uint32_t lanes = __ballot_sync(0xffffffffu, half == (col >> 3) && ((bad >> (col & 7)) & 1));
-    const int first = lanes ? (__ffs(lanes) - 1) >> 1 : kChunk;
-    if (col == g) q.first[0] = first;
-    if (col == g + 8) q.first[1] = first;
-    if ((col >> 3) == half) zero_from[col & 7] = first;
-  }
-  uint32_t out[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int i = 0; i < 8; ++i)
-    if (r >= zero_from[i]) out[i >> 1] &= ~(0xffffu << (16 * (i & 1)));
-  *mine = make_uint4(out[0], out[1], out[2], out[3]);
-  __syncwarp();
-  return q;
-}
-
 template <int K, int NW, typename Tin>
 __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
                                                                  const uint8_t* __restrict__ ws,
@@ -647,8 +605,8 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
 }
 
 template <int K, bool kFactored, typename Tin, typename Tq, bool kAux>
-cudaError_t launch_prep_as(const FwdParams& p, uint8_t* ws, PrepAux* auxs, int slots,
-                           cudaStream_t stream) {
+cudaError_t launch_prep_as(const FwdParams& p, uint8_t* ws, PrepAux* auxs, int* dead_rows,
+                           int slots, cudaStream_t stream) {
   auto kernel = kda_prep_kernel<K, kFactored, Tin, Tq, kAux>;
   const int smem = PrepSmem<K, kFactored, kAux, Tq>::bytes(p);
   KDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -656,15 +614,16 @@ cudaError_t launch_prep_as(const FwdParams& p, uint8_t* ws, PrepAux* auxs, int s
   KDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, K, smem));
   const long long items = static_cast<long long>(slots) * p.H;
   const int grid = static_cast<int>(std::min<long long>(items, std::max(per_sm, 1) * sm_count()));
-  kernel<<<grid, K, smem, stream>>>(p, ws, auxs, slots);
+  kernel<<<grid, K, smem, stream>>>(p, ws, auxs, dead_rows, slots);
   return cudaGetLastError();
 }
 
 template <int K, typename Tin>
 cudaError_t launch_prep(const FwdParams& p, uint8_t* ws, int slots, cudaStream_t stream) {
   using B = __nv_bfloat16;
-  return factored_gate(p) ? launch_prep_as<K, true, Tin, B, false>(p, ws, nullptr, slots, stream)
-                          : launch_prep_as<K, false, Tin, B, false>(p, ws, nullptr, slots, stream);
+  return factored_gate(p)
+             ? launch_prep_as<K, true, Tin, B, false>(p, ws, nullptr, nullptr, slots, stream)
+             : launch_prep_as<K, false, Tin, B, false>(p, ws, nullptr, nullptr, slots, stream);
 }
 
 template <int K, int NW, typename Tin>
@@ -730,17 +689,17 @@ const char* fwd_unsupported(const FwdParams& p) {
   return nullptr;
 }
 
-cudaError_t prep_for_backward(const FwdParams& p, uint8_t* recs, PrepAux* aux, int slots,
-                              cudaStream_t stream) {
+cudaError_t prep_for_backward(const FwdParams& p, uint8_t* recs, PrepAux* aux, int* dead_rows,
+                              int slots, cudaStream_t stream) {
   using B = __nv_bfloat16;
   using F = __half;
   if (slots == 0 || p.H == 0) return cudaSuccess;
   const bool f = factored_gate(p);
   if (p.qkv_dtype == DType::kF16)
-    return f ? launch_prep_as<128, true, F, F, true>(p, recs, aux, slots, stream)
-             : launch_prep_as<128, false, F, F, true>(p, recs, aux, slots, stream);
-  return f ? launch_prep_as<128, true, B, B, true>(p, recs, aux, slots, stream)
-           : launch_prep_as<128, false, B, B, true>(p, recs, aux, slots, stream);
+    return f ? launch_prep_as<128, true, F, F, true>(p, recs, aux, dead_rows, slots, stream)
+             : launch_prep_as<128, false, F, F, true>(p, recs, aux, dead_rows, slots, stream);
+  return f ? launch_prep_as<128, true, B, B, true>(p, recs, aux, dead_rows, slots, stream)
+           : launch_prep_as<128, false, B, B, true>(p, recs, aux, dead_rows, slots, stream);
 }
 
 size_t fwd_workspace_bytes(const FwdParams& p) {
