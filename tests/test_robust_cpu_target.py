@@ -1,14 +1,17 @@
 """The C++ CPU target (`kda(..., impl="ffi")` on a CPU backend) on out-of-spec input, against
 the rules of docs/robustness.md: traced offsets made legal, the log-decay floor, and the causal
-quarantine of non-finite input.
+quarantine of non-finite input (of the whole head for q, k, g and beta; of one value column for
+v).
 
 Every expectation comes from clean input: the same call with the legal offsets, the clean run,
-the clean run cut before the first non-finite token, the same call with a finite stand-in for a
-legal infinity, or the float64 NumPy truth of test_cpu_target.py.
+the clean run cut before the first non-finite token, the clean run with a quarantined value
+column's v and cotangents zeroed from its first non-finite v on, the same call with a finite
+stand-in for a legal infinity, or the float64 NumPy truth of test_cpu_target.py.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 
 import jax
@@ -26,6 +29,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs the C++ CPU target on a CPU backend")
 
 FIELDS = ("q", "k", "v", "g", "beta")
+HEAD_FIELDS = ("q", "k", "g", "beta")  # a non-finite value quarantines the whole head
 GRADS = FIELDS + ("A_log", "dt_bias", "initial_state")
 GATE_MODE_IDS = {"log_decay": 0, "softplus": 1, "safe": 2}
 INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
@@ -219,7 +223,7 @@ def test_saturated_gates(rng, gate_mode):
 
 
 # ---------------------------------------------------------------------------------------------
-# §3 Causal quarantine of non-finite input.
+# §3 Causal quarantine of non-finite input: q, k, g and beta, per head.
 
 def quarantines(field, value, static):
     """Whether `value` injected into `field` is non-finite input in the sense of §3."""
@@ -304,7 +308,7 @@ def test_non_finite_input_is_quarantined(rng, gate_mode, v_first):
             x_cut = {n: (a[:, :t] if n in FIELDS else a) for n, a in x.items()}
             cut_runs[t] = run(x_cut, static, do[:, :t], np.zeros_like(dfinal))
     for t in POSITIONS:
-        for field in FIELDS:
+        for field in HEAD_FIELDS:
             for value in (np.nan, np.inf):
                 where = f"{field}={value} at t={t}"
                 dirty = inject(x, field, t, value)
@@ -343,11 +347,10 @@ def test_beta_infinity_without_sigmoid_is_quarantined(rng):
     _quarantine_once(rng, inputs, kwargs, "beta", np.inf, 21)
 
 
-@pytest.mark.parametrize("field", ["v", "g"])
-def test_bf16_input_is_quarantined(rng, field):
+def test_bf16_input_is_quarantined(rng):
     inputs, kwargs = make_inputs(rng, B=1, T=50, H=2, K=16, V=24, gate_mode="softplus",
                                  dtype=jnp.bfloat16)
-    _quarantine_once(rng, inputs, kwargs, field, np.nan, 29)
+    _quarantine_once(rng, inputs, kwargs, "g", np.nan, 29)
 
 
 SEQLENS = [30, 50, 20]
@@ -373,7 +376,7 @@ def test_varlen_quarantine_leaves_other_sequences_unchanged(rng, local_t):
     cut = run(x_cut, static, do[:, keep], dfinal_cut, cu_cut)
     moved = np.r_[end:cu[-1]]  # sequence 2 in the dirty call; it starts at t in the cut one
 
-    for field in FIELDS:
+    for field in HEAD_FIELDS:
         where = f"{field}=nan at token {t}"
         do_dirty = do.copy()
         do_dirty[:, t:end, 0] = np.nan
@@ -405,3 +408,165 @@ def test_varlen_quarantine_leaves_other_sequences_unchanged(rng, local_t):
                                        rtol=1e-5, atol=1e-6, err_msg=f"{where}: d{name}")
             assert_same(head(name, grads[name], 1), head(name, clean[2][name], 1),
                         f"{where}: d{name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# §3 Causal quarantine of non-finite v, per value column: column j of the state reads v[:, j]
+# only, so a non-finite v[t, j] quarantines column j of its (sequence, head) alone.
+
+Cut = collections.namedtuple("Cut", "row seq col begin end")
+Cut.__doc__ = """Value column `col` of head 0 quarantined over tokens [begin, end) of batch row
+`row`: sequence `seq` from its first non-finite v[:, col] to its end."""
+
+
+def state_column(cut, v_first):
+    """Index of the cut column in a state [N, H, K, V] (or [N, H, V, K] when v_first)."""
+    return (cut.seq, 0, cut.col) if v_first else (cut.seq, 0, slice(None), cut.col)
+
+
+def column_reference(x, do, dfinal, cuts, v_first):
+    """The clean call that a call with the cut columns quarantined must match: each column's v,
+    do and final-state cotangent zeroed from its first quarantined token on."""
+    x, do, dfinal = dict(x, v=x["v"].copy()), do.copy(), dfinal.copy()
+    for c in cuts:
+        x["v"][c.row, c.begin:c.end, 0, c.col] = 0
+        do[c.row, c.begin:c.end, 0, c.col] = 0
+        dfinal[state_column(c, v_first)] = 0
+    return x, do, dfinal
+
+
+def column_dirty(x, do, dfinal, cuts, v_first, value):
+    """`value` in v at each cut's first token and garbage later in the column (huge finite
+    values that overflow the column's state unless they are dropped too, -inf), with NaN
+    cotangents wherever the column is quarantined: none of it may reach anything but the
+    column's own outputs and final state."""
+    x, do, dfinal = dict(x, v=x["v"].copy()), do.copy(), dfinal.copy()
+    for c in cuts:
+        column = x["v"][c.row, c.begin:c.end, 0, c.col]  # a view
+        column[0] = value
+        column[2:5] = [3e38, -3e38, 3e38][:len(column[2:5])]
+        column[6:7] = -np.inf
+        do[c.row, c.begin:c.end, 0, c.col] = np.nan
+        dfinal[state_column(c, v_first)] = np.nan
+    return x, do, dfinal
+
+
+def check_columns(got, ref, cuts, v_first, where):
+    """`got`, a call whose only non-finite input is v in the cut columns, against `ref`, the call
+    of column_reference: the cut columns' outputs and final states NaN, every other output and
+    state, and every gradient, bitwise those of `ref`; dv zero where a column is quarantined."""
+    o, final, grads = got
+    o_want, final_want = ref[0].copy(), ref[1].copy()
+    for c in cuts:
+        o_want[c.row, c.begin:c.end, 0, c.col] = np.nan
+        final_want[state_column(c, v_first)] = np.nan
+    assert_same(o, o_want, f"{where}: o")  # NaN where o_want is NaN, and only there
+    assert_same(final, final_want, f"{where}: final state")
+    for name in grads:
+        assert np.all(np.isfinite(grads[name])), f"{where}: d{name}"
+        assert_same(grads[name], ref[2][name], f"{where}: d{name}")
+    for c in cuts:
+        assert np.all(grads["v"][c.row, c.begin:c.end, 0, c.col] == 0), f"{where}: dv"
+
+
+def check_truth(got, want, where):
+    """A clean call against the float64 truth."""
+    assert rel_err(got[0], want[0]) < 1e-4, f"{where}: o"
+    assert rel_err(got[1], want[1]) < 1e-4, f"{where}: final state"
+    for name in got[2]:
+        assert rel_err(got[2][name], want[2][name]) < 1e-4, f"{where}: d{name}"
+
+
+V_POSITIONS = [0, 37, CHUNK]  # token 0, mid-chunk, a chunk start
+
+
+@pytest.mark.parametrize("v_first", [False, True], ids=["kv", "vk"])
+@pytest.mark.parametrize("gate_mode", list(GATE_MODE_IDS))
+def test_non_finite_v_quarantines_its_column(rng, gate_mode, v_first):
+    inputs, kwargs = make_inputs(rng, B=2, T=T_QUARANTINE, H=2, K=16, V=24,
+                                 gate_mode=gate_mode, state_v_first=v_first)
+    x, static = _split(inputs, kwargs)
+    do, dfinal = cotangents(rng, x)
+    for t in V_POSITIONS:
+        # Column 3 from t, and column 19 (the next block of 16 columns) from a later token, of
+        # head 0 in batch row 0; head 1 and batch row 1 stay clean.
+        cuts = [Cut(0, 0, 3, t, T_QUARANTINE), Cut(0, 0, 19, t + 9, T_QUARANTINE)]
+        ref_in = column_reference(x, do, dfinal, cuts, v_first)
+        ref = run(ref_in[0], static, *ref_in[1:])
+        check_truth(ref, truth(ref_in[0], static, *ref_in[1:]), f"reference at t={t}")
+        for value in (np.nan, np.inf, -np.inf):
+            dirty = column_dirty(x, do, dfinal, cuts, v_first, value)
+            got = run(dirty[0], static, *dirty[1:])
+            check_columns(got, ref, cuts, v_first, f"v={value} at t={t}")
+
+
+def test_bf16_v_quarantines_its_column(rng):
+    inputs, kwargs = make_inputs(rng, B=1, T=50, H=2, K=16, V=24, gate_mode="softplus",
+                                 dtype=jnp.bfloat16)
+    x, static = _split(inputs, kwargs)
+    do, dfinal = cotangents(rng, x)
+    do = do.astype(x["v"].dtype)
+    cuts = [Cut(0, 0, 11, 29, 50)]
+    ref_in = column_reference(x, do, dfinal, cuts, False)
+    ref = run(ref_in[0], static, *ref_in[1:])
+    dirty = column_dirty(x, do, dfinal, cuts, False, np.nan)
+    check_columns(run(dirty[0], static, *dirty[1:]), ref, cuts, False, "bf16")
+
+
+def test_varlen_v_quarantine_ends_with_its_sequence(rng):
+    inputs, kwargs = make_inputs(rng, H=2, K=16, V=24, gate_mode="softplus", seqlens=SEQLENS)
+    x, static = _split(inputs, kwargs)
+    cu = kwargs["cu_seqlens"]
+    do, dfinal = cotangents(rng, x)
+    # Column 20 of sequence 0 from its first token, column 7 of sequence 1 from its token 17;
+    # sequence 2 (the same columns included) stays clean.
+    cuts = [Cut(0, 0, 20, 0, cu[1]), Cut(0, 1, 7, cu[1] + 17, cu[2])]
+    ref_in = column_reference(x, do, dfinal, cuts, False)
+    ref = run(ref_in[0], static, *ref_in[1:], cu)
+    check_truth(ref, truth(ref_in[0], static, *ref_in[1:], cu), "reference")
+    dirty = column_dirty(x, do, dfinal, cuts, False, np.nan)
+    check_columns(run(dirty[0], static, *dirty[1:], cu), ref, cuts, False, "varlen")
+
+
+@pytest.mark.parametrize("tj, t0", [(20, 50), (50, 30), (40, 40)],
+                         ids=["v_before_k", "k_before_v", "same_token"])
+def test_v_column_and_head_quarantined_together(rng, tj, t0):
+    """A non-finite v[tj, j] and a non-finite k at t0: column j is quarantined from
+    min(tj, t0), the whole head from t0."""
+    inputs, kwargs = make_inputs(rng, B=1, T=T_QUARANTINE, H=2, K=16, V=24, gate_mode="safe",
+                                 state_v_first=True)
+    x, static = _split(inputs, kwargs)
+    do, dfinal = cotangents(rng, x)
+    j, cj = 5, min(tj, t0)
+    dirty = inject(x, "k", t0, np.nan)
+    dirty["v"] = dirty["v"].copy()
+    dirty["v"][0, tj, 0, j] = np.nan
+    do_dirty, dfinal_dirty = poisoned(do, dfinal, t0)
+    do_dirty[0, tj:, 0, j] = np.nan
+    o, final, grads = run(dirty, static, do_dirty, dfinal_dirty)
+
+    # The expectation: the clean tokens [0, t0) with column j's v and do zeroed from cj on, and
+    # no final-state cotangent.
+    x_cut = {n: (a[:, :t0].copy() if n in FIELDS else a) for n, a in x.items()}
+    x_cut["v"][0, cj:, 0, j] = 0
+    do_cut = do[:, :t0].copy()
+    do_cut[0, cj:, 0, j] = 0
+    cut = run(x_cut, static, do_cut, np.zeros_like(dfinal))
+    clean = run(x, static, do, dfinal)
+
+    o_want = np.full(o[:, :, 0].shape, np.nan)
+    o_want[:, :t0] = cut[0][:, :, 0]
+    o_want[0, cj:, j] = np.nan
+    assert_same(o[:, :, 0], o_want, "o")
+    assert np.all(np.isnan(final[:, 0])), "final state"
+    for name in FIELDS:
+        assert np.all(grads[name][:, t0:, 0] == 0), f"d{name} from t0 on"
+        np.testing.assert_allclose(grads[name][:, :t0, 0], cut[2][name][:, :, 0], rtol=1e-5,
+                                   atol=1e-6, err_msg=f"d{name} before t0")
+    assert np.all(grads["v"][0, cj:, 0, j] == 0), "dv of the quarantined column"
+    for name in ("A_log", "dt_bias", "initial_state"):
+        got_h = head(name, grads[name], 0)
+        assert np.all(np.isfinite(got_h)), f"d{name}"
+        np.testing.assert_allclose(got_h, head(name, cut[2][name], 0), rtol=1e-5, atol=1e-6,
+                                   err_msg=f"d{name}")
+    check_clean_head((o, final, grads), clean, 1, f"tj={tj}, t0={t0}")

@@ -190,6 +190,47 @@ struct Span {
   int64_t row, begin, end;
 };
 
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// docs/robustness.md §3 for v, per value column of one (sequence, head). Column j of the state
+// reads v[:, j] and no other value of v, so a non-finite v[t, j] quarantines column j alone,
+// from token t on (a non-finite q, k, g or beta quarantines the whole head: the sequence is cut
+// there instead). The column then runs as if v[t', j] were 0 for every t' >= t: a select, so the
+// NaN never enters arithmetic, and the column's state stays that of clean input (finite wherever
+// that is), which the backward relies on (see the do rows in kda_backward). Its outputs and its
+// final state are overwritten with NaN. at[j] is the first quarantined token of column j, kNever
+// while there is none.
+struct ColumnCuts {
+  static constexpr int64_t kNever = std::numeric_limits<int64_t>::max();
+  std::vector<int64_t> at;
+  bool any = false;  // whether some column is quarantined: the normal path tests only this
+
+  explicit ColumnCuts(int64_t V) : at(V, kNever) {}
+  void reset() {
+    std::fill(at.begin(), at.end(), kNever);
+    any = false;
+  }
+  bool cut(int64_t j, int64_t t) const { return at[j] <= t; }
+
+  // Records where row t of v (the V values of token t) starts a quarantine, then zeroes every
+  // value of a quarantined column. Tokens come in order on the first pass over a sequence, so
+  // at[j] ends up the first non-finite one; a later pass finds every at[j] already set.
+  void admit(int64_t t, float* v) {
+    for (int64_t j = 0; j < static_cast<int64_t>(at.size()); ++j) {
+      if (!std::isfinite(v[j]) && t < at[j]) {
+        at[j] = t;
+        any = true;
+      }
+      v[j] = cut(j, t) ? 0.f : v[j];
+    }
+  }
+  // Sets value j of `row`, a [V] row of token t, to `value` for every column quarantined by t.
+  void fill(int64_t t, float* row, float value) const {
+    for (int64_t j = 0; j < static_cast<int64_t>(at.size()); ++j)
+      if (cut(j, t)) row[j] = value;
+  }
+};
+
 int64_t padded_v(int64_t V) { return (V + kBlock - 1) / kBlock * kBlock; }
 
 // docs/robustness.md §1: a traced cu_seqlens cannot be checked before the call, so its values
@@ -263,6 +304,12 @@ struct Problem {
     float* base = dst + (n * shape.H + h) * shape.K * shape.V;
     std::fill(base, base + shape.K * shape.V, value);
   }
+  // Sets every column of internal state S that is quarantined by token t to `value`.
+  void fill_cut_columns(float* S, const ColumnCuts& cuts, int64_t t, float value) const {
+    for (int64_t j = 0; j < shape.V; ++j)
+      if (cuts.cut(j, t))
+        for (int64_t i = 0; i < shape.K; ++i) S[internal(i, j)] = value;
+  }
 };
 
 // The preprocessed tokens of one chunk, slot s = token - chunk start. `x` (the gate
@@ -279,11 +326,13 @@ struct Chunk {
 // gradient is 0 either way.
 inline bool floored(float g) { return g == kda_rules::kLogDecayFloor; }
 
-// Loads and preprocesses token t into slot s. Returns false when the token brings non-finite
-// input (docs/robustness.md §3): a non-finite q, k, v or beta (after the sigmoid), or a NaN or
+// Loads and preprocesses token t into slot s. Returns false when the token quarantines the
+// whole head (docs/robustness.md §3): a non-finite q, k or beta (after the sigmoid), or a NaN or
 // +inf log-decay (after the activation and the floor; -inf is a legal hard reset). Where a loop
-// over the values runs anyway (the l2norm, the decays) the check rides along it.
-bool prepare_token(const Problem& p, int64_t row, int64_t t, int64_t h, Chunk& c, int64_t s) {
+// over the values runs anyway (the l2norm, the decays) the check rides along it. A non-finite v
+// quarantines its value column only: `cuts` records it and the row of v is sanitised.
+bool prepare_token(const Problem& p, int64_t row, int64_t t, int64_t h, ColumnCuts& cuts,
+                   Chunk& c, int64_t s) {
   const int64_t K = p.shape.K, V = p.shape.V;
   const int64_t idx = p.token(row, t, h);
   float* q = &c.q[s * K];
@@ -296,7 +345,8 @@ bool prepare_token(const Problem& p, int64_t row, int64_t t, int64_t h, Chunk& c
   load_row(p.in.g, idx * K, K, g);
   load_row(p.in.beta, idx, 1, &c.beta[s]);
   if (p.params.use_beta_sigmoid) c.beta[s] = sigmoid(c.beta[s]);
-  bool finite = all_finite(v, V) & std::isfinite(c.beta[s]);
+  if (!all_finite(v, V) || cuts.any) cuts.admit(t, v);
+  bool finite = std::isfinite(c.beta[s]);
   if (p.params.use_qk_l2norm) {
     finite &= l2normalize(q, K, c.rq[s]);
     finite &= l2normalize(k, K, c.rk[s]);
@@ -322,12 +372,12 @@ bool prepare_token(const Problem& p, int64_t row, int64_t t, int64_t h, Chunk& c
   return finite;
 }
 
-// Prepares tokens [t0, t0 + len) and returns how many of them come before the first one with
-// non-finite input: only those may run, so that token never touches an earlier row.
-int64_t prepare_chunk(const Problem& p, int64_t row, int64_t t0, int64_t len, int64_t h,
-                      Chunk& c) {
+// Prepares tokens [first, first + len) and returns how many of them come before the first one
+// that quarantines the head: only those may run, so that token never touches an earlier row.
+int64_t prepare_chunk(const Problem& p, int64_t row, int64_t first, int64_t len, int64_t h,
+                      ColumnCuts& cuts, Chunk& c) {
   for (int64_t s = 0; s < len; ++s)
-    if (!prepare_token(p, row, t0 + s, h, c, s)) return s;
+    if (!prepare_token(p, row, first + s, h, cuts, c, s)) return s;
   return len;
 }
 
@@ -557,36 +607,43 @@ void kda_forward(const KdaShape& shape, const KdaParams& params, const KdaInputs
 
   struct Scratch {
     Chunk chunk;
+    ColumnCuts cuts;
     std::vector<float> S, o;
-    Scratch(int64_t K, int64_t vp) : chunk(K, vp), S(K * vp), o(kChunk * vp) {}
+    Scratch(int64_t K, int64_t V, int64_t vp)
+        : chunk(K, vp), cuts(V), S(K * vp), o(kChunk * vp) {}
   };
   const int64_t items = shape.N * shape.H;
   const int64_t workers = worker_count(items);
   std::vector<Scratch> scratch;
   scratch.reserve(workers);
-  for (int64_t w = 0; w < workers; ++w) scratch.emplace_back(K, vp);
+  for (int64_t w = 0; w < workers; ++w) scratch.emplace_back(K, V, vp);
 
   run_parallel(items, workers, [&](int64_t w, int64_t item) {
     Scratch& sc = scratch[w];
     const int64_t n = item / shape.H, h = item % shape.H;
     const Span sp = p.span(n);
+    sc.cuts.reset();
     p.load_state(in.initial_state, n, h, sc.S.data());
     for (int64_t start = sp.begin; start < sp.end; start += kChunk) {
       const int64_t len = std::min(kChunk, sp.end - start);
-      const int64_t clean = prepare_chunk(p, sp.row, start, len, h, sc.chunk);
+      const int64_t clean = prepare_chunk(p, sp.row, start, len, h, sc.cuts, sc.chunk);
       for (int64_t j0 = 0; j0 < vp; j0 += kBlock)
         forward_block<false, true>(&sc.S[j0 * K], sc.chunk, clean, K, vp, j0, params.scale,
                                    nullptr, nullptr, sc.o.data());
-      for (int64_t s = 0; s < clean; ++s)
-        store_row(out.o, p.token(sp.row, start + s, h) * V, V, &sc.o[s * vp]);
+      for (int64_t s = 0; s < clean; ++s) {
+        float* o = &sc.o[s * vp];
+        // §3: a quarantined column of the state is the constant NaN, and so are its outputs.
+        if (sc.cuts.any) sc.cuts.fill(start + s, o, kNaN);
+        store_row(out.o, p.token(sp.row, start + s, h) * V, V, o);
+      }
       if (clean < len) {
-        // §3: from the first non-finite token on, the state is the constant NaN.
-        const float nan = std::numeric_limits<float>::quiet_NaN();
-        p.fill_tokens(out.o, V, sp.row, start + clean, sp.end, h, nan);
-        p.fill_state(nan, n, h, out.final_state);
+        // §3: from the first token that quarantines the head on, the state is the constant NaN.
+        p.fill_tokens(out.o, V, sp.row, start + clean, sp.end, h, kNaN);
+        p.fill_state(kNaN, n, h, out.final_state);
         return;
       }
     }
+    if (sc.cuts.any) p.fill_cut_columns(sc.S.data(), sc.cuts, sp.end, kNaN);  // §3, as o
     p.store_state(sc.S.data(), n, h, out.final_state);
   });
 }
@@ -606,10 +663,12 @@ void kda_backward(const KdaShape& shape, const KdaParams& params, const KdaInput
   const int64_t max_chunks = (p.max_len() + kChunk - 1) / kChunk;
   struct Scratch {
     Chunk chunk;
+    ColumnCuts cuts;
     ColumnSums sums;
     std::vector<float> S, dS, checkpoints, Sp, u, do_rows, dv_rows, dq, dk, dg;
-    Scratch(int64_t K, int64_t vp, int64_t max_chunks)
-        : chunk(K, vp), sums(K), S(K * vp), dS(K * vp), checkpoints(max_chunks * K * vp),
+    Scratch(int64_t K, int64_t V, int64_t vp, int64_t max_chunks)
+        : chunk(K, vp), cuts(V), sums(K), S(K * vp), dS(K * vp),
+          checkpoints(max_chunks * K * vp),
           Sp(kChunk * K * kBlock), u(kChunk * kBlock), do_rows(kChunk * vp, 0.f),
           dv_rows(kChunk * vp), dq(K), dk(K), dg(K) {}
   };
@@ -617,7 +676,7 @@ void kda_backward(const KdaShape& shape, const KdaParams& params, const KdaInput
   const int64_t workers = worker_count(items);
   std::vector<Scratch> scratch;
   scratch.reserve(workers);
-  for (int64_t w = 0; w < workers; ++w) scratch.emplace_back(K, vp, max_chunks);
+  for (int64_t w = 0; w < workers; ++w) scratch.emplace_back(K, V, vp, max_chunks);
   // Gradients of the per-head parameters per (sequence, head), reduced into batch rows below
   // so that varlen sequences sharing row 0 never write the same memory concurrently.
   std::vector<double> dA_part(items, 0.0), dbias_part(items * K, 0.0);
@@ -628,14 +687,15 @@ void kda_backward(const KdaShape& shape, const KdaParams& params, const KdaInput
     const Span sp = p.span(n);
     const float scale = params.scale;
 
-    // Forward sweep: the state entering each chunk, up to `stop`, the first token with
-    // non-finite input (or the end of the sequence).
+    // Forward sweep: the state entering each chunk, up to `stop`, the first token that
+    // quarantines the head (or the end of the sequence); it also finds the quarantined columns.
     int64_t stop = sp.end;
+    sc.cuts.reset();
     p.load_state(in.initial_state, n, h, sc.S.data());
     for (int64_t start = sp.begin, c = 0; start < stop; start += kChunk, ++c) {
       std::copy(sc.S.begin(), sc.S.end(), sc.checkpoints.begin() + c * kv);
       const int64_t len = std::min(kChunk, sp.end - start);
-      const int64_t clean = prepare_chunk(p, sp.row, start, len, h, sc.chunk);
+      const int64_t clean = prepare_chunk(p, sp.row, start, len, h, sc.cuts, sc.chunk);
       if (clean < len) stop = start + clean;
       for (int64_t j0 = 0; j0 < vp; j0 += kBlock)
         forward_block<false, false>(&sc.S[j0 * K], sc.chunk, clean, K, vp, j0, 0.f, nullptr,
@@ -653,6 +713,8 @@ void kda_backward(const KdaShape& shape, const KdaParams& params, const KdaInput
       std::fill(sc.dS.begin(), sc.dS.end(), 0.f);
     } else {
       p.load_state(dfinal_state, n, h, sc.dS.data());
+      // Likewise per column: a quarantined column of the final state is a constant.
+      if (sc.cuts.any) p.fill_cut_columns(sc.dS.data(), sc.cuts, sp.end, 0.f);
     }
     const int64_t chunks = (stop - sp.begin + kChunk - 1) / kChunk;
     double dA = 0.0;
@@ -662,9 +724,16 @@ void kda_backward(const KdaShape& shape, const KdaParams& params, const KdaInput
     for (int64_t c = chunks - 1; c >= 0; --c) {
       const int64_t start = sp.begin + c * kChunk, len = std::min(kChunk, stop - start);
       const Chunk& ch = sc.chunk;
-      prepare_chunk(p, sp.row, start, len, h, sc.chunk);  // all clean: they precede stop
-      for (int64_t s = 0; s < len; ++s)
-        load_row(do_, p.token(sp.row, start + s, h) * V, V, &sc.do_rows[s * vp]);
+      prepare_chunk(p, sp.row, start, len, h, sc.cuts, sc.chunk);  // all run: they precede stop
+      for (int64_t s = 0; s < len; ++s) {
+        float* d_o = &sc.do_rows[s * vp];
+        load_row(do_, p.token(sp.row, start + s, h) * V, V, d_o);
+        // A quarantined column's outputs are constants too. With its cotangents dropped (and
+        // its final-state one), the column's dS is exactly 0 from its first quarantined token
+        // on, so its dv there is 0 and it adds exact zeros (its finite state times zero) to the
+        // per-row sums: dq, dk, dg and dbeta there are those of the other columns alone.
+        if (sc.cuts.any) sc.cuts.fill(start + s, d_o, 0.f);
+      }
       sc.sums.clear();
       for (int64_t j0 = 0; j0 < vp; j0 += kBlock) {
         // Recompute the chunk on this block from its checkpoint, keeping S'_t and u_t.

@@ -1,8 +1,10 @@
 // Kimi Delta Attention on the CPU: the token recurrence of design §1, forward and backward.
 // Plain C++ (no XLA types) so the FFI handlers are the only code that knows about XLA.
 // Out-of-spec input follows docs/robustness.md: offsets are made legal, log-decays are floored
-// at kda_rules::kLogDecayFloor, and non-finite input is quarantined causally per sequence and
-// head. No values, however wild, make the kernels read or write outside their buffers.
+// at kda_rules::kLogDecayFloor, and non-finite input is quarantined causally: per sequence and
+// head for q, k, g and beta, per sequence, head and value column for v (the state's columns
+// evolve independently). No values, however wild, make the kernels read or write outside their
+// buffers.
 #pragma once
 
 #include <cstdint>
