@@ -10,6 +10,10 @@ against earlier columns is factored at the reference point b_i (the token before
 as exp(Γ_r − Γ_b)·exp(Γ_b − Γ_s), both factors ≤ 1 because g ≤ 0; the diagonal 16×16 blocks
 are exponentiated per element. Every exponent is masked with -inf before exp, so masked
 entries contribute exact zeros to the values and to the gradients (no inf·0).
+
+Inputs come through preprocess.prepare (docs/robustness.md): log-decays are floored at -128,
+so in-chunk sums of them stay accurate in fp32, and quarantined or uncovered tokens are zeros,
+so everything here is finite.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jax_flashkda.preprocess import prepare
+from jax_flashkda.preprocess import compute_dtype, empty_result, prepare, quarantine
 from jax_flashkda.reference import sequence_layout
 
 SUB_CHUNK = 16
@@ -176,16 +180,16 @@ def _state_chain(w, u, k_hat, decay, h0, resets=None):
     return s_in, vn, last
 
 
-def _packed_layout(cu_seqlens, T, C):
-    """Lay N sequences out in a packed buffer where each starts at a chunk boundary.
+def _packed_layout(cu, T, C):
+    """Lay N sequences (legal offsets cu) out in a packed buffer where each starts at a chunk
+    boundary.
 
     Static size: T + N(C − 1) rounded up to a chunk multiple bounds Σ ceil(len_n / C)·C.
     Returns, for packed positions, the source token and validity; per chunk, its sequence and
     whether it starts it; per sequence, its last chunk; per token, its packed position.
     """
-    N = cu_seqlens.shape[0] - 1
+    N = cu.shape[0] - 1
     n_chunks = -(-(T + N * (C - 1)) // C)
-    cu = jnp.asarray(cu_seqlens, jnp.int32)
     lens = cu[1:] - cu[:-1]
     chunk_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(-(-lens // C))])
 
@@ -204,9 +208,11 @@ def _packed_layout(cu_seqlens, T, C):
 
     seq_t, _ = sequence_layout(cu, T)
     seq_tc = jnp.minimum(seq_t, N - 1)
-    dst = C * chunk_start[seq_tc] + jnp.arange(T, dtype=jnp.int32) - cu[seq_tc]
+    token_valid = seq_t < N
+    dst = jnp.where(token_valid,
+                    C * chunk_start[seq_tc] + jnp.arange(T, dtype=jnp.int32) - cu[seq_tc], 0)
     last_chunk = jnp.maximum(chunk_start[1:] - 1, 0)
-    return src, valid, seq_cc, first, last_chunk, lens > 0, dst, seq_t < N
+    return src, valid, seq_cc, first, last_chunk, lens > 0, dst, token_valid
 
 
 def kda_chunked(q, k, v, g, beta, *, scale=None, initial_state=None,
@@ -224,21 +230,25 @@ def kda_chunked(q, k, v, g, beta, *, scale=None, initial_state=None,
     sub = min(SUB_CHUNK, C)
     assert C % sub == 0, f"chunk_size {C} must be a multiple of {sub}"
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    q, k, vc, g, beta, scale, h0 = prepare(
+    assert cu_seqlens is None or B == 1, "cu_seqlens needs B == 1"
+    if B == 0 or T == 0:
+        return empty_result(v, initial_state, state_v_first, N, K,
+                            compute_dtype(q, k, v, g, beta))
+    p = prepare(
         q, k, v, g, beta, scale=scale, initial_state=initial_state, state_v_first=state_v_first,
-        num_sequences=N, use_qk_l2norm=use_qk_l2norm_in_kernel, use_gate=use_gate_in_kernel,
-        use_beta_sigmoid=use_beta_sigmoid_in_kernel, A_log=A_log, dt_bias=dt_bias,
-        lower_bound=lower_bound)
+        cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm_in_kernel,
+        use_gate=use_gate_in_kernel, use_beta_sigmoid=use_beta_sigmoid_in_kernel, A_log=A_log,
+        dt_bias=dt_bias, lower_bound=lower_bound)
+    q, k, vc, g, beta, scale, h0 = p.q, p.k, p.v, p.g, p.beta, p.scale, p.h0
 
     # Padding tokens (q = k = v = 0, beta = 0, g = 0) neither decay nor update the state.
-    if cu_seqlens is None:
+    if p.cu is None:
         pad = -T % C
         widths = lambda x: [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
         q, k, vc, g, beta = (jnp.pad(x, widths(x)) for x in (q, k, vc, g, beta))
     else:
-        assert B == 1, "cu_seqlens needs B == 1"
         src, valid, seq_c, first, last_chunk, nonempty, dst, token_valid = _packed_layout(
-            cu_seqlens, T, C)
+            p.cu, T, C)
 
         def pack(x):
             m = valid.reshape(-1, *([1] * (x.ndim - 2)))
@@ -250,7 +260,7 @@ def kda_chunked(q, k, v, g, beta, *, scale=None, initial_state=None,
     beta_c = _to_chunks(beta[..., None], C)[..., 0]
     q_tilde, w, u, k_hat, decay, aqk = _intra_chunk(*chunks, beta_c, scale, sub)
 
-    if cu_seqlens is None:
+    if p.cu is None:
         s_in, vn, final = _state_chain(w, u, k_hat, decay, h0)
     else:
         s_in, vn, _ = _state_chain(w, u, k_hat, decay, h0[:1], (first, seq_c, h0))
@@ -263,10 +273,11 @@ def kda_chunked(q, k, v, g, beta, *, scale=None, initial_state=None,
     o = (jnp.einsum("nbhck,nbhkv->nbhcv", q_tilde, s_in)
          + jnp.einsum("nbhcs,nbhsv->nbhcv", aqk, vn))
     o = _from_chunks(o)
-    if cu_seqlens is None:
+    if p.cu is None:
         o = o[:, :T]
     else:
         o = jnp.where(token_valid[:, None, None], o[0, dst], 0)[None]
+    o, final = quarantine(o, final, p)
     if state_v_first:
         final = jnp.swapaxes(final, -1, -2)
     return o.astype(v.dtype), final

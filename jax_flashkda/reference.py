@@ -9,19 +9,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jax_flashkda.preprocess import prepare
+from jax_flashkda.preprocess import (compute_dtype, empty_result, prepare, quarantine,
+                                     token_sequences)
 
 
-def sequence_layout(cu_seqlens: jax.Array, num_tokens: int):
-    """Per token of a varlen row: its sequence id (N for tokens past cu_seqlens[-1]) and whether
-    it starts its sequence. Works on a traced cu_seqlens: only N is static."""
-    cu_seqlens = jnp.asarray(cu_seqlens, jnp.int32)
-    t = jnp.arange(num_tokens, dtype=jnp.int32)
-    # Counting the ends at or before t skips empty sequences, whose start equals their end.
-    seq = jnp.searchsorted(cu_seqlens[1:], t, side="right")
-    n = cu_seqlens.shape[0] - 1
-    start = t == cu_seqlens[jnp.minimum(seq, n - 1)]
-    return seq, start & (seq < n)
+def sequence_layout(cu: jax.Array, num_tokens: int):
+    """Per token of a varlen row, for legal offsets cu: its sequence id (N for tokens outside
+    every sequence) and whether it starts its sequence. Works on a traced cu: only N is
+    static."""
+    seq, start = token_sequences(cu, num_tokens)
+    return seq, start == jnp.arange(num_tokens, dtype=jnp.int32)
 
 
 def _scan_one(q, k, v, g, beta, h0, seq, start, scale):
@@ -42,7 +39,7 @@ def _scan_one(q, k, v, g, beta, h0, seq, start, scale):
         s = jnp.where(first, h0[slot], s)
         s = jnp.exp(g_t)[:, None] * s
         s = s + b_t * jnp.outer(k_t, v_t - k_t @ s)
-        # Tokens past the last sequence (a traced cu_seqlens ending early) write nothing.
+        # Tokens outside every sequence (zeros, from prepare) write nothing and output 0.
         keep = jax.lax.dynamic_index_in_dim(finals, slot, keepdims=False)
         finals = jax.lax.dynamic_update_index_in_dim(finals, jnp.where(valid, s, keep), slot, 0)
         o_t = jnp.where(valid, scale * (q_t @ s), 0)
@@ -63,28 +60,30 @@ def kda_recurrent(q, k, v, g, beta, *, scale=None, initial_state=None,
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    if cu_seqlens is None:
-        N = B
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    assert cu_seqlens is None or B == 1, "cu_seqlens needs B == 1"
+    if B == 0 or T == 0:
+        return empty_result(v, initial_state, state_v_first, N, K,
+                            compute_dtype(q, k, v, g, beta))
+
+    p = prepare(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state, state_v_first=state_v_first,
+        cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm_in_kernel,
+        use_gate=use_gate_in_kernel, use_beta_sigmoid=use_beta_sigmoid_in_kernel, A_log=A_log,
+        dt_bias=dt_bias, lower_bound=lower_bound)
+    if p.cu is None:
         seq = jnp.zeros((T,), jnp.int32)
         start = jnp.zeros((T,), bool)
     else:
-        assert B == 1, "cu_seqlens needs B == 1"
-        N = cu_seqlens.shape[0] - 1
-        seq, start = sequence_layout(cu_seqlens, T)
-
-    q, k, vc, g, beta, scale, h0 = prepare(
-        q, k, v, g, beta, scale=scale, initial_state=initial_state, state_v_first=state_v_first,
-        num_sequences=N, use_qk_l2norm=use_qk_l2norm_in_kernel, use_gate=use_gate_in_kernel,
-        use_beta_sigmoid=use_beta_sigmoid_in_kernel, A_log=A_log, dt_bias=dt_bias,
-        lower_bound=lower_bound)
+        seq, start = sequence_layout(p.cu, T)
     # Per row, the states it owns: its own [1,H,K,V] slot, or all N sequences when varlen.
-    h0_rows = h0.reshape(B, N // B, H, K, V)
+    h0_rows = p.h0.reshape(B, N // B, H, K, V)
 
     per_head = jax.vmap(_scan_one, in_axes=(1, 1, 1, 1, 1, 1, None, None, None),
                         out_axes=(1, 1))
     per_row = jax.vmap(per_head, in_axes=(0, 0, 0, 0, 0, 0, None, None, None), out_axes=(0, 0))
-    o, finals = per_row(q, k, vc, g, beta, h0_rows, seq, start, scale)
-    final_state = finals.reshape(N, H, K, V)
+    o, finals = per_row(p.q, p.k, p.v, p.g, p.beta, h0_rows, seq, start, p.scale)
+    o, final_state = quarantine(o, finals.reshape(N, H, K, V), p)
     if state_v_first:
         final_state = jnp.swapaxes(final_state, -1, -2)
     return o.astype(v.dtype), final_state
