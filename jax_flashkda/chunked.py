@@ -12,8 +12,9 @@ are exponentiated per element. Every exponent is masked with -inf before exp, so
 entries contribute exact zeros to the values and to the gradients (no inf·0).
 
 Inputs come through preprocess.prepare (docs/robustness.md): log-decays are floored at -128,
-so in-chunk sums of them stay accurate in fp32, and quarantined or uncovered tokens are zeros,
-so everything here is finite.
+so in-chunk sums of them stay accurate in fp32, and quarantined or uncovered tokens, and the
+values of quarantined v columns, are zeros, so everything here is finite (a quarantined column
+runs on zeros apart from the others; `quarantine` then writes its NaN over the results).
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ validated by ops.py; only cheap internal invariants are asserted.
 
 It is also where the rules of docs/robustness.md are applied, once for both pure paths:
 traced offsets are made legal (§1), the log-decay is floored (§2), and tokens from the first
-non-finite one of each (sequence, head) on are replaced by zeros before the recurrence sees
-them (§3), so the recurrences downstream only ever see finite values and need no rule of
-their own.
+non-finite q/k/beta/log-decay of each (sequence, head) on, and values v[t, j] from the first
+non-finite v[·, j] of each (sequence, head, value column) on, are replaced by zeros before the
+recurrence sees them (§3), so the recurrences downstream only ever see finite values and need
+no rule of their own.
 """
 
 from __future__ import annotations
@@ -135,17 +136,16 @@ def gate_activation(g: jax.Array, A_log: jax.Array | None, dt_bias: jax.Array | 
 # ---------------------------------------------------------------------------------------
 # Everything the pure paths do before their recurrence.
 
-def _non_finite_rows(q, k, v, g):
-    """[B,T,H]: whether the row of q, k, v or g has a NaN or ±inf (g: NaN or +inf, its -inf
-    being floored already).
+def _non_finite_rows(q, k, g):
+    """[B,T,H]: whether the row of q, k or g has a NaN or ±inf (g: NaN or +inf, its -inf
+    being floored already). v is not here: it quarantines its own value column only.
 
     A product with a zero vector is 0 for a finite row and NaN otherwise (0·inf, 0·NaN), so one
     matrix-vector product per input finds them: on CPU it runs ~2x faster than the isfinite /
     all reductions it replaces.
     """
     zk = jnp.zeros((q.shape[-1],), q.dtype)
-    zv = jnp.zeros((v.shape[-1],), v.dtype)
-    return jnp.isnan(q @ zk + k @ zk + g @ zk + v @ zv)
+    return jnp.isnan(q @ zk + k @ zk + g @ zk)
 
 
 def _drop_grad(x, drop):
@@ -157,14 +157,14 @@ def _drop_grad(x, drop):
 class Prepared(NamedTuple):
     q: jax.Array          # [B,T,H,K], compute dtype; zeros where quarantined or outside
     k: jax.Array
-    v: jax.Array          # [B,T,H,V]
+    v: jax.Array          # [B,T,H,V]; zeros where its column is quarantined or outside
     g: jax.Array          # floored log-decay
     beta: jax.Array       # [B,T,H]
     scale: float
     h0: jax.Array         # [N,H,K,V], varying like the inputs
     cu: jax.Array | None  # legal offsets (int32 [N+1]) or None
-    dead: jax.Array       # [B,T,H] bool: at or after its sequence's first non-finite token
-    final_dead: jax.Array  # [N,H] bool: the sequence has a dead token
+    dead: jax.Array       # [B,T,H,V] bool: value column j at or after its cj = min(t0, tj)
+    final_dead: jax.Array  # [N,H,V] bool: the sequence's state column j is quarantined
 
 
 def initial_states(initial_state, state_v_first, N, H, K, V, dtype):
@@ -192,13 +192,20 @@ def prepare(q, k, v, g, beta, *, scale, initial_state, state_v_first, cu_seqlens
     """Preprocessed inputs, the default scale K ** -0.5, the incoming states as [N, H, K, V]
     whatever the caller's layout, legal offsets, and the quarantine masks (robustness §3).
 
-    Per (row, head) a token is bad when q, k, v or beta (after its sigmoid) has a non-finite
+    Per (row, head) a token is bad when q, k or beta (after its sigmoid) has a non-finite
     entry, or the floored log-decay has a NaN or +inf; it and every later token of its sequence
-    are dead. Dead tokens, and tokens outside every sequence, are replaced by zeros (selects,
-    so a NaN cannot leak through a 0·NaN), which leaves the state untouched; their gradient is
-    cut by a select at the raw input, below the per-token preprocessing, so it is exactly
-    zero whatever that preprocessing made of a NaN. The paths then overwrite the dead outputs
-    with NaN (`quarantine`).
+    are dead (t >= t0): the whole head is cut there. Per (row, head, value column j), v[t, j]
+    is dead from the sequence's first non-finite v[·, j] on (t >= tj), or where the head is
+    dead: column j of the state evolves apart from the others, so only it is quarantined, from
+    cj = min(t0, tj) on.
+
+    Dead tokens, and tokens outside every sequence, are replaced by zeros, and so are dead
+    values of v (selects, so a NaN cannot leak through a 0·NaN): the state is left untouched by
+    a dead token, and a dead column runs on zeros, finite, apart from the others. The gradient
+    of a dead token is cut by a select at the raw input, below the per-token preprocessing, so
+    it is exactly zero whatever that preprocessing made of a NaN; v's by the zeroing select
+    itself. The paths then overwrite the dead outputs and final-state columns with NaN
+    (`quarantine`), whose selects drop the cotangents there.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -209,25 +216,44 @@ def prepare(q, k, v, g, beta, *, scale, initial_state, state_v_first, cu_seqlens
 
     q, k, v, g, beta = (jnp.asarray(x, dtype) for x in (q, k, v, g, beta))
     g = gate_activation(g, A_log, dt_bias, lower_bound, use_gate)
-    bad = (_non_finite_rows(q, k, v, g)
+    bad = (_non_finite_rows(q, k, g)
            # sigmoid(±inf) is finite: only a NaN logit is bad.
            | (jnp.isnan(beta) if use_beta_sigmoid else ~jnp.isfinite(beta)))
+    bad_v = ~jnp.isfinite(v)
 
     t = jnp.arange(T, dtype=jnp.int32)
+    tv = t[None, :, None, None]
     # The last bad token at or before t; t is dead when that token is in t's own sequence.
     last_bad = jax.lax.cummax(jnp.where(bad, t[None, :, None], -1), axis=1)
     if cu_seqlens is None:
         cu = None
         dead = last_bad >= 0
         zero = dead
-        final_dead = dead[:, -1, :]
+        # One sequence per row: a column's first bad token by a reduction over T, cheaper
+        # than a cumulative scan over [B,T,H,V].
+        first_bad_v = jnp.min(jnp.where(bad_v, tv, T), axis=1, keepdims=True)
+        dead_v = (tv >= first_bad_v) | dead[..., None]
+        zero_v = dead_v
+        final_dead = dead_v[:, -1]
     else:
         cu = legal_offsets(cu_seqlens, T)
         seq, start = token_sequences(cu, T)
         dead = last_bad >= start[None, :, None]
-        zero = dead | (seq >= N)[None, :, None]
+        outside = (seq >= N)[None, :, None]
+        zero = dead | outside
+        head_dead = jnp.broadcast_to(dead[..., None], bad_v.shape)
+
+        def column_dead(bad_v, head_dead, start):
+            last_bad_v = jax.lax.cummax(jnp.where(bad_v, tv, -1), axis=1)
+            return (last_bad_v >= start[None, :, None, None]) | head_dead
+
+        # The cumulative scan over [B,T,H,V] costs ~10% of the forward on CPU: it runs only
+        # where a v is non-finite (both branches run where a vmap makes the cond a select).
+        dead_v = jax.lax.cond(jnp.any(bad_v), column_dead, lambda b, d, s: d,
+                              bad_v, head_dead, start)
+        zero_v = dead_v | outside[..., None]
         last = jnp.clip(cu[1:] - 1, 0, T - 1)
-        final_dead = dead[0, last, :] & (cu[1:] > cu[:-1])[:, None]
+        final_dead = dead_v[0, last] & (cu[1:] > cu[:-1])[:, None, None]
 
     z = zero[..., None]
     if use_qk_l2norm:
@@ -236,15 +262,16 @@ def prepare(q, k, v, g, beta, *, scale, initial_state, state_v_first, cu_seqlens
         q, k = l2norm(_drop_grad(q, z)), l2norm(_drop_grad(k, z))
     if use_beta_sigmoid:
         beta = jax.nn.sigmoid(_drop_grad(beta, zero))
-    q, k, v, g = (jnp.where(z, 0, x) for x in (q, k, v, g))
+    q, k, g = (jnp.where(z, 0, x) for x in (q, k, g))
+    v = jnp.where(zero_v, 0, v)
     beta = jnp.where(zero, 0, beta)
     scale = K ** -0.5 if scale is None else scale
-    return Prepared(q, k, v, g, beta, scale, h0, cu, dead, final_dead)
+    return Prepared(q, k, v, g, beta, scale, h0, cu, dead_v, final_dead)
 
 
 def quarantine(o, final, p: Prepared):
-    """NaN from each sequence's first bad token on, and for its final state: selects, so the
-    cotangents there reach nothing. o [B,T,H,V]; final [N,H,K,V] (either layout)."""
-    o = jnp.where(p.dead[..., None], jnp.nan, o)
-    final = jnp.where(p.final_dead[..., None, None], jnp.nan, final)
+    """NaN in each value column from its cj on, and in the quarantined columns of the final
+    state: selects, so the cotangents there reach nothing. o [B,T,H,V]; final [N,H,K,V]."""
+    o = jnp.where(p.dead, jnp.nan, o)
+    final = jnp.where(p.final_dead[:, :, None, :], jnp.nan, final)
     return o, final

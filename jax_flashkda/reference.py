@@ -83,6 +83,7 @@ def kda_recurrent(q, k, v, g, beta, *, scale=None, initial_state=None,
                         out_axes=(1, 1))
     per_row = jax.vmap(per_head, in_axes=(0, 0, 0, 0, 0, 0, None, None, None), out_axes=(0, 0))
     o, finals = per_row(p.q, p.k, p.v, p.g, p.beta, h0_rows, seq, start, p.scale)
+    # NaN from each value column's quarantine on (robustness §3), before the layout swap.
     o, final_state = quarantine(o, finals.reshape(N, H, K, V), p)
     if state_v_first:
         final_state = jnp.swapaxes(final_state, -1, -2)

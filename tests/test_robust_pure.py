@@ -100,14 +100,27 @@ def run(impl, c: Case, x, cot, dtype=jnp.float64, cu=None, concrete_cu=None):
 # ----------------------------------------------------------------------------------------
 # The truth of the rules, from the float64 NumPy loop of test_pure_jax.
 
-def cut_truth(c: Case, x, cot, cuts=None):
-    """The NumPy truth with (sequence n, head h) cut at token cuts[(n, h)] (absolute index).
+def cut_truth(c: Case, x, cot, cuts=None, col_cuts=None):
+    """The NumPy truth with (sequence n, head h) cut at token cuts[(n, h)] and value column j of
+    (sequence n, head h) quarantined from token col_cuts[(n, h, j)] on (absolute indices).
 
-    Returns o (NaN from each cut on), final state (NaN where cut; requested layout), gradients,
-    and the [B,T,H] mask of tokens whose gradients must be exactly zero: outside every
-    sequence, or at or after a cut.
+    A quarantined column is the clean computation with v[t >= tj, j] := 0 and its cotangents
+    (do[t >= tj, j], the final state's column j) zeroed: the columns of the state evolve
+    apart. Returns o (NaN from each cut on, and in each column from min(t0, tj) on), final state
+    (NaN where cut; requested layout), gradients, the [B,T,H] mask of tokens whose gradients
+    must be exactly zero (outside every sequence, or at or after a cut) and the [B,T,H,V] mask
+    of v's exactly-zero gradients (those tokens, and each quarantined column from min(t0, tj)).
     """
     cuts = cuts or {}
+    col_cuts = col_cuts or {}
+    spans = {n: (row, start, end) for row, start, end, n in _spans(c)}
+    x = dict(x, v=np.array(x["v"], copy=True))
+    cot = dict(o=np.array(cot["o"], copy=True), s=np.array(cot["s"], copy=True))
+    for (n, h, j), tj in col_cuts.items():
+        row, _, end = spans[n]
+        x["v"][row, tj:end, h, j] = 0
+        cot["o"][row, tj:end, h, j] = 0
+        cot["s"][(n, h, j) if c.v_first else (n, h, slice(None), j)] = 0
     scale = c.K ** -0.5
     o = np.zeros_like(x["v"])
     final = np.array(x["initial_state"], copy=True)
@@ -134,14 +147,21 @@ def cut_truth(c: Case, x, cot, cuts=None):
             d["A_log"][h] += d_s["A_log"][0]
             d["dt_bias"][h] += d_s["dt_bias"][0]
             d["initial_state"][n, h] = d_s["initial_state"][0, 0]
-    return o, final, d, zero
+    zero_v = np.repeat(zero[..., None], c.V, axis=-1)
+    for (n, h, j), tj in col_cuts.items():
+        row, _, end = spans[n]
+        cj = min(tj, cuts.get((n, h), end))
+        o[row, cj:end, h, j] = np.nan
+        final[(n, h, j) if c.v_first else (n, h, slice(None), j)] = np.nan
+        zero_v[row, cj:end, h, j] = True
+    return o, final, d, zero, zero_v
 
 
 def assert_follows(got, want, tol):
-    """NaN exactly where the truth has NaN, exact zero gradients on the masked tokens, finite
-    gradients everywhere, the rest within tol (norm-wise)."""
+    """NaN exactly where the truth has NaN, exact zero gradients on the masked tokens (v: the
+    masked values), finite gradients everywhere, the rest within tol (norm-wise)."""
     o, s, grads = got
-    o_ref, s_ref, d_ref, zero = want
+    o_ref, s_ref, d_ref, zero, zero_v = want
     for name, a, ref in (("o", o, o_ref), ("final_state", s, s_ref)):
         assert np.array_equal(np.isnan(a), np.isnan(ref)), f"{name}: NaN pattern differs"
         keep = ~np.isnan(ref)
@@ -151,7 +171,8 @@ def assert_follows(got, want, tol):
         g = grads[n]
         assert np.all(np.isfinite(g)), f"non-finite d{n}"
         if n in INPUTS:
-            assert np.all(g[zero] == 0), f"d{n} not exactly zero on cut/outside tokens"
+            assert np.all(g[zero_v if n == "v" else zero] == 0), \
+                f"d{n} not exactly zero on cut/outside tokens"
         err = np.abs(g).max() if not np.any(d_ref[n]) else rel_err(g, d_ref[n])
         assert err <= tol, (f"d{n}", err)
 
@@ -261,9 +282,13 @@ def test_infinite_gate_input_is_its_limit(impl, gate):
 # ----------------------------------------------------------------------------------------
 # §3 Causal quarantine.
 
+# q, k, g and beta cut the whole head at their first non-finite token; v only its value column.
+HEAD_INPUTS = ("q", "k", "g", "beta")
+
+
 def _illegal(c: Case, name, value):
-    """Does this injected value start a quarantine under the rules?"""
-    if np.isnan(value) or name in ("q", "k", "v"):
+    """Does this injected value start a quarantine of the head under the rules?"""
+    if np.isnan(value) or name in ("q", "k"):
         return True
     if name == "beta":
         return not c.beta_sigmoid
@@ -283,9 +308,9 @@ def _inject(c, x, name, row, t, h, channel, value):
 @pytest.mark.parametrize("gate", ["plain", "softplus", "safe"])
 @pytest.mark.parametrize("impl", IMPLS, ids=IMPL_IDS)
 def test_quarantine(impl, gate):
-    """NaN and +inf in each input, at token 0, at a chunk's first token and mid-chunk, in one
-    head of one row; plain gate runs on extreme decays too. Every other (row, head) must be
-    bitwise the clean run's."""
+    """NaN and +inf in q, k, g and beta, at token 0, at a chunk's first token and mid-chunk, in
+    one head of one row; plain gate runs on extreme decays too. Every other (row, head) must
+    be bitwise the clean run's."""
     c = CONFIGS[gate]
     x, cot = inputs(c, 41)
     if gate == "plain":
@@ -294,7 +319,7 @@ def test_quarantine(impl, gate):
     assert_follows(clean, cut_truth(c, x, cot), 1e-10)
     rng = np.random.default_rng(42)
     row, h = 1, 0
-    for name in INPUTS:
+    for name in HEAD_INPUTS:
         for value in (np.nan, np.inf):
             for t in (0, 16, 21):
                 xj, truth_x = _inject(c, x, name, row, t, h, rng.integers(c.K), value)
@@ -313,18 +338,111 @@ def test_quarantine(impl, gate):
                     np.testing.assert_array_equal(got[1][other], clean[1][other], where)
 
 
+def _state_column(c: Case, n, h, j):
+    """Index of value column j of the state of (sequence n, head h), in the case's layout."""
+    return (n, h, j) if c.v_first else (n, h, slice(None), j)
+
+
+def check_column_quarantine(impl, c: Case, x, cot, *, row, n, h, j, tj, value, cuts=None,
+                            garbage=None):
+    """v[row, tj, h, j] = value (and -inf at the later token `garbage`, if given) in sequence n
+    of that row, on top of whatever x holds (a bad q/k/g/beta making `cuts`). The cotangents
+    at the column's quarantined places are dirty: NaN at do[tj, j], at the sequence's last
+    do[·, j] and in the final state's column j, random elsewhere.
+
+    Checked against the float64 truth, and bitwise against the same path's run on the input
+    with v[t >= tj, j] := 0 and those cotangents zeroed: o and the final state are that run's
+    with NaN in column j from cj = min(t0, tj) on, every gradient is that run's (dv[t >= cj, j]
+    being exactly 0)."""
+    cuts = cuts or {}
+    end = next(e for _, _, e, m in _spans(c) if m == n)
+    cj = min(tj, cuts.get((n, h), end))
+    col = (row, slice(tj, end), h, j)
+    dirty = {m: a.copy() for m, a in x.items()}
+    dirty["v"][row, tj, h, j] = value
+    if garbage is not None:
+        dirty["v"][row, garbage, h, j] = -np.inf
+    dirty_cot = dict(o=cot["o"].copy(), s=cot["s"].copy())
+    dirty_cot["o"][row, [tj, end - 1], h, j] = np.nan
+    dirty_cot["s"][_state_column(c, n, h, j)] = np.nan
+    clean = {m: a.copy() for m, a in x.items()}
+    clean["v"][col] = 0
+    clean_cot = dict(o=cot["o"].copy(), s=cot["s"].copy())
+    clean_cot["o"][col] = 0
+    clean_cot["s"][_state_column(c, n, h, j)] = 0
+
+    got = run(impl, c, dirty, dirty_cot)
+    truth_x = dict(dirty, g=np.clip(dirty["g"], -HUGE, HUGE))
+    assert_follows(got, cut_truth(c, truth_x, dirty_cot, cuts, {(n, h, j): tj}), 1e-10)
+
+    ref = run(impl, c, clean, clean_cot)
+    want_o = ref[0].copy()
+    want_o[row, cj:end, h, j] = np.nan
+    np.testing.assert_array_equal(got[0], want_o, "o")
+    want_s = ref[1].copy()
+    want_s[_state_column(c, n, h, j)] = np.nan
+    np.testing.assert_array_equal(got[1], want_s, "final state")
+    dead = (row, slice(cj, end), h, j)
+    assert np.all(got[2]["v"][dead] == 0), "dv of the quarantined column"
+    for m in GRADS:
+        a, b = got[2][m].copy(), ref[2][m].copy()
+        if m == "v":
+            a[dead] = b[dead] = 0
+        np.testing.assert_array_equal(a, b, f"d{m}")
+
+
+@pytest.mark.parametrize("v_first", [False, True], ids=["kv", "vk"])
+@pytest.mark.parametrize("gate", ["plain", "softplus", "safe"])
+@pytest.mark.parametrize("impl", IMPLS, ids=IMPL_IDS)
+def test_quarantine_v_column(impl, gate, v_first):
+    """NaN and +inf in one value v[t, j], at token 0, at a chunk's first token and mid-chunk,
+    with -inf later in the same column: only column j of that (row, head) is quarantined; the
+    other columns, heads and rows are bitwise those of the run with v[t >= tj, j] := 0."""
+    c = dataclasses.replace(CONFIGS[gate], v_first=v_first)
+    x, cot = inputs(c, 43)
+    if gate == "plain":
+        x = _extreme_decays(x, np.random.default_rng(43))
+    rng = np.random.default_rng(44)
+    row, h = 1, 0
+    for value in (np.nan, np.inf):
+        for tj in (0, 16, 21):
+            j = int(rng.integers(c.V))
+            try:
+                check_column_quarantine(impl, c, x, cot, row=row, n=row, h=h, j=j, tj=tj,
+                                        value=value, garbage=35)
+            except AssertionError as e:
+                raise AssertionError(f"v={value} at t={tj}, column {j}: {e}") from None
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=IMPL_IDS)
+def test_quarantine_v_column_and_head(impl):
+    """A bad value column and a bad k in the same head: k later (the column is cut at tj, the
+    head at t0), k earlier (both at t0), k at the same token."""
+    c = CONFIGS["safe"]
+    x, cot = inputs(c, 45)
+    row, h, j = 1, 1, 5
+    for tj, t0 in ((5, 21), (21, 5), (16, 16)):
+        xk = {m: a.copy() for m, a in x.items()}
+        xk["k"][row, t0, h, 2] = np.nan
+        try:
+            check_column_quarantine(impl, c, xk, cot, row=row, n=row, h=h, j=j, tj=tj,
+                                    value=np.nan, cuts={(row, h): t0})
+        except AssertionError as e:
+            raise AssertionError(f"v at t={tj}, k at t={t0}: {e}") from None
+
+
 @pytest.mark.parametrize("impl", IMPLS, ids=IMPL_IDS)
 def test_quarantine_varlen(impl):
     """Only the hit sequence is affected; the other sequences are bitwise the clean run's.
     Hits at a sequence's first token (sequence 2 starts at 10), at its 17th token (a chunk's
-    first token in the packed layout), mid-chunk, and on the last token of the row."""
+    first token in the packed layout), mid-chunk, and on the last token of the row; a value
+    column of sequence 2 from its 17th token on."""
     c = VARLEN
     x, cot = inputs(c, 51)
     clean = run(impl, c, x, cot)
     assert_follows(clean, cut_truth(c, x, cot), 1e-10)
-    for name, t, h, value in (("k", 10, 0, np.nan), ("v", 26, 1, np.inf),
-                              ("q", 20, 1, -np.inf), ("beta", 30, 0, np.nan),
-                              ("g", 63, 1, np.nan)):
+    for name, t, h, value in (("k", 10, 0, np.nan), ("q", 20, 1, -np.inf),
+                              ("beta", 30, 0, np.nan), ("g", 63, 1, np.nan)):
         n = int(np.searchsorted(c.cu[1:], t, side="right"))
         xj, truth_x = _inject(c, x, name, 0, t, h, 3, value)
         got = run(impl, c, xj, cot)
@@ -335,6 +453,9 @@ def test_quarantine_varlen(impl):
             np.testing.assert_array_equal(got[0][0, span], clean[0][0, span])
             np.testing.assert_array_equal(got[2]["q"][0, span], clean[2]["q"][0, span])
         np.testing.assert_array_equal(got[1][others], clean[1][others])
+    # v: sequence 2 spans [10, 37).
+    check_column_quarantine(impl, c, x, cot, row=0, n=2, h=1, j=3, tj=26, value=np.inf,
+                            garbage=30)
 
 
 # ----------------------------------------------------------------------------------------
