@@ -11,6 +11,7 @@ import numpy as np
 
 from jax_flashkda import _ffi
 from jax_flashkda.chunked import kda_chunked
+from jax_flashkda.preprocess import make_varying, varying_axes
 from jax_flashkda.reference import kda_recurrent
 
 IMPLS = ("auto", "cuda", "ffi", "chunked", "recurrent")
@@ -413,22 +414,11 @@ def _pure_vjp(cfg: _ffi.CallConfig, primals, cotangents):
 # each gradient gets its primal's type, summed over the axes its primal is replicated on (the
 # transpose of using a replicated value in per-shard work). Outside shard_map these are no-ops.
 
-def _varying_axes(x) -> frozenset:
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
-    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
-
-
-def _make_varying(x, axes):
-    missing = tuple(sorted(axes - _varying_axes(x)))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-
 def _typed_like(grad, primal):
-    extra = tuple(sorted(_varying_axes(grad) - _varying_axes(primal)))
+    extra = tuple(sorted(varying_axes(grad) - varying_axes(primal)))
     if extra:
         grad = jax.lax.psum(grad, extra)
-    return _make_varying(grad, _varying_axes(primal))
+    return make_varying(grad, varying_axes(primal))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -447,8 +437,8 @@ def _compiled_vjp(cfg: _ffi.CallConfig, backward):
     bwd = _ffi.bwd_call(cfg)
 
     def forward(*primals):
-        axes = frozenset().union(*map(_varying_axes, primals))
-        return tuple(_make_varying(out, axes) for out in fwd(*primals))
+        axes = varying_axes(*primals)
+        return tuple(make_varying(out, axes) for out in fwd(*primals))
 
     run = jax.custom_vjp(forward)
 
@@ -463,8 +453,8 @@ def _compiled_vjp(cfg: _ffi.CallConfig, backward):
                 "impl='auto' would take the chunked backward")
         platform = "cpu" if jax.default_backend() == "cpu" else "CUDA"
         if backward == "compiled" and _ffi.has_target(platform, _ffi.BWD_TARGET):
-            axes = frozenset().union(*map(_varying_axes, primals + (do, dht)))
-            outs = tuple(_make_varying(x, axes) for x in bwd(*primals, do, dht))
+            axes = varying_axes(*primals, do, dht)
+            outs = tuple(make_varying(x, axes) for x in bwd(*primals, do, dht))
             dq, dk, dv, dg, dbeta, dA_log, ddt_bias, dh0 = outs
             grads = (dq, dk, dv, dg, dbeta, dA_log.sum(0), ddt_bias.sum(0), dh0)
         else:
