@@ -423,8 +423,8 @@ def _typed_like(grad, primal):
 
 @dataclasses.dataclass(frozen=True)
 class _RefusedBackward:
-    """impl='cuda' for a call whose forward fits the CUDA target and whose backward does not:
-    taking its gradient raises, at trace time, saying why."""
+    """impl='cuda' or 'ffi' for a call whose forward fits the CUDA target and whose backward
+    does not: taking its gradient raises, at trace time, saying why."""
 
     reason: str
 
@@ -449,7 +449,7 @@ def _compiled_vjp(cfg: _ffi.CallConfig, backward):
         do, dht = cotangents
         if isinstance(backward, _RefusedBackward):
             raise ValueError(
-                f"kda: impl='cuda' cannot differentiate this call: {backward.reason}; "
+                f"kda: the CUDA backward cannot run this call: {backward.reason}; "
                 "impl='auto' would take the chunked backward")
         platform = "cpu" if jax.default_backend() == "cpu" else "CUDA"
         if backward == "compiled" and _ffi.has_target(platform, _ffi.BWD_TARGET):
