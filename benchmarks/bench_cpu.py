@@ -2,10 +2,12 @@
 
 B=1, T=4096, H=4, K=V=128, fp32, Kimi's fused mode (qk l2norm, safe gate lower_bound=-5, beta
 sigmoid). Forward, and forward+backward (gradients of every input), each under jit, after a
-warm-up, median of several runs. Writes benchmarks/results/cpu.json and cpu.md; the ratio of
-cpu_target to chunked_c64 decides what `impl="auto"` takes on CPU (ops._AUTO_PREFERS_CPU_TARGET).
+warm-up, median of several runs. Adds its rows to benchmarks/results/cpu.json (old rows stay:
+house rule) and rewrites cpu.md from all of them, one table per (date, machine, note); the ratio
+of cpu_target to chunked_c64 decides what `impl="auto"` takes on CPU
+(ops._AUTO_PREFERS_CPU_TARGET).
 
-    python benchmarks/bench_cpu.py [--runs 5]
+    python benchmarks/bench_cpu.py [--runs 5] [--note "how _kda_cpu was built"] [--date D]
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import datetime
 import functools
 import json
+import os
 import pathlib
 import platform
 import time
@@ -60,9 +63,48 @@ def median_ms(fn, args, runs):
     return float(np.median(times) * 1e3)
 
 
+def machine():
+    """The CPU's model name and core count, e.g. 'Intel(R) Xeon(R) Processor, 2 cores'."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def write_md(rows):
+    """One table per (date, device, note), oldest first; every row of cpu.json is shown."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["date"], r["device"], r.get("note", "")), []).append(r)
+    lines = [f"# CPU paths, case {CASE}", "",
+             "Median ms of jitted calls. Rows are only ever added (house rule); each run is "
+             "one table.", ""]
+    for (date, device, note), rs in groups.items():
+        ms = {(r["impl"], r["mode"]): r["ms"] for r in rs}
+        names = list(dict.fromkeys(r["impl"] for r in rs))
+        base = ms.get(("recurrent", "fwd+bwd"))
+        lines += [f"## {date}: {device}" + (f" ({note})" if note else ""), "",
+                  "| impl | fwd ms | fwd+bwd ms | fwd+bwd vs recurrent |", "|---|---|---|---|"]
+        for name in names:
+            fb = ms.get((name, "fwd+bwd"))
+            ratio = f"{base / fb:.1f}×" if base and fb else "-"
+            lines.append(f"| {name} | {ms.get((name, 'fwd'), '-')} | {fb if fb else '-'} | "
+                         f"{ratio} |")
+        lines.append("")
+    OUT.with_suffix(".md").write_text("\n".join(lines))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--note", default="", help="stored with each row, e.g. the build flags")
+    parser.add_argument("--date", default=datetime.date.today().isoformat())
+    parser.add_argument("--impls", default="", help="comma-separated subset (default: all)")
     args = parser.parse_args()
 
     x = inputs()
@@ -71,10 +113,12 @@ def main():
     impls = {"recurrent": kda_recurrent, "cpu_target": functools.partial(kda, impl="ffi", output_final_state=True)}
     for c in (16, 32, 64):
         impls[f"chunked_c{c}"] = functools.partial(kda_chunked, chunk_size=c)
+    if args.impls:
+        impls = {n: impls[n] for n in args.impls.split(",")}
 
-    device = f"{platform.processor() or platform.machine()} x{jax.local_device_count()} " \
+    device = f"{machine()}, {platform.machine()} x{jax.local_device_count()} " \
              f"({jax.devices()[0].device_kind}, jax {jax.__version__})"
-    date = datetime.date.today().isoformat()
+    date = args.date
     rows = []
     for name, impl in impls.items():
         f = loss_fn(impl)
@@ -83,24 +127,23 @@ def main():
                                argnums=tuple(range(len(order)))))
         for mode, fn in (("fwd", fwd), ("fwd+bwd", bwd)):
             ms = median_ms(fn, operands, args.runs)
-            rows.append(dict(case=CASE, impl=name, mode=mode, ms=round(ms, 2), device=device,
-                             date=date))
+            row = dict(case=CASE, impl=name, mode=mode, ms=round(ms, 2), device=device,
+                       date=date)
+            if args.note:
+                row["note"] = args.note
+            rows.append(row)
             print(f"{name:14s} {mode:8s} {ms:10.1f} ms", flush=True)
 
     base = {r["mode"]: r["ms"] for r in rows if r["impl"] == "recurrent"}
     print(f"\n{CASE}\n{'impl':14s} {'mode':8s} {'ms':>10s} {'vs recurrent':>13s}")
     for r in rows:
-        print(f"{r['impl']:14s} {r['mode']:8s} {r['ms']:10.1f} {base[r['mode']] / r['ms']:12.1f}x")
+        ratio = f"{base[r['mode']] / r['ms']:12.1f}x" if r["mode"] in base else f"{'-':>13s}"
+        print(f"{r['impl']:14s} {r['mode']:8s} {r['ms']:10.1f} {ratio}")
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(rows, indent=1) + "\n")
-    lines = [f"# CPU paths: {device}, {date}", "", f"Case {CASE}, median ms of jitted calls.", "",
-             "| impl | fwd ms | fwd+bwd ms | fwd+bwd vs recurrent |", "|---|---|---|---|"]
-    ms = {(r["impl"], r["mode"]): r["ms"] for r in rows}
-    for name in impls:
-        lines.append(f"| {name} | {ms[(name, 'fwd')]} | {ms[(name, 'fwd+bwd')]} | "
-                     f"{base['fwd+bwd'] / ms[(name, 'fwd+bwd')]:.1f}× |")
-    OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
-
+    old = json.loads(OUT.read_text()) if OUT.exists() else []
+    all_rows = old + rows
+    OUT.write_text(json.dumps(all_rows, indent=1) + "\n")
+    write_md(all_rows)
 
 if __name__ == "__main__":
     main()
