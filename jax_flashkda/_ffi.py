@@ -75,6 +75,11 @@ def _registered() -> dict[str, frozenset[str]]:
     return found
 
 
+# At import, so that a module exported with these targets (jax.export) runs in a process that
+# has only imported jax_flashkda. A missing extension is not an error here (see load_error).
+_registered()
+
+
 def load_error(platform: str) -> str | None:
     """None when the extension module for `platform` ("cpu" or "CUDA") is loaded, else why not."""
     if platform in _registered():

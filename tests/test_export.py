@@ -228,12 +228,8 @@ def test_fresh_process_round_trip(fresh_process):
     assert_same(loaded, direct)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "_ffi.py registers the FFI targets lazily (on the first kda call that asks for a compiled "
-    "target), not at `import jax_flashkda`: a fresh process that only imports the package and "
-    "calls a deserialized module gets NOT_FOUND: No FFI handler registered for "
-    "jax_flashkda_fwd"))
 def test_fresh_process_import_is_enough(fresh_process):
+    """Importing the package registers its FFI targets, so a deserialized module runs."""
     stdout, _, _ = fresh_process
     assert "PLAIN_IMPORT_OK" in stdout, stdout
 
