@@ -11,7 +11,7 @@ import numpy as np
 
 from jax_flashkda import _ffi
 from jax_flashkda.chunked import kda_chunked
-from jax_flashkda.preprocess import make_varying, varying_axes
+from jax_flashkda.preprocess import empty_result, make_varying, varying_axes
 from jax_flashkda.reference import kda_recurrent
 
 IMPLS = ("auto", "cuda", "ffi", "chunked", "recurrent")
@@ -82,16 +82,10 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=
 
 def _kda_empty(q, v, initial_state, state_v_first, cu_seqlens, output_final_state):
     """B = 0 or T = 0: no token, so o is empty and every sequence keeps its initial state."""
-    b, _, h, kd = q.shape
-    vd = v.shape[-1]
-    if not output_final_state:
-        return jnp.zeros(v.shape, v.dtype), None
-    if initial_state is None:
-        n = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
-        shape = (n, h, vd, kd) if state_v_first else (n, h, kd, vd)
-        state_dtype = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
-        initial_state = jnp.zeros(shape, state_dtype)
-    return jnp.zeros(v.shape, v.dtype), initial_state
+    n = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    state_dtype = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    o, final_state = empty_result(v, initial_state, state_v_first, n, q.shape[-1], state_dtype)
+    return o, (final_state if output_final_state else None)
 
 
 def check_cu_seqlens(cu_seqlens, num_tokens: int):
