@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jax_flashkda
 from jax_flashkda import kda
 from jax_flashkda.nn import KimiDeltaAttention
 from jax_flashkda.ops import _cpu_target_ready
@@ -32,7 +33,9 @@ FWD, BWD = "jax_flashkda_fwd", "jax_flashkda_bwd"
 # What a user passes to export a function that runs the compiled targets.
 DISABLED = [jax.export.DisabledSafetyCheck.custom_call(FWD),
             jax.export.DisabledSafetyCheck.custom_call(BWD)]
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+# The fresh process imports the same jax_flashkda as this one (the installed package in CI, the
+# source tree with its in-place modules on a developer's machine).
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(jax_flashkda.__file__)))
 
 needs_cpu_target = pytest.mark.skipif(
     jax.default_backend() != "cpu" or not _cpu_target_ready(),
@@ -215,10 +218,11 @@ def fresh_process(tmp_path_factory):
     (tmp / "kda.bin").write_bytes(exported.serialize())
     np.savez(tmp / "args.npz", *[np.asarray(a) for a in args])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (os.path.abspath(ROOT), os.environ.get("PYTHONPATH")) if p))
+        p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.run(
         [sys.executable, "-c", _LOADER, str(tmp / "kda.bin"), str(tmp / "args.npz"),
-         str(tmp / "o.npy")], capture_output=True, text=True, env=env, timeout=120)
+         str(tmp / "o.npy")], capture_output=True, text=True, env=env, timeout=120,
+        cwd=tmp)  # `python -c` puts its working directory first on sys.path
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, np.load(tmp / "o.npy"), np.asarray(f(*args)[0])
 
