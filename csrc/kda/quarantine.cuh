@@ -16,7 +16,7 @@
 
 namespace kda {
 
-// Bit i set when 16-bit element i of `words` (bf16 or f16) is NaN or ±inf.
+// Bit i set when 16-bit element i of `raw` (bf16 or f16) is NaN or ±inf.
 template <typename Tin>
 __device__ __forceinline__ uint32_t non_finite_mask8(const uint4& raw) {
   constexpr uint32_t kExp = std::is_same_v<Tin, __half> ? 0x7c00u : 0x7f80u;
