@@ -1,4 +1,4 @@
-"""Chunk-parallel KDA in pure JAX (design §1, chunk form): the fallback on every platform.
+"""Chunk-parallel KDA in pure JAX (docs/math.md §2, the chunk form): the fallback on every platform.
 
 Everything that does not depend on the carried state (decays, L, Aqk, the unit-lower solve, W,
 U) is computed for all chunks at once; only the state update runs in a lax.scan over chunks,
@@ -27,7 +27,7 @@ from jax_flashkda.reference import sequence_layout
 
 SUB_CHUNK = 16
 # exp(±80) is inside the fp32 range (and bf16's, which shares its exponent): the largest
-# in-sub-chunk decay sum for which the diagonal blocks may be factored (design §1, §7).
+# in-sub-chunk decay sum for which the diagonal blocks may be factored (docs/math.md §2).
 SAFE_SPAN = 80.0
 # Training (fwd+bwd) on a 2-core CPU at T=4096 H=4 K=V=128 fp32: 64 ≈ 32 (772 / 774 ms) < 16
 # (1004 ms); 64 keeps fewer scan steps and stored per-chunk states. See

@@ -1,6 +1,6 @@
-"""Token-parallel preprocessing shared by the pure-JAX paths (design §1, docs/robustness.md).
+"""Token-parallel preprocessing shared by the pure-JAX paths (docs/math.md §1, docs/robustness.md).
 
-Everything here is plain elementwise JAX so that autodiff produces the gradients of design §1
+Everything here is plain elementwise JAX so that autodiff produces the gradients of docs/math.md §3
 (l2norm, beta sigmoid, gate activations) without hand-written rules. Arguments arrive already
 validated by ops.py; only cheap internal invariants are asserted.
 

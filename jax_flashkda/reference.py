@@ -1,4 +1,4 @@
-"""The oracle: KDA as the token-by-token recurrence of design §1, one lax.scan over tokens.
+"""The oracle: KDA as the token-by-token recurrence of docs/math.md §1, one lax.scan over tokens.
 
 Slow by construction (T dependent rank-1 updates) and meant to be obviously right: every other
 path is tested against it, and it is tested against an independent NumPy loop in float64.

@@ -1,5 +1,5 @@
 """Our kernels alone, for tuning: forward, backward and forward+backward times and the peak
-memory forward+backward adds, at the shapes of design.md §6 (l2norm + safe gate -5 + beta
+memory forward+backward adds, at the shapes of docs/performance.md (l2norm + safe gate -5 + beta
 sigmoid, bf16, D = 128, fp32 state). Side-by-side numbers with the peers come from
 benchmarks/bench_gpu.py; this prints only our own milliseconds.
 

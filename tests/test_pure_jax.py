@@ -1,7 +1,7 @@
 """The pure-JAX paths (reference recurrence and chunked) against an independent NumPy truth.
 
 The truth is a float64 token loop written here, forward and backward (the token-form gradients
-of design §1, including the preprocessing), so autodiff of both JAX paths is checked against
+of docs/math.md §3, including the preprocessing), so autodiff of both JAX paths is checked against
 hand-derived gradients, not against itself. Errors are norm-wise: ‖x − ref‖ / ‖ref‖.
 """
 

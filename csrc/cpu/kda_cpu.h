@@ -1,4 +1,4 @@
-// Kimi Delta Attention on the CPU: the token recurrence of design §1, forward and backward.
+// Kimi Delta Attention on the CPU: the token recurrence of docs/math.md §1, forward and backward.
 // Plain C++ (no XLA types) so the FFI handlers are the only code that knows about XLA.
 // Out-of-spec input follows docs/robustness.md: offsets are made legal, log-decays are floored
 // at kda_rules::kLogDecayFloor, and non-finite input is quarantined causally: per sequence and
