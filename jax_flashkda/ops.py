@@ -11,7 +11,7 @@ import numpy as np
 
 from jax_flashkda import _ffi
 from jax_flashkda.chunked import kda_chunked
-from jax_flashkda.preprocess import empty_result, make_varying, varying_axes
+from jax_flashkda.preprocess import clip_offsets, empty_result, make_varying, varying_axes
 from jax_flashkda.reference import kda_recurrent
 
 IMPLS = ("auto", "cuda", "ffi", "chunked", "recurrent")
@@ -186,9 +186,9 @@ def _check(q, k, v, g, beta, scale, initial_state, use_gate, A_log, dt_bias, low
                     f"kda: cu_seqlens must start at 0, be non-decreasing and end at T={t}, "
                     f"got {offsets}")
         elif jnp.dtype(cu_seqlens.dtype) != jnp.int32:
-            # Traced offsets are made legal on device (docs/robustness.md §1): clip into [0, T]
-            # before narrowing to int32 so that a wide or unsigned value cannot wrap around.
-            cu_seqlens = jnp.clip(cu_seqlens, 0, t)
+            # Traced offsets are made legal on device (docs/robustness.md §1); a wide or
+            # unsigned value is clipped into [0, T] first, so narrowing cannot wrap it around.
+            cu_seqlens = clip_offsets(cu_seqlens, t)
         cu_seqlens = jnp.asarray(cu_seqlens, jnp.int32)
 
     if initial_state is not None:

@@ -58,8 +58,8 @@ def make_varying(x, axes):
 # ---------------------------------------------------------------------------------------
 # Offsets (robustness §1).
 
-def legal_offsets(cu_seqlens, T: int) -> jax.Array:
-    """c'[i] = max(clip(c[0], 0, T), ..., clip(c[i], 0, T)) as int32; works on traced offsets.
+def clip_offsets(cu_seqlens, T: int) -> jax.Array:
+    """Offsets clipped into [0, T] as int32; works on traced offsets.
 
     Clipping happens in the input's own dtype, before the cast, so an int64 or uint32 offset
     beyond int32 range is clipped rather than wrapped; a NumPy array is clipped by NumPy,
@@ -72,7 +72,12 @@ def legal_offsets(cu_seqlens, T: int) -> jax.Array:
         c = jnp.minimum(c, T)
     else:
         c = jnp.clip(c, 0, T)
-    return jax.lax.cummax(c.astype(jnp.int32), axis=0)
+    return c.astype(jnp.int32)
+
+
+def legal_offsets(cu_seqlens, T: int) -> jax.Array:
+    """c'[i] = max(clip(c[0], 0, T), ..., clip(c[i], 0, T)) as int32; works on traced offsets."""
+    return jax.lax.cummax(clip_offsets(cu_seqlens, T), axis=0)
 
 
 def token_sequences(cu: jax.Array, T: int):

@@ -76,10 +76,6 @@ __device__ __forceinline__ bool non_finite(float x) {
   return (__float_as_uint(x) & 0x7f800000u) == 0x7f800000u;
 }
 
-// "No dead row" in the backward's dead_rows / dead_cols (docs/robustness.md §3): the int of
-// four 0x7f bytes, so that one cudaMemsetAsync fills them; above any token row (< 2^29).
-constexpr int kNoDeadRow = 0x7f7f7f7f;
-
 // The floor of docs/robustness.md §2, as a select so that NaN stays NaN (fmaxf would drop it).
 __device__ __forceinline__ bool below_log_decay_floor(float g) {
   return g < kda_rules::kLogDecayFloor;
@@ -185,7 +181,7 @@ struct PrepAux {
 // The backward's prep (K = 128): records as above with Q̃ and Aqk in the dtype of q, and a
 // PrepAux per (head, chunk slot), both indexed h·slots + slot; and, per (sequence, head), the
 // first row with a non-finite q, k, β or log-decay lowered into dead_rows[n·H + h] (atomicMin;
-// the caller fills it with kNoDeadRow first). Defined in kda_fwd.cu.
+// the caller fills it with quarantine.cuh's kNoDeadRow first). Defined in kda_fwd.cu.
 cudaError_t prep_for_backward(const FwdParams& p, uint8_t* recs, PrepAux* aux, int* dead_rows,
                               int slots, cudaStream_t stream);
 

@@ -16,6 +16,10 @@
 
 namespace kda {
 
+// "No dead row" in the backward's dead_rows / dead_cols (docs/robustness.md §3): the int of
+// four 0x7f bytes, so that one cudaMemsetAsync fills them; above any token row (< 2^29).
+constexpr int kNoDeadRow = 0x7f7f7f7f;
+
 // Bit i set when 16-bit element i of `raw` (bf16 or f16) is NaN or ±inf.
 template <typename Tin>
 __device__ __forceinline__ uint32_t non_finite_mask8(const uint4& raw) {
