@@ -42,7 +42,7 @@ NB_MODULE(KDA_MODULE, m) {
     kda::BwdParams p;
     p.B = static_cast<int>(B), p.T = static_cast<int>(T), p.H = static_cast<int>(H);
     p.K = static_cast<int>(K), p.V = static_cast<int>(V), p.N = static_cast<int>(N);
-    p.is_varlen = is_varlen;
+    p.attrs.is_varlen = is_varlen;
     p.qkv_dtype = f16 ? kda::DType::kF16 : kda::DType::kBF16;
     const char* why = backward ? kda::bwd_unsupported(p) : kda::fwd_unsupported(p);
     if (why) return std::string(why);

@@ -237,7 +237,7 @@ int64_t padded_v(int64_t V) { return (V + kBlock - 1) / kBlock * kBlock; }
 // are made legal instead of rejected: c'[i] = max(clip(c[0], 0, T), ..., clip(c[i], 0, T)).
 // Computed in int64 from a copy, so INT32_MIN / INT32_MAX entries clip without overflow and no
 // later index depends on the raw values.
-std::vector<int64_t> legal_offsets(const KdaShape& shape, const KdaParams& params,
+std::vector<int64_t> legal_offsets(const KdaShape& shape, const Attributes& params,
                                    const int32_t* cu) {
   if (!params.is_varlen) return {};
   std::vector<int64_t> offsets(shape.N + 1);
@@ -251,12 +251,12 @@ std::vector<int64_t> legal_offsets(const KdaShape& shape, const KdaParams& param
 
 struct Problem {
   const KdaShape& shape;
-  const KdaParams& params;
+  const Attributes& params;
   const KdaInputs& in;
   int64_t vp;                    // V padded to kBlock
   std::vector<int64_t> offsets;  // the legal cu_seqlens (varlen only)
 
-  Problem(const KdaShape& s, const KdaParams& pr, const KdaInputs& i)
+  Problem(const KdaShape& s, const Attributes& pr, const KdaInputs& i)
       : shape(s), params(pr), in(i), vp(padded_v(s.V)),
         offsets(legal_offsets(s, pr, i.cu_seqlens)) {}
 
@@ -354,13 +354,14 @@ bool prepare_token(const Problem& p, int64_t row, int64_t t, int64_t h, ColumnCu
     c.rq[s] = c.rk[s] = 1.f;
     finite &= all_finite(q, K) & all_finite(k, K);
   }
-  if (p.params.gate_mode != 0) {
+  if (p.params.gate_mode != GateMode::kLogDecay) {
     const float a = std::exp(p.in.A_log[h]);
     const float* bias = p.in.dt_bias + h * K;
     for (int64_t i = 0; i < K; ++i) {
       const float x = g[i] + bias[i];
       c.x[s * K + i] = x;
-      g[i] = p.params.gate_mode == 1 ? -a * softplus(x) : p.params.lower_bound * sigmoid(a * x);
+      g[i] = p.params.gate_mode == GateMode::kSoftplus ? -a * softplus(x)
+                                                      : p.params.lower_bound * sigmoid(a * x);
     }
   }
   for (int64_t i = 0; i < K; ++i) {
@@ -598,7 +599,7 @@ void zero_uncovered(const Problem& p, const Tensor& t, int64_t width) {
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
-void kda_forward(const KdaShape& shape, const KdaParams& params, const KdaInputs& in,
+void kda_forward(const KdaShape& shape, const Attributes& params, const KdaInputs& in,
                  const KdaFwdOutputs& out) {
   const int64_t K = shape.K, V = shape.V;
   const Problem p(shape, params, in);
@@ -651,7 +652,7 @@ void kda_forward(const KdaShape& shape, const KdaParams& params, const KdaInputs
 // ---------------------------------------------------------------------------------------------
 // Backward.
 
-void kda_backward(const KdaShape& shape, const KdaParams& params, const KdaInputs& in,
+void kda_backward(const KdaShape& shape, const Attributes& params, const KdaInputs& in,
                   Tensor do_, const float* dfinal_state, const KdaBwdOutputs& out) {
   const int64_t K = shape.K, V = shape.V, H = shape.H;
   const Problem p(shape, params, in);
@@ -719,7 +720,7 @@ void kda_backward(const KdaShape& shape, const KdaParams& params, const KdaInput
     const int64_t chunks = (stop - sp.begin + kChunk - 1) / kChunk;
     double dA = 0.0;
     double* dbias = &dbias_part[item * K];
-    const float a = params.gate_mode != 0 ? std::exp(in.A_log[h]) : 0.f;
+    const float a = params.gate_mode != GateMode::kLogDecay ? std::exp(in.A_log[h]) : 0.f;
 
     for (int64_t c = chunks - 1; c >= 0; --c) {
       const int64_t start = sp.begin + c * kChunk, len = std::min(kChunk, stop - start);
@@ -767,13 +768,13 @@ void kda_backward(const KdaShape& shape, const KdaParams& params, const KdaInput
         }
         float dbeta = cs.wu[s];
         if (params.use_beta_sigmoid) dbeta *= b * (1.f - b);
-        if (params.gate_mode != 0) {
+        if (params.gate_mode != GateMode::kLogDecay) {
           const float* x = &ch.x[s * K];
           for (int64_t i = 0; i < K; ++i) {
             // A floored log-decay depends on nothing; its pre-activation may be infinite.
             if (floored(g[i])) continue;
             float dx;
-            if (params.gate_mode == 1) {
+            if (params.gate_mode == GateMode::kSoftplus) {
               dx = -sc.dg[i] * a * sigmoid(x[i]);
               dA += static_cast<double>(sc.dg[i]) * g[i];
             } else {

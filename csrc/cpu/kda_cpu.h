@@ -9,9 +9,9 @@
 
 #include <cstdint>
 
-namespace jax_flashkda::cpu {
+#include "common/attributes.h"
 
-enum class DType { kF32, kBF16, kF16 };
+namespace jax_flashkda::cpu {
 
 // A tensor the kernels read or write in its own dtype; all math happens in fp32.
 struct Tensor {
@@ -22,16 +22,6 @@ struct Tensor {
 struct KdaShape {
   int64_t B, T, H, K, V;
   int64_t N;  // sequences: B, or len(cu_seqlens) - 1 when varlen
-};
-
-struct KdaParams {
-  float scale;
-  bool use_qk_l2norm;
-  bool use_beta_sigmoid;
-  int32_t gate_mode;  // 0: g is the log-decay, 1: softplus gate, 2: safe (sigmoid) gate
-  float lower_bound;
-  bool state_v_first;
-  bool is_varlen;
 };
 
 // The operands shared by forward and backward (contract operands 0-8).
@@ -55,11 +45,11 @@ struct KdaBwdOutputs {
   float* dinitial_state;   // same layout as initial_state
 };
 
-void kda_forward(const KdaShape& shape, const KdaParams& params, const KdaInputs& in,
+void kda_forward(const KdaShape& shape, const Attributes& params, const KdaInputs& in,
                  const KdaFwdOutputs& out);
 
 // do_ is [B, T, H, V]; dfinal_state has the state layout.
-void kda_backward(const KdaShape& shape, const KdaParams& params, const KdaInputs& in,
+void kda_backward(const KdaShape& shape, const Attributes& params, const KdaInputs& in,
                   Tensor do_, const float* dfinal_state, const KdaBwdOutputs& out);
 
 }  // namespace jax_flashkda::cpu

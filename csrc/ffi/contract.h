@@ -1,12 +1,16 @@
 // The checks and FFI signatures that docs/ffi_contract.md imposes on every handler, whatever
-// the target: operand shapes, the fixed-dtype operands, the attributes. What a target accepts
-// beyond that (which float dtypes, which sizes) stays in its own handler.
+// the target: operand shapes, the fixed-dtype operands, the attributes (decoded once, as
+// jax_flashkda::Attributes). What a target accepts beyond that (which float dtypes, which
+// sizes) stays in its own handler.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "common/attributes.h"
 #include "xla/ffi/api/ffi.h"
 
 #define KDA_RETURN_IF_ERROR(expr)            \
@@ -14,6 +18,33 @@
     ::xla::ffi::Error kda_err_ = (expr);     \
     if (kda_err_.failure()) return kda_err_; \
   } while (0)
+
+// The attribute dictionary of either call decodes into one Attributes. The dictionary must hold
+// exactly these seven names (jax_flashkda/_ffi.py CallConfig.attributes); gate_mode arrives as
+// an int32 and becomes a GateMode as is (check_inputs refuses values outside the enum).
+XLA_FFI_REGISTER_ENUM_ATTR_DECODING(jax_flashkda::GateMode);
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_flashkda::Attributes,
+                                      StructMember<float>("scale"),
+                                      StructMember<float>("lower_bound"),
+                                      StructMember<jax_flashkda::GateMode>("gate_mode"),
+                                      StructMember<bool>("use_qk_l2norm"),
+                                      StructMember<bool>("use_beta_sigmoid"),
+                                      StructMember<bool>("state_v_first"),
+                                      StructMember<bool>("is_varlen"));
+// The decoder fills the struct by aggregate initialisation in the order listed above.
+static_assert(offsetof(jax_flashkda::Attributes, scale) <
+                      offsetof(jax_flashkda::Attributes, lower_bound) &&
+                  offsetof(jax_flashkda::Attributes, lower_bound) <
+                      offsetof(jax_flashkda::Attributes, gate_mode) &&
+                  offsetof(jax_flashkda::Attributes, gate_mode) <
+                      offsetof(jax_flashkda::Attributes, use_qk_l2norm) &&
+                  offsetof(jax_flashkda::Attributes, use_qk_l2norm) <
+                      offsetof(jax_flashkda::Attributes, use_beta_sigmoid) &&
+                  offsetof(jax_flashkda::Attributes, use_beta_sigmoid) <
+                      offsetof(jax_flashkda::Attributes, state_v_first) &&
+                  offsetof(jax_flashkda::Attributes, state_v_first) <
+                      offsetof(jax_flashkda::Attributes, is_varlen),
+              "Attributes' fields in the order of its StructMember list");
 
 // Arguments, results and attributes of the two calls, appended to a binding that may already
 // hold the target's contexts (the CUDA stream and scratch allocator).
@@ -28,32 +59,25 @@
       .Arg<::xla::ffi::AnyBuffer>()    /* initial_state */                             \
       .Arg<::xla::ffi::AnyBuffer>()    /* cu_seqlens */
 
-#define KDA_CONTRACT_ATTRIBUTES(binding) \
-  binding.Attr<float>("scale")           \
-      .Attr<bool>("use_qk_l2norm")       \
-      .Attr<bool>("use_beta_sigmoid")    \
-      .Attr<int32_t>("gate_mode")        \
-      .Attr<float>("lower_bound")        \
-      .Attr<bool>("state_v_first")       \
-      .Attr<bool>("is_varlen")
+#define KDA_FWD_SIGNATURE(binding)                                 \
+  KDA_CONTRACT_INPUTS(binding)                                     \
+      .Ret<::xla::ffi::AnyBuffer>() /* o */                        \
+      .Ret<::xla::ffi::AnyBuffer>() /* final_state */              \
+      .Attrs<::jax_flashkda::Attributes>()
 
-#define KDA_FWD_SIGNATURE(binding)                                           \
-  KDA_CONTRACT_ATTRIBUTES(KDA_CONTRACT_INPUTS(binding)                       \
-                              .Ret<::xla::ffi::AnyBuffer>() /* o */          \
-                              .Ret<::xla::ffi::AnyBuffer>() /* final_state */)
-
-#define KDA_BWD_SIGNATURE(binding)                                              \
-  KDA_CONTRACT_ATTRIBUTES(KDA_CONTRACT_INPUTS(binding)                          \
-                              .Arg<::xla::ffi::AnyBuffer>() /* do */            \
-                              .Arg<::xla::ffi::AnyBuffer>() /* dfinal_state */  \
-                              .Ret<::xla::ffi::AnyBuffer>() /* dq */            \
-                              .Ret<::xla::ffi::AnyBuffer>() /* dk */            \
-                              .Ret<::xla::ffi::AnyBuffer>() /* dv */            \
-                              .Ret<::xla::ffi::AnyBuffer>() /* dg */            \
-                              .Ret<::xla::ffi::AnyBuffer>() /* dbeta */         \
-                              .Ret<::xla::ffi::AnyBuffer>() /* dA_log */        \
-                              .Ret<::xla::ffi::AnyBuffer>() /* ddt_bias */      \
-                              .Ret<::xla::ffi::AnyBuffer>() /* dinitial_state */)
+#define KDA_BWD_SIGNATURE(binding)                                 \
+  KDA_CONTRACT_INPUTS(binding)                                     \
+      .Arg<::xla::ffi::AnyBuffer>() /* do */                       \
+      .Arg<::xla::ffi::AnyBuffer>() /* dfinal_state */             \
+      .Ret<::xla::ffi::AnyBuffer>() /* dq */                       \
+      .Ret<::xla::ffi::AnyBuffer>() /* dk */                       \
+      .Ret<::xla::ffi::AnyBuffer>() /* dv */                       \
+      .Ret<::xla::ffi::AnyBuffer>() /* dg */                       \
+      .Ret<::xla::ffi::AnyBuffer>() /* dbeta */                    \
+      .Ret<::xla::ffi::AnyBuffer>() /* dA_log */                   \
+      .Ret<::xla::ffi::AnyBuffer>() /* ddt_bias */                 \
+      .Ret<::xla::ffi::AnyBuffer>() /* dinitial_state */           \
+      .Attrs<::jax_flashkda::Attributes>()
 
 namespace jax_flashkda::contract {
 
@@ -105,6 +129,27 @@ inline ffi::Error check_f32(const std::string& who, const ffi::AnyBuffer& buffer
   return check_dtype(who, buffer, name, ffi::DataType::F32, "float32");
 }
 
+// Operands 0-8, shared by both calls.
+struct Inputs {
+  ffi::AnyBuffer q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens;
+};
+
+// The backward's cotangents (operands 9, 10) and its results.
+struct BwdBuffers {
+  ffi::AnyBuffer dout, dfinal_state;
+  ffi::AnyBuffer dq, dk, dv, dg, dbeta, dA_log, ddt_bias, dinitial_state;
+};
+
+// The element type of a float operand or result; nullopt for any other.
+inline std::optional<DType> float_dtype(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::BF16: return DType::kBF16;
+    case ffi::DataType::F16: return DType::kF16;
+    case ffi::DataType::F32: return DType::kF32;
+    default: return std::nullopt;
+  }
+}
+
 struct Sizes {
   int64_t B = 0, T = 0, H = 0, K = 0, V = 0;
   int64_t N = 0;               // sequences: B, or len(cu_seqlens) - 1 when varlen
@@ -113,64 +158,60 @@ struct Sizes {
 
 // Operands 0-8 and the attributes of either call. q, k, v must share a dtype; which float
 // dtypes q..beta may have is the target's to say.
-inline ffi::Error check_inputs(const std::string& who, const ffi::AnyBuffer& q,
-                               const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
-                               const ffi::AnyBuffer& g, const ffi::AnyBuffer& beta,
-                               const ffi::AnyBuffer& A_log, const ffi::AnyBuffer& dt_bias,
-                               const ffi::AnyBuffer& initial_state,
-                               const ffi::AnyBuffer& cu_seqlens, int32_t gate_mode,
-                               float lower_bound, bool state_v_first, bool is_varlen,
+inline ffi::Error check_inputs(const std::string& who, const Inputs& in, const Attributes& attrs,
                                Sizes& s) {
-  const auto qd = q.dimensions();
-  const auto vd = v.dimensions();
+  const auto qd = in.q.dimensions();
+  const auto vd = in.v.dimensions();
   if (qd.size() != 4) return invalid(who, "q must have rank 4 [B,T,H,K], got " + shape_string(qd));
   if (vd.size() != 4) return invalid(who, "v must have rank 4 [B,T,H,V], got " + shape_string(vd));
   s.B = qd[0], s.T = qd[1], s.H = qd[2], s.K = qd[3], s.V = vd[3];
-  KDA_RETURN_IF_ERROR(check_like(who, k, "k", {s.B, s.T, s.H, s.K}, q, "q"));
-  KDA_RETURN_IF_ERROR(check_like(who, v, "v", {s.B, s.T, s.H, s.V}, q, "q"));
-  KDA_RETURN_IF_ERROR(check_shape(who, g, "g", {s.B, s.T, s.H, s.K}));
-  KDA_RETURN_IF_ERROR(check_shape(who, beta, "beta", {s.B, s.T, s.H}));
-  KDA_RETURN_IF_ERROR(check_f32(who, A_log, "A_log", {s.H}));
-  KDA_RETURN_IF_ERROR(check_f32(who, dt_bias, "dt_bias", {s.H, s.K}));
-  KDA_RETURN_IF_ERROR(check_dtype(who, cu_seqlens, "cu_seqlens", ffi::DataType::S32, "int32"));
-  if (cu_seqlens.dimensions().size() != 1 || cu_seqlens.dimensions()[0] < 1)
-    return invalid(who, "cu_seqlens must have shape [N+1], got " +
-                            shape_string(cu_seqlens.dimensions()));
-  if (gate_mode < 0 || gate_mode > 2)
-    return invalid(who, "gate_mode must be 0, 1 or 2, got " + std::to_string(gate_mode));
-  if (gate_mode == 2 && !(lower_bound < 0.f))
+  KDA_RETURN_IF_ERROR(check_like(who, in.k, "k", {s.B, s.T, s.H, s.K}, in.q, "q"));
+  KDA_RETURN_IF_ERROR(check_like(who, in.v, "v", {s.B, s.T, s.H, s.V}, in.q, "q"));
+  KDA_RETURN_IF_ERROR(check_shape(who, in.g, "g", {s.B, s.T, s.H, s.K}));
+  KDA_RETURN_IF_ERROR(check_shape(who, in.beta, "beta", {s.B, s.T, s.H}));
+  KDA_RETURN_IF_ERROR(check_f32(who, in.A_log, "A_log", {s.H}));
+  KDA_RETURN_IF_ERROR(check_f32(who, in.dt_bias, "dt_bias", {s.H, s.K}));
+  KDA_RETURN_IF_ERROR(
+      check_dtype(who, in.cu_seqlens, "cu_seqlens", ffi::DataType::S32, "int32"));
+  const auto cd = in.cu_seqlens.dimensions();
+  if (cd.size() != 1 || cd[0] < 1)
+    return invalid(who, "cu_seqlens must have shape [N+1], got " + shape_string(cd));
+  if (!valid_gate_mode(attrs.gate_mode))
+    return invalid(who, "gate_mode must be 0, 1 or 2, got " +
+                            std::to_string(static_cast<int32_t>(attrs.gate_mode)));
+  if (attrs.gate_mode == GateMode::kSafe && !(attrs.lower_bound < 0.f))
     return invalid(who, "lower_bound must be negative with gate_mode 2");
   s.N = s.B;
-  if (is_varlen) {
+  if (attrs.is_varlen) {
     if (s.B != 1)
       return invalid(who, "cu_seqlens needs batch size 1, got B=" + std::to_string(s.B));
-    s.N = cu_seqlens.dimensions()[0] - 1;
+    s.N = cd[0] - 1;
   }
-  s.state = state_v_first ? std::vector<int64_t>{s.N, s.H, s.V, s.K}
-                          : std::vector<int64_t>{s.N, s.H, s.K, s.V};
-  return check_f32(who, initial_state, "initial_state", s.state);
+  s.state = attrs.state_v_first ? std::vector<int64_t>{s.N, s.H, s.V, s.K}
+                                : std::vector<int64_t>{s.N, s.H, s.K, s.V};
+  return check_f32(who, in.initial_state, "initial_state", s.state);
+}
+
+// The forward's results.
+inline ffi::Error check_forward(const std::string& who, const Sizes& s, const Inputs& in,
+                                const ffi::AnyBuffer& o, const ffi::AnyBuffer& final_state) {
+  KDA_RETURN_IF_ERROR(check_like(who, o, "o", {s.B, s.T, s.H, s.V}, in.v, "v"));
+  return check_f32(who, final_state, "final_state", s.state);
 }
 
 // The backward's extra operands and its results.
-inline ffi::Error check_backward(const std::string& who, const Sizes& s, const ffi::AnyBuffer& q,
-                                 const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
-                                 const ffi::AnyBuffer& g, const ffi::AnyBuffer& beta,
-                                 const ffi::AnyBuffer& dout, const ffi::AnyBuffer& dfinal_state,
-                                 const ffi::AnyBuffer& dq, const ffi::AnyBuffer& dk,
-                                 const ffi::AnyBuffer& dv, const ffi::AnyBuffer& dg,
-                                 const ffi::AnyBuffer& dbeta, const ffi::AnyBuffer& dA_log,
-                                 const ffi::AnyBuffer& ddt_bias,
-                                 const ffi::AnyBuffer& dinitial_state) {
-  KDA_RETURN_IF_ERROR(check_like(who, dout, "do", {s.B, s.T, s.H, s.V}, v, "v"));
-  KDA_RETURN_IF_ERROR(check_f32(who, dfinal_state, "dfinal_state", s.state));
-  KDA_RETURN_IF_ERROR(check_like(who, dq, "dq", {s.B, s.T, s.H, s.K}, q, "q"));
-  KDA_RETURN_IF_ERROR(check_like(who, dk, "dk", {s.B, s.T, s.H, s.K}, k, "k"));
-  KDA_RETURN_IF_ERROR(check_like(who, dv, "dv", {s.B, s.T, s.H, s.V}, v, "v"));
-  KDA_RETURN_IF_ERROR(check_like(who, dg, "dg", {s.B, s.T, s.H, s.K}, g, "g"));
-  KDA_RETURN_IF_ERROR(check_like(who, dbeta, "dbeta", {s.B, s.T, s.H}, beta, "beta"));
-  KDA_RETURN_IF_ERROR(check_f32(who, dA_log, "dA_log", {s.B, s.H}));
-  KDA_RETURN_IF_ERROR(check_f32(who, ddt_bias, "ddt_bias", {s.B, s.H, s.K}));
-  return check_f32(who, dinitial_state, "dinitial_state", s.state);
+inline ffi::Error check_backward(const std::string& who, const Sizes& s, const Inputs& in,
+                                 const BwdBuffers& b) {
+  KDA_RETURN_IF_ERROR(check_like(who, b.dout, "do", {s.B, s.T, s.H, s.V}, in.v, "v"));
+  KDA_RETURN_IF_ERROR(check_f32(who, b.dfinal_state, "dfinal_state", s.state));
+  KDA_RETURN_IF_ERROR(check_like(who, b.dq, "dq", {s.B, s.T, s.H, s.K}, in.q, "q"));
+  KDA_RETURN_IF_ERROR(check_like(who, b.dk, "dk", {s.B, s.T, s.H, s.K}, in.k, "k"));
+  KDA_RETURN_IF_ERROR(check_like(who, b.dv, "dv", {s.B, s.T, s.H, s.V}, in.v, "v"));
+  KDA_RETURN_IF_ERROR(check_like(who, b.dg, "dg", {s.B, s.T, s.H, s.K}, in.g, "g"));
+  KDA_RETURN_IF_ERROR(check_like(who, b.dbeta, "dbeta", {s.B, s.T, s.H}, in.beta, "beta"));
+  KDA_RETURN_IF_ERROR(check_f32(who, b.dA_log, "dA_log", {s.B, s.H}));
+  KDA_RETURN_IF_ERROR(check_f32(who, b.ddt_bias, "ddt_bias", {s.B, s.H, s.K}));
+  return check_f32(who, b.dinitial_state, "dinitial_state", s.state);
 }
 
 }  // namespace jax_flashkda::contract

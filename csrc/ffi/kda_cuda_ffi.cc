@@ -1,10 +1,11 @@
-// Decodes the two custom calls for the Hopper target, checks them against docs/ffi_contract.md
-// and enqueues the kernels of csrc/kda on XLA's stream, with XLA's scratch memory as workspace.
+// The two custom calls on the Hopper target. Each handler decodes (the binding: buffers and the
+// attributes as one struct), checks (docs/ffi_contract.md, then what the kernels support) and
+// launches: enqueues the kernels of csrc/kda on XLA's stream, with XLA's scratch memory as
+// workspace.
 #include "ffi/kda_cuda_ffi.h"
 
 #include <cstdint>
 #include <cstdlib>
-#include <initializer_list>
 #include <optional>
 #include <string>
 #include <vector>
@@ -18,46 +19,31 @@
 
 namespace ffi = xla::ffi;
 namespace contract = jax_flashkda::contract;
+using jax_flashkda::Attributes;
+using jax_flashkda::DType;
 
 namespace {
 
 const std::string kFwd = "jax_flashkda_fwd (CUDA)";
 const std::string kBwd = "jax_flashkda_bwd (CUDA)";
 
-std::optional<kda::DType> to_dtype(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::BF16: return kda::DType::kBF16;
-    case ffi::DataType::F16: return kda::DType::kF16;
-    case ffi::DataType::F32: return kda::DType::kF32;
-    default: return std::nullopt;
-  }
-}
-
-// Operands 0-8 and the attributes into the launch parameters both calls share (sizes, dtypes,
-// attributes).
-ffi::Error decode_inputs(const std::string& who, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                         ffi::AnyBuffer v, ffi::AnyBuffer g, ffi::AnyBuffer beta,
-                         ffi::AnyBuffer A_log, ffi::AnyBuffer dt_bias,
-                         ffi::AnyBuffer initial_state, ffi::AnyBuffer cu_seqlens, float scale,
-                         bool use_qk_l2norm, bool use_beta_sigmoid, int32_t gate_mode,
-                         float lower_bound, bool state_v_first, bool is_varlen,
-                         contract::Sizes& s, kda::FwdParams& p) {
-  KDA_RETURN_IF_ERROR(contract::check_inputs(who, q, k, v, g, beta, A_log, dt_bias,
-                                             initial_state, cu_seqlens, gate_mode, lower_bound,
-                                             state_v_first, is_varlen, s));
-  const auto qkv_t = to_dtype(q.element_type());
-  if (!qkv_t || *qkv_t == kda::DType::kF32)
+// What the CUDA target reads beyond the contract (after contract::check_inputs): q, k, v in
+// bf16 or f16, sizes its 32-bit indices hold; then the launch parameters both calls share.
+// Operand addresses are set by the staging (stage_inputs); cu_seqlens is replaced by its legal
+// form before the kernels run (launch).
+ffi::Error cuda_params(const std::string& who, const contract::Inputs& in,
+                       const contract::Sizes& s, const Attributes& attrs, kda::FwdParams& p) {
+  const auto qkv_t = contract::float_dtype(in.q.element_type());
+  if (!qkv_t || *qkv_t == DType::kF32)
     return contract::invalid(who, "q must be bfloat16 or float16 on the CUDA target");
-  const auto g_t = to_dtype(g.element_type());
+  const auto g_t = contract::float_dtype(in.g.element_type());
   if (!g_t) return contract::invalid(who, "g must be bfloat16, float16 or float32");
-  const auto beta_t = to_dtype(beta.element_type());
+  const auto beta_t = contract::float_dtype(in.beta.element_type());
   if (!beta_t) return contract::invalid(who, "beta must be bfloat16, float16 or float32");
   if (const char* why = kda::index_range_unsupported(s.B, s.T, s.H, s.N))
     return contract::invalid(who, why);
 
-  // Operand addresses are set by the staging (stage_operands); cu_seqlens is replaced by its
-  // legal form before the kernels run (launch).
-  p.cu_seqlens = static_cast<const int32_t*>(cu_seqlens.untyped_data());
+  p.cu_seqlens = static_cast<const int32_t*>(in.cu_seqlens.untyped_data());
   p.qkv_dtype = *qkv_t;
   p.g_dtype = *g_t;
   p.beta_dtype = *beta_t;
@@ -67,13 +53,7 @@ ffi::Error decode_inputs(const std::string& who, ffi::AnyBuffer q, ffi::AnyBuffe
   p.K = static_cast<int>(s.K);
   p.V = static_cast<int>(s.V);
   p.N = static_cast<int>(s.N);
-  p.scale = scale;
-  p.lower_bound = lower_bound;
-  p.gate_mode = gate_mode;
-  p.use_qk_l2norm = use_qk_l2norm;
-  p.use_beta_sigmoid = use_beta_sigmoid;
-  p.state_v_first = state_v_first;
-  p.is_varlen = is_varlen;
+  p.attrs = attrs;
   return ffi::Error::Success();
 }
 
@@ -117,7 +97,7 @@ class Staging {
   // Sets `ptr` to the address the kernels write `result` to; copy_out() moves staged results
   // into place after the kernels.
   template <typename T>
-  ffi::Error output(ffi::AnyBuffer& result, T*& ptr) {
+  ffi::Error output(const ffi::AnyBuffer& result, T*& ptr) {
     void* at = result.untyped_data();
     if (!aligned(at)) {
       KDA_RETURN_IF_ERROR(allocate(result.size_bytes(), at));
@@ -172,21 +152,17 @@ class Staging {
 };
 
 
-// The forward's operands 0-7 through the staging (cu_seqlens is read with 4-byte loads only, by
-// the offsets kernel).
-ffi::Error stage_operands(Staging& staging, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
-                          const ffi::AnyBuffer& v, const ffi::AnyBuffer& g,
-                          const ffi::AnyBuffer& beta, const ffi::AnyBuffer& A_log,
-                          const ffi::AnyBuffer& dt_bias, const ffi::AnyBuffer& initial_state,
-                          kda::FwdParams& p) {
-  KDA_RETURN_IF_ERROR(staging.input(q, p.q));
-  KDA_RETURN_IF_ERROR(staging.input(k, p.k));
-  KDA_RETURN_IF_ERROR(staging.input(v, p.v));
-  KDA_RETURN_IF_ERROR(staging.input(g, p.g));
-  KDA_RETURN_IF_ERROR(staging.input(beta, p.beta));
-  KDA_RETURN_IF_ERROR(staging.input(A_log, p.A_log));
-  KDA_RETURN_IF_ERROR(staging.input(dt_bias, p.dt_bias));
-  return staging.input(initial_state, p.initial_state);
+// Operands 0-7 through the staging (cu_seqlens is read with 4-byte loads only, by the offsets
+// kernel).
+ffi::Error stage_inputs(Staging& staging, const contract::Inputs& in, kda::FwdParams& p) {
+  KDA_RETURN_IF_ERROR(staging.input(in.q, p.q));
+  KDA_RETURN_IF_ERROR(staging.input(in.k, p.k));
+  KDA_RETURN_IF_ERROR(staging.input(in.v, p.v));
+  KDA_RETURN_IF_ERROR(staging.input(in.g, p.g));
+  KDA_RETURN_IF_ERROR(staging.input(in.beta, p.beta));
+  KDA_RETURN_IF_ERROR(staging.input(in.A_log, p.A_log));
+  KDA_RETURN_IF_ERROR(staging.input(in.dt_bias, p.dt_bias));
+  return staging.input(in.initial_state, p.initial_state);
 }
 
 // Shared tail of both calls, after the operands are staged: cu_seqlens made legal
@@ -196,7 +172,7 @@ template <typename Params, typename WorkspaceBytes, typename Launch>
 ffi::Error launch(const std::string& who, Params& p, const Staging& staging,
                   ffi::ScratchAllocator& scratch, cudaStream_t stream,
                   WorkspaceBytes workspace_bytes, Launch run) {
-  if (p.is_varlen) {
+  if (p.attrs.is_varlen) {
     const size_t bytes = static_cast<size_t>(p.N + 1) * sizeof(int32_t);
     std::optional<void*> legal = scratch.Allocate(bytes, kKernelAlignment);
     if (!legal) return scratch_error(who, bytes, "legal cu_seqlens");
@@ -228,20 +204,18 @@ ffi::Error fwd_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
                     ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer g, ffi::AnyBuffer beta,
                     ffi::AnyBuffer A_log, ffi::AnyBuffer dt_bias, ffi::AnyBuffer initial_state,
                     ffi::AnyBuffer cu_seqlens, ffi::Result<ffi::AnyBuffer> o,
-                    ffi::Result<ffi::AnyBuffer> final_state, float scale, bool use_qk_l2norm,
-                    bool use_beta_sigmoid, int32_t gate_mode, float lower_bound,
-                    bool state_v_first, bool is_varlen) {
+                    ffi::Result<ffi::AnyBuffer> final_state, Attributes attrs) {
+  const contract::Inputs in{q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens};
+
   contract::Sizes s;
   kda::FwdParams p;
-  KDA_RETURN_IF_ERROR(decode_inputs(kFwd, q, k, v, g, beta, A_log, dt_bias, initial_state,
-                                    cu_seqlens, scale, use_qk_l2norm, use_beta_sigmoid,
-                                    gate_mode, lower_bound, state_v_first, is_varlen, s, p));
-  KDA_RETURN_IF_ERROR(contract::check_like(kFwd, *o, "o", {s.B, s.T, s.H, s.V}, v, "v"));
-  KDA_RETURN_IF_ERROR(contract::check_f32(kFwd, *final_state, "final_state", s.state));
+  KDA_RETURN_IF_ERROR(contract::check_inputs(kFwd, in, attrs, s));
+  KDA_RETURN_IF_ERROR(cuda_params(kFwd, in, s, attrs, p));
+  KDA_RETURN_IF_ERROR(contract::check_forward(kFwd, s, in, *o, *final_state));
   if (const char* why = kda::fwd_unsupported(p)) return unimplemented(kFwd, why);
+
   Staging staging(kFwd, scratch, stream);
-  KDA_RETURN_IF_ERROR(
-      stage_operands(staging, q, k, v, g, beta, A_log, dt_bias, initial_state, p));
+  KDA_RETURN_IF_ERROR(stage_inputs(staging, in, p));
   KDA_RETURN_IF_ERROR(staging.output(*o, p.o));
   KDA_RETURN_IF_ERROR(staging.output(*final_state, p.final_state));
   return launch(kFwd, p, staging, scratch, stream, kda::fwd_workspace_bytes, kda::fwd);
@@ -255,31 +229,30 @@ ffi::Error bwd_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
                     ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dg,
                     ffi::Result<ffi::AnyBuffer> dbeta, ffi::Result<ffi::AnyBuffer> dA_log,
                     ffi::Result<ffi::AnyBuffer> ddt_bias,
-                    ffi::Result<ffi::AnyBuffer> dinitial_state, float scale, bool use_qk_l2norm,
-                    bool use_beta_sigmoid, int32_t gate_mode, float lower_bound,
-                    bool state_v_first, bool is_varlen) {
+                    ffi::Result<ffi::AnyBuffer> dinitial_state, Attributes attrs) {
+  const contract::Inputs in{q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens};
+  const contract::BwdBuffers b{dout, dfinal_state, *dq, *dk, *dv, *dg, *dbeta, *dA_log,
+                               *ddt_bias, *dinitial_state};
+
   contract::Sizes s;
   kda::BwdParams p;
-  KDA_RETURN_IF_ERROR(decode_inputs(kBwd, q, k, v, g, beta, A_log, dt_bias, initial_state,
-                                    cu_seqlens, scale, use_qk_l2norm, use_beta_sigmoid,
-                                    gate_mode, lower_bound, state_v_first, is_varlen, s, p));
-  KDA_RETURN_IF_ERROR(contract::check_backward(kBwd, s, q, k, v, g, beta, dout, dfinal_state,
-                                               *dq, *dk, *dv, *dg, *dbeta, *dA_log, *ddt_bias,
-                                               *dinitial_state));
+  KDA_RETURN_IF_ERROR(contract::check_inputs(kBwd, in, attrs, s));
+  KDA_RETURN_IF_ERROR(cuda_params(kBwd, in, s, attrs, p));
+  KDA_RETURN_IF_ERROR(contract::check_backward(kBwd, s, in, b));
   if (const char* why = kda::bwd_unsupported(p)) return unimplemented(kBwd, why);
+
   Staging staging(kBwd, scratch, stream);
-  KDA_RETURN_IF_ERROR(
-      stage_operands(staging, q, k, v, g, beta, A_log, dt_bias, initial_state, p));
-  KDA_RETURN_IF_ERROR(staging.input(dout, p.dout));
-  KDA_RETURN_IF_ERROR(staging.input(dfinal_state, p.dfinal_state));
-  KDA_RETURN_IF_ERROR(staging.output(*dq, p.dq));
-  KDA_RETURN_IF_ERROR(staging.output(*dk, p.dk));
-  KDA_RETURN_IF_ERROR(staging.output(*dv, p.dv));
-  KDA_RETURN_IF_ERROR(staging.output(*dg, p.dg));
-  KDA_RETURN_IF_ERROR(staging.output(*dbeta, p.dbeta));
-  KDA_RETURN_IF_ERROR(staging.output(*dA_log, p.dA_log));
-  KDA_RETURN_IF_ERROR(staging.output(*ddt_bias, p.ddt_bias));
-  KDA_RETURN_IF_ERROR(staging.output(*dinitial_state, p.dinitial_state));
+  KDA_RETURN_IF_ERROR(stage_inputs(staging, in, p));
+  KDA_RETURN_IF_ERROR(staging.input(b.dout, p.dout));
+  KDA_RETURN_IF_ERROR(staging.input(b.dfinal_state, p.dfinal_state));
+  KDA_RETURN_IF_ERROR(staging.output(b.dq, p.dq));
+  KDA_RETURN_IF_ERROR(staging.output(b.dk, p.dk));
+  KDA_RETURN_IF_ERROR(staging.output(b.dv, p.dv));
+  KDA_RETURN_IF_ERROR(staging.output(b.dg, p.dg));
+  KDA_RETURN_IF_ERROR(staging.output(b.dbeta, p.dbeta));
+  KDA_RETURN_IF_ERROR(staging.output(b.dA_log, p.dA_log));
+  KDA_RETURN_IF_ERROR(staging.output(b.ddt_bias, p.ddt_bias));
+  KDA_RETURN_IF_ERROR(staging.output(b.dinitial_state, p.dinitial_state));
   return launch(kBwd, p, staging, scratch, stream, kda::bwd_workspace_bytes, kda::bwd);
 }
 

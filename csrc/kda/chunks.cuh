@@ -25,18 +25,15 @@ constexpr int kChunk = 16;  // tokens per chunk
 // Chunk slots per head in the workspace. Varlen: sequence n starts at slot cu[n]/16 + n, which
 // never overlaps the previous one.
 inline int chunk_slots(const FwdParams& p) {
-  return p.is_varlen ? p.T / kChunk + p.N + 1 : p.B * ((p.T + kChunk - 1) / kChunk);
+  return p.attrs.is_varlen ? p.T / kChunk + p.N + 1 : p.B * ((p.T + kChunk - 1) / kChunk);
 }
 
-inline int sm_count() {
-  static const int n = [] {
-    int dev = 0, v = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-      return 132;
-    return v;
-  }();
-  return n;
+// Multiprocessors of the current device, the one XLA launches on (asked on every call: a process
+// may hold GPUs of different sizes).
+inline cudaError_t sm_count(int& n) {
+  int dev = 0;
+  KDA_TRY(cudaGetDevice(&dev));
+  return cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
 }
 
 __device__ __forceinline__ float load_f(const void* base, DType t, size_t i) {
@@ -61,13 +58,13 @@ __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
 
 // A token's log-decay in one key channel from its raw gate x, before the floor: x itself
-// (gate_mode 0), −e^{A_log}·softplus(x + dt_bias) (1), or lower_bound·sigmoid(e^{A_log}·(x +
-// dt_bias)) (2); a_exp = e^{A_log}.
+// (kLogDecay), −e^{A_log}·softplus(x + dt_bias) (kSoftplus), or lower_bound·sigmoid(e^{A_log}·
+// (x + dt_bias)) (kSafe); a_exp = e^{A_log}.
 __device__ __forceinline__ float gate_activation(const FwdParams& p, float x, float a_exp,
                                                  float dtb) {
   const float y = x + dtb;
-  if (p.gate_mode == 1) return -a_exp * softplus_f(y);
-  if (p.gate_mode == 2) return p.lower_bound * sigmoid_f(a_exp * y);
+  if (p.attrs.gate_mode == GateMode::kSoftplus) return -a_exp * softplus_f(y);
+  if (p.attrs.gate_mode == GateMode::kSafe) return p.attrs.lower_bound * sigmoid_f(a_exp * y);
   return x;
 }
 
@@ -95,7 +92,7 @@ struct Seq {
 };
 
 __device__ __forceinline__ Seq seq_of(const FwdParams& p, int n) {
-  if (p.is_varlen) {
+  if (p.attrs.is_varlen) {
     const int b = p.cu_seqlens[n], e = p.cu_seqlens[n + 1];
     return {b, b / kChunk + n, e - b};
   }
@@ -112,7 +109,7 @@ struct Chunk {
 __device__ __forceinline__ Chunk locate(const FwdParams& p, int slot) {
   int n = 0, c = slot;
   if (p.N == 0) return {0, 0, 0};
-  if (p.is_varlen) {
+  if (p.attrs.is_varlen) {
     int lo = 0, hi = p.N - 1;
     while (lo < hi) {
       const int mid = (lo + hi + 1) >> 1;
@@ -133,7 +130,7 @@ __device__ __forceinline__ Chunk locate(const FwdParams& p, int slot) {
 // The safe gate bounds the in-chunk span of Γ (≥ −80 over 16 tokens), so e^{Γ_r−Γ_s} may be
 // factored into e^{Γ_r}·e^{−Γ_s}; forward and backward take their factored paths on this test.
 inline bool factored_gate(const FwdParams& p) {
-  return p.gate_mode == 2 && p.lower_bound >= -5.f && p.lower_bound < 0.f;
+  return p.attrs.gate_mode == GateMode::kSafe && p.attrs.lower_bound >= -5.f && p.attrs.lower_bound < 0.f;
 }
 
 // Record of one (head, chunk), written by the prep kernel (kda_fwd.cu) and read by the
@@ -224,7 +221,7 @@ __device__ __forceinline__ void block_sum32(float (&acc)[32], float (*red)[32], 
 // = (n·H + h)·K·V, at value v and key `key`; K (= p.K) as the caller's compile-time constant.
 template <int K>
 __device__ __forceinline__ size_t state_index(const FwdParams& p, size_t base, int v, int key) {
-  return base + (p.state_v_first ? static_cast<size_t>(v) * K + key
+  return base + (p.attrs.state_v_first ? static_cast<size_t>(v) * K + key
                                  : static_cast<size_t>(key) * p.V + v);
 }
 

@@ -41,7 +41,6 @@ constexpr int KD = 128;     // key channels
 constexpr int VD = 128;     // value channels
 constexpr int KP = KD + 8;  // bf16 row pitch (+16 bytes: conflict-free ldmatrix)
 constexpr int FP = KD + 4;  // fp32 row pitch
-constexpr float kLog2e = 1.4426950408889634f;
 
 using R = Rec<KD>;  // the chunk record (chunks.cuh), written by prep_for_backward
 
@@ -158,8 +157,8 @@ __device__ __forceinline__ void read_half(const FwdParams& p, const Chunk& ch, i
                                           float (&qn)[kH], float (&kn)[kH], float (&G)[kH],
                                           float (&xg)[kH]) {
   const int tid = threadIdx.x, d = tid & (KD - 1), hh = tid >> 7, r0 = hh * kH;
-  const float a_exp = p.gate_mode ? __expf(p.A_log[h]) : 0.f;
-  const float dtb = p.gate_mode ? p.dt_bias[h * KD + d] : 0.f;
+  const float a_exp = p.attrs.gate_mode != GateMode::kLogDecay ? __expf(p.A_log[h]) : 0.f;
+  const float dtb = p.attrs.gate_mode != GateMode::kLogDecay ? p.dt_bias[h * KD + d] : 0.f;
   const bool g32 = p.g_dtype == DType::kF32;
   float cum = 0.f;
 #pragma unroll
@@ -496,7 +495,7 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
     float b = 0.f;
     if (tid < live.len) {
       b = load_f(p.beta, p.beta_dtype, static_cast<size_t>(ch.row0 + tid) * p.H + h);
-      if (p.use_beta_sigmoid) b = sigmoid_f(b);
+      if (p.attrs.use_beta_sigmoid) b = sigmoid_f(b);
     }
     sg.beta[tid] = b;
   }
@@ -521,7 +520,7 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
   const PrepAux& aux = sg.aux;
   float qn[kH], kn[kH], G[kH], xg[kH];
   read_half<Tin>(p, live, h, sg.rows, sg.xch, qn, kn, G, xg);
-  if (p.use_qk_l2norm) {
+  if (p.attrs.use_qk_l2norm) {
 #pragma unroll
     for (int j = 0; j < kH; ++j) {
       qn[j] *= aux.rn[r0 + j];
@@ -668,7 +667,7 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
       R1[r][d] = kn[j] * __expf(-G[j]);
       R2[r][d] = qn[j] * eg[j];
     } else {
-      R1[r][d] = p.scale * qn[j];
+      R1[r][d] = p.attrs.scale * qn[j];
       R2[r][d] = kn[j];
       R3[r][d] = G[j];
     }
@@ -739,7 +738,7 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
     const int r = tid;
     float db = sg.dbl[r];
     for (int i = r; i < kC; ++i) db += dM[i][r] * aux.T[i][r];
-    if (p.use_beta_sigmoid) db *= sg.beta[r] * (1.f - sg.beta[r]);
+    if (p.attrs.use_beta_sigmoid) db *= sg.beta[r] * (1.f - sg.beta[r]);
     store_f(p.dbeta, p.beta_dtype, static_cast<size_t>(ch.row0 + r) * p.H + h,
             r < live.len ? db : 0.f);
   }
@@ -767,9 +766,9 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
       }
       const float ekt = __expf(gc - G[j]);
       const float tk = dkt * kn[j] * ekt;
-      dq[j] = p.scale * eg[j] * dqt;
+      dq[j] = p.attrs.scale * eg[j] * dqt;
       dk[j] = eg[j] * dkw + ekt * dkt;
-      dG[j] = dqt * p.scale * qn[j] * eg[j] + dkw * kn[j] * eg[j] - tk;
+      dG[j] = dqt * p.attrs.scale * qn[j] * eg[j] + dkw * kn[j] * eg[j] - tk;
       dGC += tk;
     }
   }
@@ -787,7 +786,7 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
       uint32_t aqh[4], aql[4], alh[4], all[4], atqh[4], atql[4], atlh[4], atll[4], abh[4], abl[4];
       frag_a_tf32(sg.dAqk, k0, 1.f, g, t, aqh, aql);
       frag_a_tf32(sg.dLb, k0, 1.f, g, t, alh, all);
-      frag_a_tf32(sg.dAqkT, k0, p.scale, g, t, atqh, atql);
+      frag_a_tf32(sg.dAqkT, k0, p.attrs.scale, g, t, atqh, atql);
       frag_a_tf32(sg.dLbT, k0, 1.f, g, t, atlh, atll);
       frag_bt(k0, abh, abl);
 #pragma unroll
@@ -828,9 +827,9 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
       const int r = r0 + j;
       const float a1 = A1[r][d], a2 = A2[r][d], b = Bc[r][d];
       const float egi = __expf(-G[j]);
-      dq[j] += p.scale * eg[j] * a1;
+      dq[j] += p.attrs.scale * eg[j] * a1;
       dk[j] += eg[j] * a2 + egi * b;
-      dG[j] += eg[j] * (kn[j] * a2 + p.scale * qn[j] * a1) - kn[j] * egi * b;
+      dG[j] += eg[j] * (kn[j] * a2 + p.attrs.scale * qn[j] * a1) - kn[j] * egi * b;
     }
   } else {
     // Exact: e^{Γ_r−Γ_s} per pair (any gate).
@@ -844,14 +843,14 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
 #pragma unroll
     for (int j = 0; j < kH; ++j) {
       const int r = r0 + j;
-      const float sq_r = p.scale * qn[j];
+      const float sq_r = p.attrs.scale * qn[j];
 #pragma unroll
       for (int o = 0; o < kC; ++o) {
         // Row role: pair (r, o), o ≤ r.
         if (o <= r) {
-          const float E = o < r ? exp2f((G[j] - ga[o]) * kLog2e) : 1.f;
+          const float E = o < r ? exp2f((G[j] - ga[o]) * kda_rules::kLog2e) : 1.f;
           const float ka = sg.dAqk[r][o] * E;
-          dq[j] += p.scale * ka * ka_[o];
+          dq[j] += p.attrs.scale * ka * ka_[o];
           if (o < r) {
             const float le = sg.dLb[r][o] * E;
             dk[j] += le * ka_[o];
@@ -860,7 +859,7 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
         }
         // Column role: pair (o, r), o ≥ r.
         if (o >= r) {
-          const float E = o > r ? exp2f((ga[o] - G[j]) * kLog2e) : 1.f;
+          const float E = o > r ? exp2f((ga[o] - G[j]) * kda_rules::kLog2e) : 1.f;
           const float ka = sg.dAqk[o][r] * E;
           dk[j] += ka * qa[o];
           if (o > r) {
@@ -887,7 +886,7 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
     for (int j = 0; j < kH; ++j) dG[j] += later;
   }
 
-  if (p.use_qk_l2norm) {
+  if (p.attrs.use_qk_l2norm) {
     float acc[16];
 #pragma unroll
     for (int j = 0; j < kH; ++j) {
@@ -903,7 +902,7 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
     }
   }
 
-  const float a_exp = p.gate_mode ? __expf(p.A_log[h]) : 0.f;
+  const float a_exp = p.attrs.gate_mode != GateMode::kLogDecay ? __expf(p.A_log[h]) : 0.f;
   float dA = 0.f, ddt = 0.f;
   Tin* dqp = static_cast<Tin*>(p.dq);
   Tin* dkp = static_cast<Tin*>(p.dk);
@@ -916,15 +915,15 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
       // already holds x + dt_bias).
       if (below_log_decay_floor(gate_activation(p, xg[j], a_exp, 0.f))) {
         out = 0.f;
-      } else if (p.gate_mode == 1) {
+      } else if (p.attrs.gate_mode == GateMode::kSoftplus) {
         const float x = xg[j];
         out = -dG[j] * a_exp * sigmoid_f(x);
         dA += dG[j] * (-a_exp * softplus_f(x));
         ddt += out;
-      } else if (p.gate_mode == 2) {
+      } else if (p.attrs.gate_mode == GateMode::kSafe) {
         const float x = xg[j];
         const float sx = sigmoid_f(a_exp * x);
-        out = dG[j] * p.lower_bound * sx * (1.f - sx) * a_exp;
+        out = dG[j] * p.attrs.lower_bound * sx * (1.f - sx) * a_exp;
         if (out != 0.f) dA += out * x;  // a saturated sigmoid (x = ±inf, legal) gives 0, not 0·inf
         ddt += out;
       }
@@ -960,8 +959,8 @@ __global__ void __launch_bounds__(KD) kda_bwd_reduce_kernel(BwdParams p, const f
                                                             const float* __restrict__ pda, int slots) {
   __shared__ float red[KD / 32];
   const int b = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
-  const int per = p.is_varlen ? slots : slots / p.B;
-  const size_t first = static_cast<size_t>(h) * slots + (p.is_varlen ? 0 : b * per);
+  const int per = p.attrs.is_varlen ? slots : slots / p.B;
+  const size_t first = static_cast<size_t>(h) * slots + (p.attrs.is_varlen ? 0 : b * per);
   float acc = 0.f;
 #pragma unroll 16
   for (int i = 0; i < per; ++i) acc += pdt[(first + i) * KD + d];
@@ -974,7 +973,7 @@ __global__ void __launch_bounds__(KD) kda_bwd_reduce_kernel(BwdParams p, const f
   __syncthreads();
   if (d == 0) p.dA_log[b * p.H + h] = (red[0] + red[1]) + (red[2] + red[3]);
 
-  if (p.is_varlen) {
+  if (p.attrs.is_varlen) {
     auto zero_tokens = [&](long long from, long long to) {
       for (long long tok = from; tok < to; ++tok) {
         const size_t row = static_cast<size_t>(tok) * p.H + h;
@@ -1015,7 +1014,8 @@ cudaError_t launch_chains_any(const BwdParams& p, const uint8_t* recs, __nv_bflo
                               const int* dead_rows, const int* dead_cols, int slots,
                               cudaStream_t stream) {
   const long long chains4 = static_cast<long long>(VD / 64) * p.H * 2 * p.N;
-  const int sms = sm_count();
+  int sms = 0;
+  KDA_TRY(sm_count(sms));
   if (chains4 * 10 >= 7LL * sms)
     return chains4 <= sms
                ? launch_chains<4, 12, 1, Tin>(p, recs, states, dstates, vn, dvn, dead_rows,
@@ -1072,7 +1072,7 @@ const char* bwd_unsupported(const BwdParams& p) {
   if (p.qkv_dtype != DType::kBF16 && p.qkv_dtype != DType::kF16)
     return "q, k, v and do must be bfloat16 or float16 on the CUDA target";
   if (p.K != KD || p.V != VD) return "the CUDA backward supports K = V = 128 only";
-  if (p.gate_mode < 0 || p.gate_mode > 2) return "gate_mode must be 0, 1 or 2";
+  if (!valid_gate_mode(p.attrs.gate_mode)) return "gate_mode must be 0, 1 or 2";
   if (p.N > 32767 || p.H > 65535 || p.B > 65535)
     return "the CUDA backward supports at most 32767 sequences, 65535 heads and batch rows";
   return nullptr;

@@ -147,8 +147,8 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
     b = 0.f;
     if (it.len > 0 && d < it.len)
       b = load_f(p.beta, p.beta_dtype, static_cast<size_t>(it.row0 + d) * p.H + it.h);
-    dtb = p.gate_mode && it.len > 0 ? p.dt_bias[it.h * K + d] : 0.f;
-    alog = p.gate_mode && it.len > 0 ? p.A_log[it.h] : 0.f;
+    dtb = p.attrs.gate_mode != GateMode::kLogDecay && it.len > 0 ? p.dt_bias[it.h * K + d] : 0.f;
+    alog = p.attrs.gate_mode != GateMode::kLogDecay && it.len > 0 ? p.A_log[it.h] : 0.f;
   };
 
   // Two stages: item i computes from one while item i + grid loads into the other. Each item's
@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
     const Tin* q_s = reinterpret_cast<const Tin*>(st);
     const Tin* k_s = reinterpret_cast<const Tin*>(st + kChunk * K * 2);
     const uint8_t* g_s = st + 2 * kChunk * K * 2;
-    const float a_exp = p.gate_mode ? __expf(a_log) : 0.f;
+    const float a_exp = p.attrs.gate_mode != GateMode::kLogDecay ? __expf(a_log) : 0.f;
 
     float qv[kChunk], kv[kChunk], G[kChunk];
 #pragma unroll
@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
       G[r] = log_decay(p, bits_to_float(graw, p.g_dtype), a_exp, dtb);
       if (!ok) G[r] = 0.f;
     }
-    float beta_d = d < len && p.use_beta_sigmoid ? sigmoid_f(beta_raw) : beta_raw;
+    float beta_d = d < len && p.attrs.use_beta_sigmoid ? sigmoid_f(beta_raw) : beta_raw;
 
     // docs/robustness.md §3: the chunk's first row with a non-finite q, k or β, or a NaN or
     // +inf log-decay (after the floor: −inf is a legal reset), and every later row act as rows
@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
     }
     if (d < kChunk) beta_s[d] = beta_d;
 
-    if (p.use_qk_l2norm) {
+    if (p.attrs.use_qk_l2norm) {
       // 32 row sums (16 of q², 16 of k²) over the CTA, as 1/norms.
       float acc[32];
 #pragma unroll
@@ -259,7 +259,7 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
 #pragma unroll
     for (int r = 0; r < kChunk; ++r) {
       const float e = __expf(G[r]);
-      const float qd = p.scale * qv[r] * e;
+      const float qd = p.attrs.scale * qv[r] * e;
       kd[r] = kv[r] * e;
       rq[r * KH + d] = Tq(mark && r >= dead_from ? kNaN : qd);
       rkt[r * KH + d] = __float2bfloat16_rn(kv[r] * __expf(gc - G[r]));
@@ -268,9 +268,9 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
         Zh[r][d] = __float2bfloat16_rn(kv[r] * __expf(-G[r]));
         if constexpr (SL::kQCopy) Xh[r][d] = __float2bfloat16_rn(qd);
       } else {
-        X[r][d] = p.scale * qv[r];
+        X[r][d] = p.attrs.scale * qv[r];
         Y[r][d] = kv[r];
-        Z[r][d] = G[r] * 1.4426950408889634f;
+        Z[r][d] = G[r] * kda_rules::kLog2e;
       }
     }
     __syncthreads();
@@ -600,30 +600,31 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
       for (int j = 0; j < BV / 2; ++j) dst[j] = Tin(0.f);
     }
   };
-  if (p.is_varlen && n == 0) zero_tokens(0, p.cu_seqlens[0]);
-  if (p.is_varlen && n == p.N - 1) zero_tokens(p.cu_seqlens[p.N], p.T);
+  if (p.attrs.is_varlen && n == 0) zero_tokens(0, p.cu_seqlens[0]);
+  if (p.attrs.is_varlen && n == p.N - 1) zero_tokens(p.cu_seqlens[p.N], p.T);
 }
 
 template <int K, bool kFactored, typename Tin, typename Tq, bool kAux>
 cudaError_t launch_prep_as(const FwdParams& p, uint8_t* ws, PrepAux* auxs, int* dead_rows,
-                           int slots, cudaStream_t stream) {
+                           int slots, int sms, cudaStream_t stream) {
   auto kernel = kda_prep_kernel<K, kFactored, Tin, Tq, kAux>;
   const int smem = PrepSmem<K, kFactored, kAux, Tq>::bytes(p);
   KDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   int per_sm = 0;
   KDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, K, smem));
   const long long items = static_cast<long long>(slots) * p.H;
-  const int grid = static_cast<int>(std::min<long long>(items, std::max(per_sm, 1) * sm_count()));
+  const int grid = static_cast<int>(std::min<long long>(items, std::max(per_sm, 1) * sms));
   kernel<<<grid, K, smem, stream>>>(p, ws, auxs, dead_rows, slots);
   return cudaGetLastError();
 }
 
 template <int K, typename Tin>
-cudaError_t launch_prep(const FwdParams& p, uint8_t* ws, int slots, cudaStream_t stream) {
+cudaError_t launch_prep(const FwdParams& p, uint8_t* ws, int slots, int sms,
+                        cudaStream_t stream) {
   using B = __nv_bfloat16;
   return factored_gate(p)
-             ? launch_prep_as<K, true, Tin, B, false>(p, ws, nullptr, nullptr, slots, stream)
-             : launch_prep_as<K, false, Tin, B, false>(p, ws, nullptr, nullptr, slots, stream);
+             ? launch_prep_as<K, true, Tin, B, false>(p, ws, nullptr, nullptr, slots, sms, stream)
+             : launch_prep_as<K, false, Tin, B, false>(p, ws, nullptr, nullptr, slots, sms, stream);
 }
 
 template <int K, int NW, typename Tin>
@@ -642,21 +643,21 @@ cudaError_t launch_recurrence(const FwdParams& p, const uint8_t* ws, int slots,
 // ~70% of the SMs one CTA each. Measured on H100 (2026-11-26): 8 warps at B=1 T=8192 H=96 (96
 // CTAs) beat 4 by 10%, and 1 warp at B=1 T=32768 H=16 (128 CTAs) beat 4 by 5%.
 // JAX_FLASHKDA_FWD_WARPS (1, 2, 4 or 8) overrides the choice, for tests and tuning.
-int pick_warps(const FwdParams& p) {
+int pick_warps(const FwdParams& p, int sms) {
   if (const char* env = std::getenv("JAX_FLASHKDA_FWD_WARPS")) {
     const int w = std::atoi(env);
     if ((w == 1 || w == 2 || w == 4 || w == 8) && (p.V / 16) % w == 0) return w;
   }
   const long long warps = static_cast<long long>(p.V / 16) * p.H * p.N;
   for (int w = 8; w > 1; w >>= 1)
-    if ((p.V / 16) % w == 0 && warps / w * 10 >= 7LL * sm_count()) return w;
+    if ((p.V / 16) % w == 0 && warps / w * 10 >= 7LL * sms) return w;
   return 1;
 }
 
 template <int K, typename Tin>
-cudaError_t launch_recurrence_nw(const FwdParams& p, const uint8_t* ws, int slots,
+cudaError_t launch_recurrence_nw(const FwdParams& p, const uint8_t* ws, int slots, int sms,
                                  cudaStream_t stream) {
-  switch (pick_warps(p)) {
+  switch (pick_warps(p, sms)) {
     case 8: return launch_recurrence<K, 8, Tin>(p, ws, slots, stream);
     case 4: return launch_recurrence<K, 4, Tin>(p, ws, slots, stream);
     case 2: return launch_recurrence<K, 2, Tin>(p, ws, slots, stream);
@@ -668,12 +669,14 @@ template <int K>
 cudaError_t fwd_k(const FwdParams& p, uint8_t* ws, cudaStream_t stream) {
   const int slots = chunk_slots(p);
   const bool f16 = p.qkv_dtype == DType::kF16;
+  int sms = 0;
+  KDA_TRY(sm_count(sms));
   if (slots > 0 && p.H > 0)
-    KDA_TRY((f16 ? launch_prep<K, __half>(p, ws, slots, stream)
-                 : launch_prep<K, __nv_bfloat16>(p, ws, slots, stream)));
+    KDA_TRY((f16 ? launch_prep<K, __half>(p, ws, slots, sms, stream)
+                 : launch_prep<K, __nv_bfloat16>(p, ws, slots, sms, stream)));
   if (p.N == 0 || p.H == 0) return cudaSuccess;
-  return f16 ? launch_recurrence_nw<K, __half>(p, ws, slots, stream)
-             : launch_recurrence_nw<K, __nv_bfloat16>(p, ws, slots, stream);
+  return f16 ? launch_recurrence_nw<K, __half>(p, ws, slots, sms, stream)
+             : launch_recurrence_nw<K, __nv_bfloat16>(p, ws, slots, sms, stream);
 }
 
 }  // namespace
@@ -684,7 +687,7 @@ const char* fwd_unsupported(const FwdParams& p) {
   if (p.K != 64 && p.K != 128) return "the CUDA target supports K = 64 or 128 only";
   if (p.V % 16 != 0 || p.V < 16 || p.V > 512)
     return "the CUDA target needs V to be a multiple of 16 in [16, 512]";
-  if (p.gate_mode < 0 || p.gate_mode > 2) return "gate_mode must be 0, 1 or 2";
+  if (!valid_gate_mode(p.attrs.gate_mode)) return "gate_mode must be 0, 1 or 2";
   if (p.N > 65535 || p.H > 65535) return "the CUDA target supports at most 65535 sequences and heads";
   return nullptr;
 }
@@ -694,12 +697,14 @@ cudaError_t prep_for_backward(const FwdParams& p, uint8_t* recs, PrepAux* aux, i
   using B = __nv_bfloat16;
   using F = __half;
   if (slots == 0 || p.H == 0) return cudaSuccess;
+  int sms = 0;
+  KDA_TRY(sm_count(sms));
   const bool f = factored_gate(p);
   if (p.qkv_dtype == DType::kF16)
-    return f ? launch_prep_as<128, true, F, F, true>(p, recs, aux, dead_rows, slots, stream)
-             : launch_prep_as<128, false, F, F, true>(p, recs, aux, dead_rows, slots, stream);
-  return f ? launch_prep_as<128, true, B, B, true>(p, recs, aux, dead_rows, slots, stream)
-           : launch_prep_as<128, false, B, B, true>(p, recs, aux, dead_rows, slots, stream);
+    return f ? launch_prep_as<128, true, F, F, true>(p, recs, aux, dead_rows, slots, sms, stream)
+             : launch_prep_as<128, false, F, F, true>(p, recs, aux, dead_rows, slots, sms, stream);
+  return f ? launch_prep_as<128, true, B, B, true>(p, recs, aux, dead_rows, slots, sms, stream)
+           : launch_prep_as<128, false, B, B, true>(p, recs, aux, dead_rows, slots, sms, stream);
 }
 
 size_t fwd_workspace_bytes(const FwdParams& p) {

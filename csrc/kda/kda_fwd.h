@@ -6,9 +6,14 @@
 
 #include <cuda_runtime.h>
 
+#include "common/attributes.h"
+
 namespace kda {
 
-enum class DType : int { kBF16 = 0, kF16 = 1, kF32 = 2 };
+using jax_flashkda::Attributes;
+using jax_flashkda::DType;
+using jax_flashkda::GateMode;
+using jax_flashkda::valid_gate_mode;
 
 struct FwdParams {
   // Operands, laid out as in docs/ffi_contract.md.
@@ -31,13 +36,7 @@ struct FwdParams {
   int B = 0, T = 0, H = 0, K = 0, V = 0;
   int N = 0;  // sequences: B, or len(cu_seqlens) - 1 when varlen
 
-  float scale = 1.f;
-  float lower_bound = -5.f;
-  int gate_mode = 0;  // 0 log-decay, 1 softplus gate, 2 safe (sigmoid) gate
-  bool use_qk_l2norm = false;
-  bool use_beta_sigmoid = false;
-  bool state_v_first = false;
-  bool is_varlen = false;
+  Attributes attrs;
 };
 
 // The kernels index token·head rows (times 4) and sequences in 32-bit integers: nullptr when

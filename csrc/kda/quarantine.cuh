@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(256) kda_scan_v_kernel(FwdParams p, int* __res
   const int col0 = static_cast<int>(i % kPieces) * 8;
   const int row = static_cast<int>(row_head / p.H), h = static_cast<int>(row_head % p.H);
   int n = row / p.T;
-  if (p.is_varlen) {  // the last sequence starting at or before the row (empty ones skipped)
+  if (p.attrs.is_varlen) {  // the last sequence starting at or before the row (empty ones skipped)
     int lo = 0, hi = p.N - 1;
     while (lo < hi) {
       const int mid = (lo + hi + 1) >> 1;
