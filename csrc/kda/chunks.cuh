@@ -1,5 +1,5 @@
 // What the forward and backward kernels share: chunk and sequence bookkeeping, element
-// conversions, launch error handling, and the staged record pipeline of the recurrences.
+// conversions, the gate, the chunk record, and launch error handling.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -10,7 +10,6 @@
 
 #include "common/rules.h"
 #include "kda/kda_fwd.h"
-#include "kda/ptx.cuh"
 
 #define KDA_TRY(expr)                          \
   do {                                         \
@@ -53,6 +52,20 @@ __device__ __forceinline__ float bits_to_float(uint32_t b, DType t) {
 
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+__device__ __forceinline__ void store_f(void* base, DType t, size_t i, float x) {
+  switch (t) {
+    case DType::kBF16: static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(x); break;
+    case DType::kF16: static_cast<__half*>(base)[i] = __float2half_rn(x); break;
+    default: static_cast<float*>(base)[i] = x;
+  }
+}
+
+template <typename Tin>
+__device__ __forceinline__ Tin from_float(float x) {
+  if constexpr (std::is_same_v<Tin, __half>) return __float2half_rn(x);
+  else return __float2bfloat16_rn(x);
+}
 
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
@@ -130,10 +143,11 @@ __device__ __forceinline__ Chunk locate(const FwdParams& p, int slot) {
 // The safe gate bounds the in-chunk span of Γ (≥ −80 over 16 tokens), so e^{Γ_r−Γ_s} may be
 // factored into e^{Γ_r}·e^{−Γ_s}; forward and backward take their factored paths on this test.
 inline bool factored_gate(const FwdParams& p) {
-  return p.attrs.gate_mode == GateMode::kSafe && p.attrs.lower_bound >= -5.f && p.attrs.lower_bound < 0.f;
+  return p.attrs.gate_mode == GateMode::kSafe && p.attrs.lower_bound >= -5.f &&
+         p.attrs.lower_bound < 0.f;
 }
 
-// Record of one (head, chunk), written by the prep kernel (kda_fwd.cu) and read by the
+// Record of one (head, chunk), written by the prep kernel (prep.cuh) and read by the
 // forward recurrence and the backward's chains, K key channels:
 //   Q̃ = scale·Q⊙e^Γ [16,K] | −W [16,K] bf16 | K̃ = K⊙e^{Γ_C−Γ} [16,K] bf16 |
 //   Tβ = T·Diag(β) [16,16] (dtype of v) | Aqk [16,16] | e^{Γ_C} [K] f32
@@ -167,153 +181,15 @@ struct RecView {
         eg(reinterpret_cast<const float*>(st + Rec<K>::kEg)) {}
 };
 
-// What the backward's gradient kernel takes from the prep besides the record (one per head and
-// chunk): the 16x16 factors in fp32 and the l2norm scales.
-struct PrepAux {
-  float T[kChunk][kChunk];   // (I+L)^-1, zeros above the diagonal
-  float LL[kChunk][kChunk];  // L without β: Σ_d k_rd k_sd e^{Γ_rd−Γ_sd} for r > s, zeros elsewhere
-  float rn[2 * kChunk];      // 1/|q_r| then 1/|k_r| (with use_qk_l2norm)
-};
 
-// The backward's prep (K = 128): records as above with Q̃ and Aqk in the dtype of q, and a
-// PrepAux per (head, chunk slot), both indexed h·slots + slot; and, per (sequence, head), the
-// first row with a non-finite q, k, β or log-decay lowered into dead_rows[n·H + h] (atomicMin;
-// the caller fills it with quarantine.cuh's kNoDeadRow first). Defined in kda_fwd.cu.
-cudaError_t prep_for_backward(const FwdParams& p, uint8_t* recs, PrepAux* aux, int* dead_rows,
-                              int slots, cudaStream_t stream);
 
-// Sums acc[i], i < 32, over the CTA's kWarps warps into out[i] = finish(sum), visible to all
-// threads after (the two CTA barriers inside also publish earlier shared-memory writes).
-struct Unchanged {
-  __device__ float operator()(float x) const { return x; }
-};
-
-template <int kWarps, typename Finish = Unchanged>
-__device__ __forceinline__ void block_sum32(float (&acc)[32], float (*red)[32], float* out,
-                                            Finish finish = {}) {
-  static_assert(kWarps == 2 || kWarps == 4, "one warp per 32 key channels, K = 64 or 128");
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  // Transposing butterfly: each round halves the values a lane carries, so after five rounds
-  // lane i holds the warp's sum of value i (31 shuffles instead of 32 x 5).
-#pragma unroll
-  for (int i = 0; i < 5; ++i) {
-    const int w = 16 >> i;
-    const bool upper = lane & w;
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      if (j >= w) break;
-      const float send = upper ? acc[j] : acc[j + w];
-      const float keep = upper ? acc[j + w] : acc[j];
-      acc[j] = keep + __shfl_xor_sync(0xffffffffu, send, w);
-    }
-  }
-  red[warp][lane] = acc[0];
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float sum = red[0][lane] + red[1][lane];
-    if constexpr (kWarps == 4) sum += red[2][lane] + red[3][lane];
-    out[lane] = finish(sum);
-  }
-  __syncthreads();
-}
 
 // Index into a state [N,H,K,V] (or [N,H,V,K] with state_v_first) of sequence-and-head `base`
 // = (n·H + h)·K·V, at value v and key `key`; K (= p.K) as the caller's compile-time constant.
 template <int K>
 __device__ __forceinline__ size_t state_index(const FwdParams& p, size_t base, int v, int key) {
   return base + (p.attrs.state_v_first ? static_cast<size_t>(v) * K + key
-                                 : static_cast<size_t>(key) * p.V + v);
+                                       : static_cast<size_t>(key) * p.V + v);
 }
-
-// The record pipeline of the recurrence kernels: kStages shared-memory stages of kStageBytes
-// from the start of shared memory, each holding one step's record (one bulk copy, issued by
-// lane 0 of warp 0, completing on the stage's "full" mbarrier) and, beside it, every warp's own
-// 16x16 row tile (cp.async, one group per step). Step i + kAhead refills the stage of step
-// i - 2 once all NW warps have released that, so a warp may trail the one that refills by a
-// step without stalling it; warps never wait on each other otherwise. The 2·kStages mbarriers
-// ("full", then "empty") start at byte kBarOffset. Everything but the base is compile-time, as
-// in the hand-written loops this replaced.
-template <int kStages, int NW, int kStageBytes, int kBarOffset>
-struct StepRing {
-  static constexpr int kAhead = kStages - 2;
-  uint8_t* smem;
-
-  __device__ uint64_t* full(int i) const {
-    return reinterpret_cast<uint64_t*>(smem + kBarOffset) + i % kStages;
-  }
-  __device__ uint64_t* empty(int i) const { return full(i) + kStages; }
-
-  // Every thread of the CTA calls it (it ends in a CTA barrier).
-  __device__ void init() const {
-    if (threadIdx.x == 0) {
-      for (int i = 0; i < kStages; ++i) {
-        ptx::mbar_init(full(i), 1);
-        ptx::mbar_init(empty(i), NW);
-      }
-      ptx::fence_mbar_init();
-    }
-    __syncthreads();
-  }
-
-  __device__ uint8_t* stage(int i) const { return smem + (i % kStages) * kStageBytes; }
-
-  // Warp 0: bytes [first, end) of step i's record at `rec` into the same place of its stage.
-  __device__ void fetch_record(int i, const uint8_t* rec, uint32_t first, uint32_t end,
-                               int lane) const {
-    if (lane == 0) {
-      ptx::mbar_arrive_expect_tx(full(i), end - first);
-      ptx::bulk_g2s(stage(i) + first, rec + first, end - first, full(i));
-    }
-  }
-
-  // Warp 0, at step i: may the record of step i + kAhead be fetched now (after waiting for
-  // the stage it reuses)?
-  __device__ bool refill_ready(int i, int steps) const {
-    if (i + kAhead >= steps) return false;
-    if (i >= 2) ptx::mbar_wait(empty(i - 2), ((i - 2) / kStages) & 1);
-    return true;
-  }
-
-  // The kernel says where a step's data comes from: record(i) calls fetch_record for step i
-  // (warp 0 only), rows(i) issues this warp's cp.async row tile of step i into stage(i). The
-  // ring calls them for steps < `steps` only and closes one cp.async group per step, empty or
-  // not, so that wait() counts steps.
-  //
-  // Every thread of the CTA, once: the barriers, then the first kAhead steps' fetches.
-  template <typename Record, typename Rows>
-  __device__ void start(int steps, int warp, Record record, Rows rows) const {
-    init();
-    for (int i = 0; i < kAhead; ++i) {
-      if (warp == 0 && i < steps) record(i);
-      rows_group(i, steps, rows);
-    }
-  }
-
-  // Every warp, at step i before wait(i): the fetches of step i + kAhead (warp 0's record once
-  // its stage is released; this warp's own columns of the stage it finished at step i - 2).
-  template <typename Record, typename Rows>
-  __device__ void refill(int i, int steps, int warp, Record record, Rows rows) const {
-    if (warp == 0 && refill_ready(i, steps)) record(i + kAhead);
-    rows_group(i + kAhead, steps, rows);
-  }
-
-  template <typename Rows>
-  __device__ static void rows_group(int i, int steps, Rows rows) {
-    if (i < steps) rows(i);
-    ptx::cp_async_commit();
-  }
-
-  // Every warp: step i's record and this warp's row tile have landed.
-  __device__ void wait(int i) const {
-    ptx::mbar_wait(full(i), (i / kStages) & 1);
-    ptx::cp_async_wait<kAhead>();
-    __syncwarp();
-  }
-
-  // Every warp, once it no longer reads step i's record.
-  __device__ void release(int i, int lane) const {
-    if (lane == 0) ptx::mbar_arrive(empty(i));
-  }
-};
 
 }  // namespace kda

@@ -2,7 +2,7 @@
 // never reaches an earlier token. The forward marks (outputs NaN from the first bad row on);
 // the backward cuts (the state there is a constant, so gradients flow around it): the first
 // dead row of each (sequence, head) from q, k, β and the log-decay is found by the prep
-// (prep_for_backward), that of each value column from v by kda_scan_v_kernel, and the chains
+// (prep.cuh, with kAux), that of each value column from v by kda_scan_v_kernel, and the chains
 // and the grad kernel zero the inputs and cotangents at dead (row, column) places.
 #pragma once
 

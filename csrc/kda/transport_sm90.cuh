@@ -1,12 +1,13 @@
-// Thin inline-PTX wrappers: warp-level matrix ops (ldmatrix, mma.sync), per-thread async copies,
-// and the Hopper bulk-copy engine with its mbarriers.
+// The Hopper (sm_90) transport: how data moves between global memory, shared memory and the
+// mma fragments. ldmatrix/stmatrix, per-thread async copies (cp.async), the bulk-copy engine
+// with its mbarriers and proxy fences, and on top of them StepRing, the staged record pipeline
+// of the recurrences. A kernel for another architecture replaces this header (same names) and
+// keeps the rest.
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 namespace kda::ptx {
 
@@ -24,60 +25,6 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
-}
-
-// D = A*B + D, m16n8k16, fp32 accumulate; T selects bf16 or fp16 operands.
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                         uint32_t b1) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-// x = hi + lo exactly, hi being x with its 13 low mantissa bits cleared (a tf32 value), for
-// 3xTF32 products (hi·hi + hi·lo + lo·hi) that keep fp32-level accuracy on tensor cores. lo goes
-// in as is: the mma reads its tf32 bits only, an error of 2^-10 in a part below 2^-10·|x|. Two
-// instructions, where cvt.rna.tf32 costs several.
-__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
-  hi = __float_as_uint(x) & 0xffffe000u;
-  lo = __float_as_uint(x - __uint_as_float(hi));
-}
-
-// D = A*B + D, m16n8k8, tf32 operands, fp32 accumulate. Fragments (g = lane/4, t = lane%4):
-// a = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]; b = B[t][g], B[t+4][g]; d as in m16n8k16.
-__device__ __forceinline__ void mma1688_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// D += A*B in 3xTF32: A and B each given as hi and lo parts (split_tf32).
-__device__ __forceinline__ void mma1688_3xtf32(float (&d)[4], const uint32_t (&ah)[4],
-                                               const uint32_t (&al)[4], const uint32_t (&bh)[2],
-                                               const uint32_t (&bl)[2]) {
-  mma1688_tf32(d, al, bh[0], bh[1]);
-  mma1688_tf32(d, ah, bl[0], bl[1]);
-  mma1688_tf32(d, ah, bh[0], bh[1]);
-}
-
-// Lower half holds `lo` (the smaller column index), as the mma fragments expect.
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
 }
 
 __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
@@ -180,3 +127,98 @@ __device__ __forceinline__ void bulk_wait_all() {
 }
 
 }  // namespace kda::ptx
+
+namespace kda {
+
+// The record pipeline of the recurrence kernels: kStages shared-memory stages of kStageBytes
+// from the start of shared memory, each holding one step's record (one bulk copy, issued by
+// lane 0 of warp 0, completing on the stage's "full" mbarrier) and, beside it, every warp's own
+// 16x16 row tile (cp.async, one group per step). Step i + kAhead refills the stage of step
+// i - 2 once all NW warps have released that, so a warp may trail the one that refills by a
+// step without stalling it; warps never wait on each other otherwise. The 2·kStages mbarriers
+// ("full", then "empty") start at byte kBarOffset. Everything but the base is compile-time, as
+// in the hand-written loops this replaced.
+template <int kStages, int NW, int kStageBytes, int kBarOffset>
+struct StepRing {
+  static constexpr int kAhead = kStages - 2;
+  uint8_t* smem;
+
+  __device__ uint64_t* full(int i) const {
+    return reinterpret_cast<uint64_t*>(smem + kBarOffset) + i % kStages;
+  }
+  __device__ uint64_t* empty(int i) const { return full(i) + kStages; }
+
+  // Every thread of the CTA calls it (it ends in a CTA barrier).
+  __device__ void init() const {
+    if (threadIdx.x == 0) {
+      for (int i = 0; i < kStages; ++i) {
+        ptx::mbar_init(full(i), 1);
+        ptx::mbar_init(empty(i), NW);
+      }
+      ptx::fence_mbar_init();
+    }
+    __syncthreads();
+  }
+
+  __device__ uint8_t* stage(int i) const { return smem + (i % kStages) * kStageBytes; }
+
+  // Warp 0: bytes [first, end) of step i's record at `rec` into the same place of its stage.
+  __device__ void fetch_record(int i, const uint8_t* rec, uint32_t first, uint32_t end,
+                               int lane) const {
+    if (lane == 0) {
+      ptx::mbar_arrive_expect_tx(full(i), end - first);
+      ptx::bulk_g2s(stage(i) + first, rec + first, end - first, full(i));
+    }
+  }
+
+  // Warp 0, at step i: may the record of step i + kAhead be fetched now (after waiting for
+  // the stage it reuses)?
+  __device__ bool refill_ready(int i, int steps) const {
+    if (i + kAhead >= steps) return false;
+    if (i >= 2) ptx::mbar_wait(empty(i - 2), ((i - 2) / kStages) & 1);
+    return true;
+  }
+
+  // The kernel says where a step's data comes from: record(i) calls fetch_record for step i
+  // (warp 0 only), rows(i) issues this warp's cp.async row tile of step i into stage(i). The
+  // ring calls them for steps < `steps` only and closes one cp.async group per step, empty or
+  // not, so that wait() counts steps.
+  //
+  // Every thread of the CTA, once: the barriers, then the first kAhead steps' fetches.
+  template <typename Record, typename Rows>
+  __device__ void start(int steps, int warp, Record record, Rows rows) const {
+    init();
+    for (int i = 0; i < kAhead; ++i) {
+      if (warp == 0 && i < steps) record(i);
+      rows_group(i, steps, rows);
+    }
+  }
+
+  // Every warp, at step i before wait(i): the fetches of step i + kAhead (warp 0's record once
+  // its stage is released; this warp's own columns of the stage it finished at step i - 2).
+  template <typename Record, typename Rows>
+  __device__ void refill(int i, int steps, int warp, Record record, Rows rows) const {
+    if (warp == 0 && refill_ready(i, steps)) record(i + kAhead);
+    rows_group(i + kAhead, steps, rows);
+  }
+
+  template <typename Rows>
+  __device__ static void rows_group(int i, int steps, Rows rows) {
+    if (i < steps) rows(i);
+    ptx::cp_async_commit();
+  }
+
+  // Every warp: step i's record and this warp's row tile have landed.
+  __device__ void wait(int i) const {
+    ptx::mbar_wait(full(i), (i / kStages) & 1);
+    ptx::cp_async_wait<kAhead>();
+    __syncwarp();
+  }
+
+  // Every warp, once it no longer reads step i's record.
+  __device__ void release(int i, int lane) const {
+    if (lane == 0) ptx::mbar_arrive(empty(i));
+  }
+};
+
+}  // namespace kda

@@ -1,0 +1,212 @@
+// The forward's chunk recurrence (docs/math.md): each warp owns 16 value columns of the state S
+// (all K keys), kept transposed in fp32 mma accumulators for the whole sequence, so the
+// accumulator layout doubles as the bf16 A/B operand layout and S never leaves registers.
+// Per chunk:  Vnᵀ = Vᵀ(Tβ)ᵀ + Sᵀ(−W)ᵀ,  Oᵀ = SᵀQ̃ᵀ + VnᵀAqkᵀ,  Sᵀ = Sᵀ·Diag(e^{Γ_C}) + VnᵀK̃,
+// from the chunk records the prep wrote (prep.cuh), prefetched several chunks ahead (StepRing).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "kda/chunks.cuh"
+#include "kda/kda_fwd.h"
+#include "kda/mma.cuh"
+#include "kda/quarantine.cuh"
+#include "kda/transport_sm90.cuh"
+
+namespace kda {
+
+// The recurrence kernel. CTA = (value block of 16·NW columns, head, sequence); warp w
+// owns value columns [16w, 16w+16) of the block. Fragment maps (m16n8k16, g = lane/4, t = lane%4):
+//   s[nt][0..1] = Sᵀ(value g, key 8nt+2t+{0,1}), s[nt][2..3] = the same at value g+8.
+template <int K, int NW, typename Tin>
+struct RecurrenceSmem {
+  static constexpr int BV = 16 * NW;
+  static constexpr int VP = BV + 8;  // +16 bytes per row: conflict-free ldmatrix
+  static constexpr int kV = Rec<K>::kBytes;
+  static constexpr int kStage = kV + kChunk * VP * 2;
+  // A chunk record takes microseconds to arrive while a chunk computes in well under one, so
+  // prefetch as deep as ~110 KB allows (two CTAs still fit on an SM).
+  static constexpr int kStages = std::min(8, std::max(4, 110 * 1024 / kStage));
+  static constexpr int kOutPitch = 16 + 8;
+  static constexpr int kOut = kStages * kStage;
+  static constexpr int kBar = kOut + NW * kChunk * kOutPitch * 2;
+  static constexpr int kBytes = kBar + 2 * kStages * 8;  // "full" and "empty" barriers
+};
+
+template <int K, int NW, typename Tin>
+__global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
+                                                                 const uint8_t* __restrict__ ws,
+                                                                 int slots) {
+  using L = RecurrenceSmem<K, NW, Tin>;
+  using R = Rec<K>;
+  constexpr int BV = L::BV, KP = R::kPitch, VP = L::VP, kStages = L::kStages;
+  extern __shared__ __align__(128) uint8_t smem[];
+  using Ring = StepRing<kStages, NW, L::kStage, L::kBar>;
+  const Ring ring{smem};
+
+  const int vb = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const Seq sq = seq_of(p, n);
+  const int nch = (sq.len + kChunk - 1) / kChunk;
+  const uint8_t* rec0 = ws + (static_cast<size_t>(h) * slots + sq.slot0) * R::kBytes;
+  const Tin* vsrc = static_cast<const Tin*>(p.v);
+
+  // Warp 0 fetches chunk c's record with one bulk copy. Each warp fetches its own 16 value
+  // columns of the chunk's 16 rows of V with one cp.async per lane: issuing the 16 row copies
+  // through the bulk engine serialised warp 0 (ncu: ~45% of its time) and starved every warp.
+  auto fetch_record = [&](int c) {
+    ring.fetch_record(c, rec0 + static_cast<size_t>(c) * R::kBytes, 0, R::kBytes, lane);
+  };
+  auto fetch_v = [&](int c) {
+    ptx::warp_tile16_cp_async(
+        reinterpret_cast<Tin*>(ring.stage(c) + L::kV) + warp * 16, VP,
+        vsrc + (static_cast<size_t>(sq.row0 + c * kChunk) * p.H + h) * p.V + vb * BV + warp * 16,
+        static_cast<size_t>(p.H) * p.V, sq.len - c * kChunk, lane);
+  };
+  ring.start(nch, warp, fetch_record, fetch_v);
+
+  // Initial state, transposed into the accumulator layout.
+  float s[K / 8][4];
+  const size_t st_base = (static_cast<size_t>(n) * p.H + h) * K * p.V;
+  const int v_lo = vb * BV + warp * 16 + g;
+  auto st_index = [&](int nt, int j) {
+    return state_index<K>(p, st_base, v_lo + (j >> 1) * 8, nt * 8 + t * 2 + (j & 1));
+  };
+#pragma unroll
+  for (int nt = 0; nt < K / 8; ++nt)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) s[nt][j] = p.initial_state[st_index(nt, j)];
+
+  Tin* ostage = reinterpret_cast<Tin*>(smem + L::kOut) + warp * kChunk * L::kOutPitch;
+  Tin* out = static_cast<Tin*>(p.o);
+  const int brow = (lane & 7) + ((lane >> 4) & 1) * 8, bcol = ((lane >> 3) & 1) * 8;
+  for (int c = 0; c < nch; ++c) {
+    ring.refill(c, nch, warp, fetch_record, fetch_v);
+    ring.wait(c);
+
+    const uint8_t* st = ring.stage(c);
+    const RecView<K, __nv_bfloat16, Tin> record(st);
+    const Tin* vs = reinterpret_cast<const Tin*>(st + L::kV);
+    // First row of each of this lane's value columns g and g + 8 with a non-finite v (kChunk:
+    // none); see quarantine_v.
+    const V16Quarantine vq = quarantine_v(const_cast<Tin*>(vs) + warp * 16, VP,
+                                          sq.len - c * kChunk, lane);
+
+    // Two accumulator sets halve the dependent mma chain of the K reduction.
+    float vn[2][4] = {}, ot[2][4] = {}, vn1[2][4] = {}, ot1[2][4] = {};
+    {
+      uint32_t av[4], bt[4];
+      ptx::ldsm_x4_trans(av, vs + brow * VP + warp * 16 + bcol);
+      ptx::ldsm_x4(bt, record.tb + brow * kChunk + bcol);
+      ptx::mma16816<Tin>(vn1[0], av, bt[0], bt[1]);
+      ptx::mma16816<Tin>(vn1[1], av, bt[2], bt[3]);
+    }
+#pragma unroll
+    for (int ks = 0; ks < K / 16; ++ks) {
+      float (&va)[2][4] = (ks & 1) ? vn1 : vn;
+      float (&oa)[2][4] = (ks & 1) ? ot1 : ot;
+      const uint32_t a[4] = {ptx::pack_bf16(s[2 * ks][0], s[2 * ks][1]),
+                             ptx::pack_bf16(s[2 * ks][2], s[2 * ks][3]),
+                             ptx::pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]),
+                             ptx::pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+      uint32_t bw[4], bq[4];
+      ptx::ldsm_x4(bw, record.w + brow * KP + ks * 16 + bcol);
+      ptx::ldsm_x4(bq, record.q + brow * KP + ks * 16 + bcol);
+      ptx::mma16816<__nv_bfloat16>(va[0], a, bw[0], bw[1]);
+      ptx::mma16816<__nv_bfloat16>(va[1], a, bw[2], bw[3]);
+      ptx::mma16816<__nv_bfloat16>(oa[0], a, bq[0], bq[1]);
+      ptx::mma16816<__nv_bfloat16>(oa[1], a, bq[2], bq[3]);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        vn[i][j] += vn1[i][j];
+        ot[i][j] += ot1[i][j];
+      }
+    const uint32_t avn[4] = {ptx::pack_bf16(vn[0][0], vn[0][1]), ptx::pack_bf16(vn[0][2], vn[0][3]),
+                             ptx::pack_bf16(vn[1][0], vn[1][1]), ptx::pack_bf16(vn[1][2], vn[1][3])};
+    {
+      uint32_t ba[4];
+      ptx::ldsm_x4(ba, record.aqk + brow * kChunk + bcol);
+      ptx::mma16816<__nv_bfloat16>(ot[0], avn, ba[0], ba[1]);
+      ptx::mma16816<__nv_bfloat16>(ot[1], avn, ba[2], ba[3]);
+    }
+    const int krow = (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int nt = 0; nt < K / 8; nt += 2) {
+      uint32_t bk[4];
+      ptx::ldsm_x4_trans(bk, record.kt + krow * KP + (nt + (lane >> 4)) * 8);
+      const float2 e0 = *reinterpret_cast<const float2*>(record.eg + nt * 8 + t * 2);
+      const float2 e1 = *reinterpret_cast<const float2*>(record.eg + nt * 8 + 8 + t * 2);
+      s[nt][0] *= e0.x; s[nt][1] *= e0.y; s[nt][2] *= e0.x; s[nt][3] *= e0.y;
+      s[nt + 1][0] *= e1.x; s[nt + 1][1] *= e1.y; s[nt + 1][2] *= e1.x; s[nt + 1][3] *= e1.y;
+      ptx::mma16816<__nv_bfloat16>(s[nt], avn, bk[0], bk[1]);
+      ptx::mma16816<__nv_bfloat16>(s[nt + 1], avn, bk[2], bk[3]);
+    }
+
+    if (vq.any) {
+      // A quarantined column's outputs from its first bad row on, and its state, are NaN.
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (nt * 8 + t * 2 + (j & 1) >= vq.first[j >> 1]) ot[nt][j] = __int_as_float(0x7fffffff);
+#pragma unroll
+      for (int nt = 0; nt < K / 8; ++nt)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (vq.first[j >> 1] < kChunk) s[nt][j] = __int_as_float(0x7fffffff);
+    }
+
+    // Oᵀ tile → [token][value] in shared memory → one 16-byte store per lane.
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int tok = nt * 8 + t * 2 + (j & 1), v = g + (j >> 1) * 8;
+        if constexpr (std::is_same_v<Tin, __half>)
+          ostage[tok * L::kOutPitch + v] = __float2half_rn(ot[nt][j]);
+        else
+          ostage[tok * L::kOutPitch + v] = __float2bfloat16_rn(ot[nt][j]);
+      }
+    __syncwarp();
+    ring.release(c, lane);
+    {
+      const int tok = lane >> 1, half = lane & 1;
+      const int gt = c * kChunk + tok;
+      if (gt < sq.len) {
+        const uint4 val = *reinterpret_cast<const uint4*>(ostage + tok * L::kOutPitch + half * 8);
+        *reinterpret_cast<uint4*>(out + (static_cast<size_t>(sq.row0 + gt) * p.H + h) * p.V +
+                                  vb * BV + warp * 16 + half * 8) = val;
+      }
+    }
+    __syncwarp();
+  }
+
+#pragma unroll
+  for (int nt = 0; nt < K / 8; ++nt)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) p.final_state[st_index(nt, j)] = s[nt][j];
+
+  // Tokens before the first or after the last varlen sequence belong to none: their output is
+  // zero (docs/robustness.md §1). The first and last sequences' CTAs write them.
+  auto zero_tokens = [&](long long from, long long to) {
+    for (long long i = from * 2 + tid; i < 2 * to; i += NW * 32) {
+      const long long tok = i >> 1;
+      const int half = static_cast<int>(i & 1);
+      Tin* dst = out + (static_cast<size_t>(tok) * p.H + h) * p.V + vb * BV + half * (BV / 2);
+      for (int j = 0; j < BV / 2; ++j) dst[j] = Tin(0.f);
+    }
+  };
+  if (p.attrs.is_varlen && n == 0) zero_tokens(0, p.cu_seqlens[0]);
+  if (p.attrs.is_varlen && n == p.N - 1) zero_tokens(p.cu_seqlens[p.N], p.T);
+}
+
+}  // namespace kda
