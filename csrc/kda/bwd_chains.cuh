@@ -25,17 +25,24 @@ namespace kda {
 // warp w owns value columns [16w, 16w+16) of the block and keeps its slice of S (or dS)
 // transposed in fp32 mma accumulators: s[nt][0..1] = (value g, key 8nt+2t+{0,1}),
 // s[nt][2..3] the same at value g+8 (g = lane/4, t = lane%4).
-template <int NW, int kStages_>
+template <typename Tr, int NW, int kStages_>
 struct ChainSmem {
   static constexpr int BV = 16 * NW;
   static constexpr int VP = BV + 8;
-  static constexpr int kStage = R::kBytes + kC * VP * 2;  // record + 16 rows of V or dO
+  static constexpr int kStage = Tr::R::kBytes + kC * VP * 2;  // record + 16 rows of V or dO
   static constexpr int kStages = kStages_;
   static constexpr int kRowPitch = 24;
   static constexpr int kRowStage = kStages * kStage;  // per warp [16][24] bf16
   static constexpr int kStateTile = kRowStage + NW * kC * kRowPitch * 2;  // per warp [16][K] bf16
-  static constexpr int kBar = kStateTile + NW * kC * KD * 2;
+  static constexpr int kBar = kStateTile + NW * kC * Tr::K * 2;
   static constexpr int kBytes = kBar + 2 * kStages * 8;  // "full" and "empty" barriers
+
+  static_assert(Tr::V % BV == 0, "value blocks of 16·NW columns tile V");
+  static_assert(ptx::conflict_free_pitch(VP * 2), "conflict-free ldmatrix on the V or dO rows");
+  static_assert(Tr::R::kBytes % 16 == 0 && kStage % 16 == 0 && kRowStage % 16 == 0 &&
+                    kStateTile % 16 == 0 && kBar % 8 == 0,
+                "16-byte aligned bulk copies, cp.async, ldmatrix and stmatrix; 8-byte aligned "
+                "mbarriers");
 };
 
 // The stored states are Sᵀ [value][key] bf16 with the 16-byte key chunks of each row permuted:
@@ -43,14 +50,17 @@ struct ChainSmem {
 // shared-memory tile, copied out as is; the grad kernel undoes it as it loads.
 __device__ __forceinline__ int state_chunk(int v, int c) { return c ^ (v & 7); }
 
-template <int NW, int kStages_, int kMinBlocks, typename Tin>
+template <typename Tr, int NW, int kStages_, int kMinBlocks, typename Tin>
 __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     BwdParams p, const uint8_t* __restrict__ recs, __nv_bfloat16* __restrict__ states,
     __nv_bfloat16* __restrict__ dstates, __nv_bfloat16* __restrict__ vn_out,
     __nv_bfloat16* __restrict__ dvn_out, const int* __restrict__ dead_rows,
     const int* __restrict__ dead_cols, int slots) {
-  using L = ChainSmem<NW, kStages_>;
+  using L = ChainSmem<Tr, NW, kStages_>;
+  using R = typename Tr::R;
+  constexpr int K = Tr::K, V = Tr::V, KP = R::kPitch;
   constexpr int BV = L::BV, VP = L::VP, kStages = L::kStages, RP = L::kRowPitch;
+  static_assert(smem_fits(L::kBytes, kMinBlocks), "kMinBlocks CTAs of this layout fit an SM");
   extern __shared__ __align__(128) uint8_t smem[];
   using Ring = StepRing<kStages, NW, L::kStage, L::kBar>;
   const Ring ring{smem};
@@ -80,26 +90,26 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     const int c = chunk_at(i);
     ptx::warp_tile16_cp_async(
         reinterpret_cast<Tin*>(ring.stage(i) + R::kBytes) + warp * 16, VP,
-        rows_src + (static_cast<size_t>(sq.row0 + c * kC) * p.H + h) * VD + vb * BV + warp * 16,
-        static_cast<size_t>(p.H) * VD, sq.len - c * kC, lane);
+        rows_src + (static_cast<size_t>(sq.row0 + c * kC) * p.H + h) * V + vb * BV + warp * 16,
+        static_cast<size_t>(p.H) * V, sq.len - c * kC, lane);
   };
   ring.start(nch, warp, fetch_record, fetch_rows);
 
-  float s[KD / 8][4];
-  const size_t st_base = (static_cast<size_t>(n) * p.H + h) * KD * VD;
+  float s[K / 8][4];
+  const size_t st_base = (static_cast<size_t>(n) * p.H + h) * K * V;
   const int v_lo = vb * BV + warp * 16 + g;
   auto st_index = [&](int nt, int j) {
-    return state_index<KD>(p, st_base, v_lo + (j >> 1) * 8, nt * 8 + t * 2 + (j & 1));
+    return state_index<K>(p, st_base, v_lo + (j >> 1) * 8, nt * 8 + t * 2 + (j & 1));
   };
   const float* s0 = reverse ? p.dfinal_state : p.initial_state;
 #pragma unroll
-  for (int nt = 0; nt < KD / 8; ++nt)
+  for (int nt = 0; nt < K / 8; ++nt)
 #pragma unroll
     for (int j = 0; j < 4; ++j) s[nt][j] = s0[st_index(nt, j)];
 
   // docs/robustness.md §3 (quarantine.cuh): the first dead row of the head, and of each of the
   // 8 value columns this lane holds in a row tile (those of its state columns g, g + 8 too).
-  const int* dead_col = dead_cols + (static_cast<size_t>(n) * p.H + h) * VD + vb * BV + warp * 16;
+  const int* dead_col = dead_cols + (static_cast<size_t>(n) * p.H + h) * V + vb * BV + warp * 16;
   const int dead_head = dead_rows[n * p.H + h];
   int dead_at[8];
 #pragma unroll
@@ -112,14 +122,14 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     // A dead column's final state is a constant NaN: its cotangent reaches nothing.
     const int dead_g[2] = {min(dead_head, dead_col[g]), min(dead_head, dead_col[g + 8])};
 #pragma unroll
-    for (int nt = 0; nt < KD / 8; ++nt)
+    for (int nt = 0; nt < K / 8; ++nt)
 #pragma unroll
       for (int j = 0; j < 4; ++j)
         if (dead_g[j >> 1] != kNoDeadRow) s[nt][j] = 0.f;
   }
 
   __nv_bfloat16* rstage = reinterpret_cast<__nv_bfloat16*>(smem + L::kRowStage) + warp * kC * RP;
-  __nv_bfloat16* tile = reinterpret_cast<__nv_bfloat16*>(smem + L::kStateTile) + warp * kC * KD;
+  __nv_bfloat16* tile = reinterpret_cast<__nv_bfloat16*>(smem + L::kStateTile) + warp * kC * K;
   __nv_bfloat16* st_out = reverse ? dstates : states;
   __nv_bfloat16* row_out = reverse ? dvn_out : vn_out;
   const int brow = (lane & 7) + ((lane >> 4) & 1) * 8, bcol = ((lane >> 3) & 1) * 8;
@@ -138,23 +148,24 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     {
       __syncwarp();  // every lane has read the previous step's tile
 #pragma unroll
-      for (int nt = 0; nt < KD / 8; nt += 2) {
+      for (int nt = 0; nt < K / 8; nt += 2) {
         const int row = (lane & 7) + ((lane >> 3) & 1) * 8, c = nt + (lane >> 4);
         const uint32_t f[4] = {ptx::pack_bf16(s[nt][0], s[nt][1]), ptx::pack_bf16(s[nt][2], s[nt][3]),
                                ptx::pack_bf16(s[nt + 1][0], s[nt + 1][1]),
                                ptx::pack_bf16(s[nt + 1][2], s[nt + 1][3])};
-        ptx::stsm_x4(tile + row * KD + state_chunk(row, c) * 8, f);
+        ptx::stsm_x4(tile + row * K + state_chunk(row, c) * 8, f);
       }
       __syncwarp();
-      uint4* dst = reinterpret_cast<uint4*>(st_out + (hs * VD + v_lo - g) * KD);
+      uint4* dst = reinterpret_cast<uint4*>(st_out + (hs * V + v_lo - g) * K);
+      static_assert(kC * K / 8 % 32 == 0, "the tile's 16-byte pieces spread evenly over lanes");
 #pragma unroll
-      for (int j = 0; j < kC * KD / 8 / 32; ++j)
+      for (int j = 0; j < kC * K / 8 / 32; ++j)
         dst[j * 32 + lane] = reinterpret_cast<const uint4*>(tile)[j * 32 + lane];
     }
 
     ring.wait(i);
     const uint8_t* st = ring.stage(i);
-    const RecView<KD, Tin, Tin> record(st);
+    const RecView<K, Tin, Tin> record(st);
     const Tin* rs = reinterpret_cast<const Tin*>(st + R::kBytes);
     const long long row0 = sq.row0 + static_cast<long long>(c) * kC;
     // V (or dO) at dead places acts as 0; a chunk wholly past the head's first dead row keeps
@@ -177,7 +188,7 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     }
     const __nv_bfloat16* red_rows = reverse ? record.kt : record.w;
 #pragma unroll
-    for (int ks = 0; ks < KD / 16; ++ks) {
+    for (int ks = 0; ks < K / 16; ++ks) {
       float (&acc)[2][4] = (ks & 1) ? x1 : x0;
       const uint32_t a[4] = {ptx::pack_bf16(s[2 * ks][0], s[2 * ks][1]),
                              ptx::pack_bf16(s[2 * ks][2], s[2 * ks][3]),
@@ -199,7 +210,7 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     // dSᵀ ← dS'ᵀ·Diag(e^{Γ_C}) + dOᵀQ̃ + dVnᵀ(−W) backwards.
     if (live_chunk) {
 #pragma unroll
-      for (int nt = 0; nt < KD / 8; nt += 2) {
+      for (int nt = 0; nt < K / 8; nt += 2) {
         const float2 e0 = *reinterpret_cast<const float2*>(record.eg + nt * 8 + t * 2);
         const float2 e1 = *reinterpret_cast<const float2*>(record.eg + nt * 8 + 8 + t * 2);
         s[nt][0] *= e0.x; s[nt][1] *= e0.y; s[nt][2] *= e0.x; s[nt][3] *= e0.y;
@@ -227,7 +238,7 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     ring.release(i, lane);
     {
       const int tok = lane >> 1, half = lane & 1;
-      *reinterpret_cast<uint4*>(row_out + (hs * kC + tok) * VD + vb * BV + warp * 16 + half * 8) =
+      *reinterpret_cast<uint4*>(row_out + (hs * kC + tok) * V + vb * BV + warp * 16 + half * 8) =
           *reinterpret_cast<const uint4*>(rstage + tok * RP + half * 8);
     }
     __syncwarp();
@@ -235,7 +246,7 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
 
   if (reverse) {
 #pragma unroll
-    for (int nt = 0; nt < KD / 8; ++nt)
+    for (int nt = 0; nt < K / 8; ++nt)
 #pragma unroll
       for (int j = 0; j < 4; ++j) p.dinitial_state[st_index(nt, j)] = s[nt][j];
   }

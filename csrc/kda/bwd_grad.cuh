@@ -27,9 +27,8 @@
 
 namespace kda {
 
-constexpr int kH = kC / 2;  // token rows per thread in grad (two threads per channel)
-
-// Sums, per token half, acc[i] (i < 16) over that half's 128 threads into out[16·hh + i].
+// Sums, per token half, acc[i] (i < 16) over that half's K threads into out[16·hh + i].
+template <typename Tr>
 __device__ __forceinline__ void half_sum16(float (&acc)[16], float (*red)[32], float* out) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
@@ -49,8 +48,7 @@ __device__ __forceinline__ void half_sum16(float (&acc)[16], float (*red)[32], f
   __syncthreads();
   if (threadIdx.x < 32) {
     const int half = threadIdx.x >> 4, i = threadIdx.x & 15;
-    out[threadIdx.x] = (red[4 * half][i] + red[4 * half + 1][i]) +
-                       (red[4 * half + 2][i] + red[4 * half + 3][i]);
+    out[threadIdx.x] = tree_sum<Tr::kHalfWarps, 32>(&red[Tr::kHalfWarps * half][i]);
   }
   __syncthreads();
 }
@@ -67,36 +65,39 @@ __device__ __forceinline__ void frag_a_tf32(const float (*m)[P], int k0, float s
 
 // The raw rows of q, k and the gate input, copied into shared memory as stored (16 bytes at a
 // time: the per-thread 2-byte loads they replace cost ~12 address instructions each).
+template <typename Tr>
 struct ChunkRows {
-  uint8_t q[kC][KD * 2], k[kC][KD * 2], g[kC][KD * 4];
+  uint8_t q[kC][Tr::K * 2], k[kC][Tr::K * 2], g[kC][Tr::K * 4];
 };
 
 // Rows past the sequence copy the first row; their values are masked where they are read.
-template <typename Tin>
+template <typename Tr, typename Tin>
 __device__ __forceinline__ void copy_chunk_rows(const FwdParams& p, const Chunk& ch, int h,
-                                                ChunkRows& rows) {
-  const int tid = threadIdx.x, row = tid >> 4, c = tid & 15;
-  const size_t at = (static_cast<size_t>(ch.row0 + (row < ch.len ? row : 0)) * p.H + h) * KD;
+                                                ChunkRows<Tr>& rows) {
+  constexpr int kPieces = Tr::kRowPieces;
+  const int tid = threadIdx.x, row = tid >> Tr::kPieceShift, c = tid & (kPieces - 1);
+  const size_t at = (static_cast<size_t>(ch.row0 + (row < ch.len ? row : 0)) * p.H + h) * Tr::K;
   ptx::cp_async16(&rows.q[row][c * 16], static_cast<const uint8_t*>(p.q) + at * sizeof(Tin) + c * 16);
   ptx::cp_async16(&rows.k[row][c * 16], static_cast<const uint8_t*>(p.k) + at * sizeof(Tin) + c * 16);
   const int gbytes = p.g_dtype == DType::kF32 ? 4 : 2;
   const uint8_t* g = static_cast<const uint8_t*>(p.g) + at * gbytes;
   ptx::cp_async16(&rows.g[row][c * 16], g + c * 16);
-  if (gbytes == 4) ptx::cp_async16(&rows.g[row][(c + 16) * 16], g + (c + 16) * 16);
+  if (gbytes == 4) ptx::cp_async16(&rows.g[row][(c + kPieces) * 16], g + (c + kPieces) * 16);
 }
 
-// Key channel d = tid % 128, rows r0 + j, r0 = 8·(tid / 128): q, k (not yet normalised), the gate
+// Key channel d = tid % K, rows r0 + j, r0 = 8·(tid / K): q, k (not yet normalised), the gate
 // input + dt_bias, and Γ summed over this half's rows only, with that total in half_sum[hh][d]
 // (after a barrier the caller adds the first half's total to the second half). Tokens past the
 // sequence act as q = k = g = 0, which changes nothing for the real ones.
-template <typename Tin>
+template <typename Tr, typename Tin, int kH = Tr::kH>
 __device__ __forceinline__ void read_half(const FwdParams& p, const Chunk& ch, int h,
-                                          const ChunkRows& rows, float (*half_sum)[KD],
+                                          const ChunkRows<Tr>& rows, float (*half_sum)[Tr::K],
                                           float (&qn)[kH], float (&kn)[kH], float (&G)[kH],
                                           float (&xg)[kH]) {
-  const int tid = threadIdx.x, d = tid & (KD - 1), hh = tid >> 7, r0 = hh * kH;
+  constexpr int K = Tr::K;
+  const int tid = threadIdx.x, d = tid & (K - 1), hh = tid >> Tr::kKeyShift, r0 = hh * kH;
   const float a_exp = p.attrs.gate_mode != GateMode::kLogDecay ? __expf(p.A_log[h]) : 0.f;
-  const float dtb = p.attrs.gate_mode != GateMode::kLogDecay ? p.dt_bias[h * KD + d] : 0.f;
+  const float dtb = p.attrs.gate_mode != GateMode::kLogDecay ? p.dt_bias[h * K + d] : 0.f;
   const bool g32 = p.g_dtype == DType::kF32;
   float cum = 0.f;
 #pragma unroll
@@ -116,45 +117,52 @@ __device__ __forceinline__ void read_half(const FwdParams& p, const Chunk& ch, i
   half_sum[hh][d] = cum;
 }
 
-// The grad kernel. CTA = (chunk slot, head) of 256 threads: thread
-// (hh, d) = (tid / 128, tid % 128) owns key channel d (and value channel d for dv) for the 8
-// token rows [8hh, 8hh+8), which halves the per-thread serial work and the registers, so that
-// 16 warps share an SM. Warp w computes keys [16w, 16w+16) of the 16xK products.
+// The grad kernel. CTA = (chunk slot, head) of 2K threads: thread (hh, d) = (tid / K, tid % K)
+// owns key channel d (and value channel d for dv) for the 8 token rows [8hh, 8hh+8), which
+// halves the per-thread serial work and the registers, so that two CTAs (16 warps at K = 128)
+// share an SM. Warp w computes keys [16w, 16w+16) of the 16xK products.
+constexpr int kGradCtasPerSm = 2;
+
+template <typename Tr>
 struct GradSmem {
-  __nv_bfloat16 S[VD][KP];   // Sᵀ_c; then dQ̃, dK̃, dW, dM, Xm in fp32
-  __nv_bfloat16 dS[VD][KP];  // dS'ᵀ_c; then per-token channel rows in fp32
-  __nv_bfloat16 dO[kC][KP], Vn[kC][KP], dVn[kC][KP], V[kC][KP];
-  ChunkRows rows;
+  __nv_bfloat16 S[Tr::V][Tr::KP];   // Sᵀ_c; then dQ̃, dK̃, dW, dM, Xm in fp32
+  __nv_bfloat16 dS[Tr::V][Tr::KP];  // dS'ᵀ_c; then per-token channel rows in fp32
+  __nv_bfloat16 dO[kC][Tr::KP], Vn[kC][Tr::KP], dVn[kC][Tr::KP], V[kC][Tr::KP];
+  ChunkRows<Tr> rows;
   PrepAux aux;
   // Rows and columns (transposed copies) for whole-row broadcast reads; zeros off the support.
   float dAqk[kC][kC], dAqkT[kC][kC];  // r ≥ s
   float dLb[kC][kC], dLbT[kC][kC];    // β_r·dL[r][s], r > s
   float dMv[kC][kC + 1];
   float beta[kC], dbl[kC], dots[2 * kC];
-  float dD[KD];  // rowsum(S_c ⊙ dS'), the gradient of e^{Γ_C}
-  float xch[2][KD];  // per-channel values handed between the two token halves
-  float red[8][32];
+  float dD[Tr::K];  // rowsum(S_c ⊙ dS'), the gradient of e^{Γ_C}
+  float xch[2][Tr::K];  // per-channel values handed between the two token halves
+  float red[Tr::kGradWarps][32];
 };
-// The grad kernel's eight per-warp partial products of dM overwrite dO and Vn once both are dead.
-static_assert(offsetof(GradSmem, Vn) == offsetof(GradSmem, dO) + sizeof(GradSmem::dO) &&
-                  sizeof(GradSmem::dO) + sizeof(GradSmem::Vn) >= 8 * kC * kC * sizeof(float),
-              "dM's partial products need dO and Vn side by side");
 
-template <bool kFactored, typename Tin>
-__global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
+template <typename Tr, bool kFactored, typename Tin>
+__global__ void __launch_bounds__(Tr::kGradThreads, kGradCtasPerSm) kda_bwd_grad_kernel(
     BwdParams p, const PrepAux* __restrict__ auxs, const __nv_bfloat16* __restrict__ states,
     const __nv_bfloat16* __restrict__ dstates, const __nv_bfloat16* __restrict__ vn,
     const __nv_bfloat16* __restrict__ dvn, float* __restrict__ pdt, float* __restrict__ pda,
     const int* __restrict__ dead_rows, const int* __restrict__ dead_cols, int slots) {
+  using Smem = GradSmem<Tr>;
+  constexpr int K = Tr::K, V = Tr::V, KP = Tr::KP, FP = Tr::FP, kH = Tr::kH;
+  constexpr int kThreads = Tr::kGradThreads, kWarps = Tr::kGradWarps, kPieces = Tr::kRowPieces;
+  static_assert(smem_fits(sizeof(Smem), kGradCtasPerSm), "kGradCtasPerSm CTAs fit an SM");
+  // The per-warp partial products of dM overwrite dO and Vn once both are dead.
+  static_assert(offsetof(Smem, Vn) == offsetof(Smem, dO) + sizeof(Smem::dO) &&
+                    sizeof(Smem::dO) + sizeof(Smem::Vn) >= kWarps * kC * kC * sizeof(float),
+                "dM's partial products need dO and Vn side by side");
   extern __shared__ __align__(128) uint8_t smem_raw[];
-  GradSmem& sg = *reinterpret_cast<GradSmem*>(smem_raw);
-  const int tid = threadIdx.x, d = tid & (KD - 1), hh = tid >> 7, r0 = hh * kH;
+  Smem& sg = *reinterpret_cast<Smem*>(smem_raw);
+  const int tid = threadIdx.x, d = tid & (K - 1), hh = tid >> Tr::kKeyShift, r0 = hh * kH;
   const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int slot = blockIdx.x, h = blockIdx.y;
   const size_t hs = static_cast<size_t>(h) * slots + slot;
   const Chunk ch = locate(p, slot);
   if (ch.len == 0) {  // unused slots still write their (zero) partial sums
-    if (tid < KD) pdt[hs * KD + d] = 0.f;
+    if (tid < K) pdt[hs * K + d] = 0.f;
     if (tid == 0) pda[hs] = 0.f;
     return;
   }
@@ -168,34 +176,34 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
 
   {
     const uint8_t* src = reinterpret_cast<const uint8_t*>(auxs + hs);
-    for (int i = tid; i < static_cast<int>(sizeof(PrepAux) / 16); i += 2 * KD)
+    for (int i = tid; i < static_cast<int>(sizeof(PrepAux) / 16); i += kThreads)
       ptx::cp_async16(reinterpret_cast<uint8_t*>(&sg.aux) + i * 16, src + i * 16);
-    copy_chunk_rows<Tin>(p, ch, h, sg.rows);
+    copy_chunk_rows<Tr, Tin>(p, ch, h, sg.rows);
     ptx::cp_async_commit();
-    const __nv_bfloat16* sgl = states + hs * VD * KD;
-    const __nv_bfloat16* dsgl = dstates + hs * VD * KD;
+    const __nv_bfloat16* sgl = states + hs * V * K;
+    const __nv_bfloat16* dsgl = dstates + hs * V * K;
 #pragma unroll
-    for (int i = tid; i < VD * KD / 8; i += 2 * KD) {
-      const int row = i >> 4, col = (i & 15) * 8;
-      const int at = row * KD + state_chunk(row, col / 8) * 8;
+    for (int i = tid; i < V * K / 8; i += kThreads) {
+      const int row = i >> Tr::kPieceShift, col = (i & (kPieces - 1)) * 8;
+      const int at = row * K + state_chunk(row, col / 8) * 8;
       ptx::cp_async16(&sg.S[row][col], sgl + at);
       ptx::cp_async16(&sg.dS[row][col], dsgl + at);
     }
-    const int row = tid >> 4, col = (tid & 15) * 8;
-    ptx::cp_async16(&sg.Vn[row][col], vn + (hs * kC + row) * VD + col);
-    ptx::cp_async16(&sg.dVn[row][col], dvn + (hs * kC + row) * VD + col);
+    const int row = tid >> Tr::kPieceShift, col = (tid & (kPieces - 1)) * 8;
+    ptx::cp_async16(&sg.Vn[row][col], vn + (hs * kC + row) * V + col);
+    ptx::cp_async16(&sg.dVn[row][col], dvn + (hs * kC + row) * V + col);
     ptx::cp_async_commit();
   }
   // dO and V rows wait in registers while the chunk inputs load.
   uint4 dor, vr;
   {
-    const int row = tid >> 4, col = (tid & 15) * 8;
+    const int row = tid >> Tr::kPieceShift, col = (tid & (kPieces - 1)) * 8;
     const bool ok = row < live.len;
-    const size_t at = (static_cast<size_t>(ch.row0 + (ok ? row : 0)) * p.H + h) * VD + col;
+    const size_t at = (static_cast<size_t>(ch.row0 + (ok ? row : 0)) * p.H + h) * V + col;
     const uint4 zero = make_uint4(0, 0, 0, 0);
     dor = ok ? *reinterpret_cast<const uint4*>(static_cast<const Tin*>(p.dout) + at) : zero;
     vr = ok ? *reinterpret_cast<const uint4*>(static_cast<const Tin*>(p.v) + at) : zero;
-    const int* dead_col = dead_cols + (static_cast<size_t>(ch.n) * p.H + h) * VD + col;
+    const int* dead_col = dead_cols + (static_cast<size_t>(ch.n) * p.H + h) * V + col;
     uint32_t dead = 0;
 #pragma unroll
     for (int e = 0; e < 8; ++e)
@@ -215,7 +223,7 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
     sg.beta[tid] = b;
   }
   {
-    const int row = tid >> 4, col = (tid & 15) * 8;
+    const int row = tid >> Tr::kPieceShift, col = (tid & (kPieces - 1)) * 8;
     auto put_bf16 = [&](__nv_bfloat16* dst, uint4 x) {
       if constexpr (std::is_same_v<Tin, __half>) {
         const __half* hx = reinterpret_cast<const __half*>(&x);
@@ -234,7 +242,7 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
   __syncthreads();
   const PrepAux& aux = sg.aux;
   float qn[kH], kn[kH], G[kH], xg[kH];
-  read_half<Tin>(p, live, h, sg.rows, sg.xch, qn, kn, G, xg);
+  read_half<Tr, Tin>(p, live, h, sg.rows, sg.xch, qn, kn, G, xg);
   if (p.attrs.use_qk_l2norm) {
 #pragma unroll
     for (int j = 0; j < kH; ++j) {
@@ -254,7 +262,7 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
     const __nv_bfloat16* bsrc = warp == 0 ? &sg.Vn[0][0] : &sg.V[0][0];
     const int col = warp * 16 + (lane >> 4) * 8;
 #pragma unroll
-    for (int ks = 0; ks < VD / 16; ++ks) {
+    for (int ks = 0; ks < V / 16; ++ks) {
       uint32_t fo[4], fv[4], fd[4], bs[4], bd[4];
       ptx::ldsm_x4(fo, &sg.dO[arow][ks * 16 + acol]);
       ptx::ldsm_x4(fv, &sg.Vn[arow][ks * 16 + acol]);
@@ -323,7 +331,7 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
           const bool ok = s < live.len;
           __align__(4) Tin pair[2] = {from_float<Tin>(ok ? acc[nt][2 * half] : 0.f),
                                       from_float<Tin>(ok ? acc[nt][2 * half + 1] : 0.f)};
-          *reinterpret_cast<uint32_t*>(dvp + (static_cast<size_t>(ch.row0 + s) * p.H + h) * VD +
+          *reinterpret_cast<uint32_t*>(dvp + (static_cast<size_t>(ch.row0 + s) * p.H + h) * V +
                                        col) = *reinterpret_cast<const uint32_t*>(pair);
         }
       }
@@ -413,19 +421,23 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
       for (int e = 0; e < 4; ++e) dMp[warp][g + (e >> 1) * 8][nt * 8 + 2 * t + (e & 1)] = pm[nt][e];
   }
   __syncthreads();
-  // The 16x16 gradients, one entry (r, s) per thread.
-  const int er = tid >> 4, es = tid & 15;
-  {
+  // The 16x16 gradients, entry (r, s) = (e / 16, e % 16) for e = tid + pass·kThreads: kEntries
+  // per thread, 16 consecutive lanes per row r.
+#pragma unroll
+  for (int pass = 0; pass < Tr::kEntries; ++pass) {
+    const int er = (tid + pass * kThreads) >> 4, es = tid & 15;
     float m = 0.f;
     if (er >= es) {
       m = sg.dMv[er][es];
 #pragma unroll
-      for (int w = 0; w < 8; ++w) m += dMp[w][er][es];
+      for (int w = 0; w < kWarps; ++w) m += dMp[w][er][es];
     }
     dM[er][es] = m;
   }
   __syncthreads();
-  {
+#pragma unroll
+  for (int pass = 0; pass < Tr::kEntries; ++pass) {
+    const int er = (tid + pass * kThreads) >> 4, es = tid & 15;
     // With dT[i][j] = dM[i][j]·β_j:  Xm = Tᵀ dT,  dL = −Xm Tᵀ (strictly lower part).
     float acc = 0.f;
 #pragma unroll
@@ -433,7 +445,9 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
     Xm[er][es] = acc * sg.beta[es];
   }
   __syncthreads();
-  {
+#pragma unroll
+  for (int pass = 0; pass < Tr::kEntries; ++pass) {
+    const int er = (tid + pass * kThreads) >> 4, es = tid & 15;
     float dl = 0.f;
     if (er > es) {
 #pragma unroll
@@ -608,7 +622,7 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
       acc[j] = qn[j] * dq[j];
       acc[kH + j] = kn[j] * dk[j];
     }
-    half_sum16(acc, sg.red, sg.dots);
+    half_sum16<Tr>(acc, sg.red, sg.dots);
 #pragma unroll
     for (int j = 0; j < kH; ++j) {
       const int r = r0 + j;
@@ -642,12 +656,12 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
         if (out != 0.f) dA += out * x;  // a saturated sigmoid (x = ±inf, legal) gives 0, not 0·inf
         ddt += out;
       }
-      const size_t idx = (static_cast<size_t>(ch.row0 + r) * p.H + h) * KD + d;
+      const size_t idx = (static_cast<size_t>(ch.row0 + r) * p.H + h) * K + d;
       dqp[idx] = from_float<Tin>(dq[j]);
       dkp[idx] = from_float<Tin>(dk[j]);
       store_f(p.dg, p.g_dtype, idx, out);
     } else if (r < ch.len) {  // a dead row: the state there is a constant
-      const size_t idx = (static_cast<size_t>(ch.row0 + r) * p.H + h) * KD + d;
+      const size_t idx = (static_cast<size_t>(ch.row0 + r) * p.H + h) * K + d;
       dqp[idx] = from_float<Tin>(0.f);
       dkp[idx] = from_float<Tin>(0.f);
       store_f(p.dg, p.g_dtype, idx, 0.f);
@@ -658,11 +672,11 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
   for (int o = 16; o > 0; o >>= 1) dA += __shfl_xor_sync(0xffffffffu, dA, o);
   if (lane == 0) sg.red[warp][0] = dA;
   __syncthreads();
-  if (hh == 0) pdt[hs * KD + d] = ddt + sg.xch[1][d];
+  if (hh == 0) pdt[hs * K + d] = ddt + sg.xch[1][d];
   if (tid == 0) {
     float a = 0.f;
 #pragma unroll
-    for (int w = 0; w < 8; ++w) a += sg.red[w][0];
+    for (int w = 0; w < kWarps; ++w) a += sg.red[w][0];
     pda[hs] = a;
   }
 }

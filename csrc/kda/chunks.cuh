@@ -11,15 +11,21 @@
 #include "common/rules.h"
 #include "kda/kda_fwd.h"
 
-#define KDA_TRY(expr)                          \
+// Returns the cudaError_t of a call that failed. Variadic, so that template arguments' commas
+// need no extra parentheses.
+#define KDA_TRY(...)                           \
   do {                                         \
-    const cudaError_t err_ = (expr);           \
+    const cudaError_t err_ = (__VA_ARGS__);    \
     if (err_ != cudaSuccess) return err_;      \
   } while (0)
 
 namespace kda {
 
 constexpr int kChunk = 16;  // tokens per chunk
+
+// log2 of a power of two. Thread indices are ints, so the kernels divide them by powers of two
+// with shifts: `/` would also have to round negative values towards zero.
+constexpr int log2_pow2(int n) { return n == 1 ? 0 : 1 + log2_pow2(n / 2); }
 
 // Chunk slots per head in the workspace. Varlen: sequence n starts at slot cu[n]/16 + n, which
 // never overlaps the previous one.

@@ -1,5 +1,5 @@
-// Hopper backward of Kimi Delta Attention (K = V = 128, chunks of 16 tokens): the launches, four
-// on the caller's stream (docs/backward.md).
+// Hopper backward of Kimi Delta Attention (chunks of 16 tokens; built for K = V = 128, Bwd128 in
+// bwd_traits.cuh): the launches, four on the caller's stream (docs/backward.md).
 //
 // 1. prep (prep.cuh, with kAux): the chunk records the two chains read (Q̃, −W, K̃, Tβ, Aqk,
 //    e^{Γ_C}) and, for grad, T, L and the l2norm scales in fp32 (PrepAux); and the scan of v for
@@ -30,6 +30,7 @@ namespace {
 size_t align256(size_t x) { return (x + 255) & ~size_t{255}; }
 
 // Byte offsets of the workspace regions; per (head, slot) each.
+template <typename Tr>
 struct WsLayout {
   size_t rec, aux, states, dstates, vn, dvn, pdt, pda, dead_rows, dead_cols, total;
   explicit WsLayout(const FwdParams& p) {
@@ -40,18 +41,19 @@ struct WsLayout {
       off += align256(bytes);
       return at;
     };
-    rec = take(hs * R::kBytes);
+    constexpr size_t K = Tr::K, V = Tr::V;
+    rec = take(hs * Tr::R::kBytes);
     aux = take(hs * sizeof(PrepAux));
-    states = take(hs * VD * KD * 2);   // Sᵀ_c [V][K] bf16
-    dstates = take(hs * VD * KD * 2);  // dS'ᵀ_c [V][K] bf16
-    vn = take(hs * kC * VD * 2);       // Vn [16][V] bf16
-    dvn = take(hs * kC * VD * 2);      // dVn [16][V] bf16
-    pdt = take(hs * KD * 4);           // ddt_bias partials [K] f32
-    pda = take(hs * 4);                // dA_log partials f32
+    states = take(hs * V * K * 2);   // Sᵀ_c [V][K] bf16
+    dstates = take(hs * V * K * 2);  // dS'ᵀ_c [V][K] bf16
+    vn = take(hs * kC * V * 2);      // Vn [16][V] bf16
+    dvn = take(hs * kC * V * 2);     // dVn [16][V] bf16
+    pdt = take(hs * K * 4);          // ddt_bias partials [K] f32
+    pda = take(hs * 4);              // dA_log partials f32
     // docs/robustness.md §3, per (sequence, head): the first row with a non-finite q, k, β or
     // log-decay; then per value column the first with a non-finite v. Adjacent: one memset.
     const size_t nh = static_cast<size_t>(p.N) * p.H;
-    dead_rows = take(nh * 4 + nh * VD * 4);
+    dead_rows = take(nh * 4 + nh * V * 4);
     dead_cols = dead_rows + nh * 4;
     total = off;
   }
@@ -61,61 +63,63 @@ struct WsLayout {
 // multiply dO inside the chains' mma), a PrepAux per (head, chunk slot), both indexed
 // h·slots + slot; and, per (sequence, head), the first row with a non-finite q, k, β or
 // log-decay lowered into dead_rows[n·H + h] (filled with kNoDeadRow first).
-template <typename Tin>
+template <typename Tr, typename Tin>
 cudaError_t launch_bwd_prep(const FwdParams& p, uint8_t* recs, PrepAux* aux, int* dead_rows,
                             int slots, cudaStream_t stream) {
   if (slots == 0 || p.H == 0) return cudaSuccess;
   int sms = 0;
   KDA_TRY(sm_count(sms));
+  constexpr int K = Tr::K;
   return factored_gate(p)
-             ? launch_prep<KD, true, Tin, Tin, true>(p, recs, aux, dead_rows, slots, sms, stream)
-             : launch_prep<KD, false, Tin, Tin, true>(p, recs, aux, dead_rows, slots, sms, stream);
+             ? launch_prep<K, true, Tin, Tin, true>(p, recs, aux, dead_rows, slots, sms, stream)
+             : launch_prep<K, false, Tin, Tin, true>(p, recs, aux, dead_rows, slots, sms, stream);
 }
 
 // The chains are latency-bound (a dependent step per chunk): with one CTA per SM or fewer, a
 // deep record prefetch hides the fetch latency; with more, a few stages at two or three CTAs
 // per SM (the most that fit beside the state tiles) keep every chain of a large batch resident
 // at once (two waves would double the time).
-template <int NW, int kStages, int kMinBlocks, typename Tin>
+template <typename Tr, int NW, int kStages, int kMinBlocks, typename Tin>
 cudaError_t launch_chains(const BwdParams& p, const uint8_t* recs, __nv_bfloat16* states,
                           __nv_bfloat16* dstates, __nv_bfloat16* vn, __nv_bfloat16* dvn,
                           const int* dead_rows, const int* dead_cols, int slots,
                           cudaStream_t stream) {
-  using L = ChainSmem<NW, kStages>;
-  auto chains = kda_bwd_chains_kernel<NW, kStages, kMinBlocks, Tin>;
+  using L = ChainSmem<Tr, NW, kStages>;
+  auto chains = kda_bwd_chains_kernel<Tr, NW, kStages, kMinBlocks, Tin>;
   KDA_TRY(cudaFuncSetAttribute(chains, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes));
-  chains<<<dim3(VD / L::BV, p.H, 2 * p.N), NW * 32, L::kBytes, stream>>>(
+  chains<<<dim3(Tr::V / L::BV, p.H, 2 * p.N), NW * 32, L::kBytes, stream>>>(
       p, recs, states, dstates, vn, dvn, dead_rows, dead_cols, slots);
   return cudaGetLastError();
 }
 
 // Four warps per CTA share each record fetch; where that leaves under ~70% of the SMs a CTA
 // (few heads and sequences, long ones), two warps per CTA spread the chains over twice the SMs.
-template <typename Tin>
+template <typename Tr, typename Tin>
 cudaError_t launch_chains_any(const BwdParams& p, const uint8_t* recs, __nv_bfloat16* states,
                               __nv_bfloat16* dstates, __nv_bfloat16* vn, __nv_bfloat16* dvn,
                               const int* dead_rows, const int* dead_cols, int slots,
                               cudaStream_t stream) {
-  const long long chains4 = static_cast<long long>(VD / 64) * p.H * 2 * p.N;
+  const long long chains4 = static_cast<long long>(Tr::V / 64) * p.H * 2 * p.N;
   int sms = 0;
   KDA_TRY(sm_count(sms));
   if (chains4 * 10 >= 7LL * sms)
     return chains4 <= sms
-               ? launch_chains<4, 12, 1, Tin>(p, recs, states, dstates, vn, dvn, dead_rows,
+               ? launch_chains<Tr, 4, 12, 1, Tin>(p, recs, states, dstates, vn, dvn, dead_rows,
                                               dead_cols, slots, stream)
-               : launch_chains<4, 3, 3, Tin>(p, recs, states, dstates, vn, dvn, dead_rows,
+               : launch_chains<Tr, 4, 3, 3, Tin>(p, recs, states, dstates, vn, dvn, dead_rows,
                                              dead_cols, slots, stream);
   return 2 * chains4 <= sms
-             ? launch_chains<2, 12, 1, Tin>(p, recs, states, dstates, vn, dvn, dead_rows,
+             ? launch_chains<Tr, 2, 12, 1, Tin>(p, recs, states, dstates, vn, dvn, dead_rows,
                                             dead_cols, slots, stream)
-             : launch_chains<2, 4, 3, Tin>(p, recs, states, dstates, vn, dvn, dead_rows,
+             : launch_chains<Tr, 2, 4, 3, Tin>(p, recs, states, dstates, vn, dvn, dead_rows,
                                            dead_cols, slots, stream);
 }
 
-template <typename Tin, bool kFactored>
+template <typename Tr, typename Tin, bool kFactored>
 cudaError_t bwd_t(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
+  constexpr int K = Tr::K, V = Tr::V;
   const int slots = chunk_slots(p);
-  const WsLayout lay(p);
+  const WsLayout<Tr> lay(p);
   auto* auxs = reinterpret_cast<PrepAux*>(ws + lay.aux);
   auto* states = reinterpret_cast<__nv_bfloat16*>(ws + lay.states);
   auto* dstates = reinterpret_cast<__nv_bfloat16*>(ws + lay.dstates);
@@ -127,26 +131,36 @@ cudaError_t bwd_t(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
   auto* dead_cols = reinterpret_cast<int*>(ws + lay.dead_cols);
   const size_t nh = static_cast<size_t>(p.N) * p.H;
   static_assert(kNoDeadRow == 0x7f7f7f7f, "filled bytewise");
-  KDA_TRY(cudaMemsetAsync(dead_rows, 0x7f, nh * (1 + VD) * sizeof(int), stream));
-  KDA_TRY(launch_bwd_prep<Tin>(p, ws + lay.rec, auxs, dead_rows, slots, stream));
-  if (const long long pieces = static_cast<long long>(p.B) * p.T * p.H * (VD / 8); pieces > 0) {
-    kda_scan_v_kernel<Tin, VD><<<static_cast<unsigned>((pieces + 255) / 256), 256, 0, stream>>>(
+  KDA_TRY(cudaMemsetAsync(dead_rows, 0x7f, nh * (1 + V) * sizeof(int), stream));
+  KDA_TRY(launch_bwd_prep<Tr, Tin>(p, ws + lay.rec, auxs, dead_rows, slots, stream));
+  if (const long long pieces = static_cast<long long>(p.B) * p.T * p.H * (V / 8); pieces > 0) {
+    kda_scan_v_kernel<Tin, V><<<static_cast<unsigned>((pieces + 255) / 256), 256, 0, stream>>>(
         p, dead_cols);
     KDA_TRY(cudaGetLastError());
   }
   if (p.N > 0)
-    KDA_TRY(launch_chains_any<Tin>(p, ws + lay.rec, states, dstates, vn, dvn, dead_rows,
-                                   dead_cols, slots, stream));
+    KDA_TRY(launch_chains_any<Tr, Tin>(p, ws + lay.rec, states, dstates, vn, dvn, dead_rows,
+                                       dead_cols, slots, stream));
   if (slots > 0) {
-    auto grad = kda_bwd_grad_kernel<kFactored, Tin>;
-    constexpr int bytes = sizeof(GradSmem);
+    auto grad = kda_bwd_grad_kernel<Tr, kFactored, Tin>;
+    constexpr int bytes = sizeof(GradSmem<Tr>);
     KDA_TRY(cudaFuncSetAttribute(grad, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    grad<<<dim3(slots, p.H), 2 * KD, bytes, stream>>>(p, auxs, states, dstates, vn, dvn, pdt,
-                                                      pda, dead_rows, dead_cols, slots);
+    grad<<<dim3(slots, p.H), Tr::kGradThreads, bytes, stream>>>(
+        p, auxs, states, dstates, vn, dvn, pdt, pda, dead_rows, dead_cols, slots);
     KDA_TRY(cudaGetLastError());
   }
-  kda_bwd_reduce_kernel<Tin><<<dim3(p.B, p.H), KD, 0, stream>>>(p, pdt, pda, slots);
+  kda_bwd_reduce_kernel<Tr, Tin><<<dim3(p.B, p.H), K, 0, stream>>>(p, pdt, pda, slots);
   return cudaGetLastError();
+}
+
+template <typename Tr>
+cudaError_t bwd_k(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
+  const bool factored = factored_gate(p);
+  if (p.qkv_dtype == DType::kF16)
+    return factored ? bwd_t<Tr, __half, true>(p, ws, stream)
+                    : bwd_t<Tr, __half, false>(p, ws, stream);
+  return factored ? bwd_t<Tr, __nv_bfloat16, true>(p, ws, stream)
+                  : bwd_t<Tr, __nv_bfloat16, false>(p, ws, stream);
 }
 
 }  // namespace
@@ -154,24 +168,19 @@ cudaError_t bwd_t(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
 const char* bwd_unsupported(const BwdParams& p) {
   if (p.qkv_dtype != DType::kBF16 && p.qkv_dtype != DType::kF16)
     return "q, k, v and do must be bfloat16 or float16 on the CUDA target";
-  if (p.K != KD || p.V != VD) return "the CUDA backward supports K = V = 128 only";
+  if (p.K != Bwd128::K || p.V != Bwd128::V) return "the CUDA backward supports K = V = 128 only";
   if (!valid_gate_mode(p.attrs.gate_mode)) return "gate_mode must be 0, 1 or 2";
   if (p.N > 32767 || p.H > 65535 || p.B > 65535)
     return "the CUDA backward supports at most 32767 sequences, 65535 heads and batch rows";
   return nullptr;
 }
 
-size_t bwd_workspace_bytes(const BwdParams& p) { return WsLayout(p).total; }
+size_t bwd_workspace_bytes(const BwdParams& p) { return WsLayout<Bwd128>(p).total; }
 
 cudaError_t bwd(const BwdParams& p, void* workspace, cudaStream_t stream) {
   if (bwd_unsupported(p)) return cudaErrorInvalidValue;
   if (p.B == 0 || p.H == 0) return cudaSuccess;
-  uint8_t* ws = static_cast<uint8_t*>(workspace);
-  const bool factored = factored_gate(p);
-  const bool f16 = p.qkv_dtype == DType::kF16;
-  if (f16) return factored ? bwd_t<__half, true>(p, ws, stream) : bwd_t<__half, false>(p, ws, stream);
-  return factored ? bwd_t<__nv_bfloat16, true>(p, ws, stream)
-                  : bwd_t<__nv_bfloat16, false>(p, ws, stream);
+  return bwd_k<Bwd128>(p, static_cast<uint8_t*>(workspace), stream);
 }
 
 }  // namespace kda

@@ -15,6 +15,12 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// ldmatrix reads (stmatrix writes) 8 rows of 16 bytes per matrix: they fall on 8 distinct
+// groups of four banks, without conflicts, when the row pitch is an odd number of 16-byte units.
+// The same pitch keeps the mma fragment reads of fp32 rows, m[g][k + t] for g < 8, t < 4,
+// conflict-free.
+constexpr bool conflict_free_pitch(int row_bytes) { return row_bytes % 32 == 16; }
+
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -129,6 +135,18 @@ __device__ __forceinline__ void bulk_wait_all() {
 }  // namespace kda::ptx
 
 namespace kda {
+
+// Shared memory of an sm_90 SM: the most one CTA may take, and what each resident CTA costs the
+// SM beyond its own. The kernels' layouts are checked against them at compile time.
+constexpr int kMaxSmemPerCta = 227 * 1024;
+constexpr int kSmemPerSm = 228 * 1024;
+constexpr int kSmemReservedPerCta = 1024;
+
+// Whether ctas_per_sm CTAs of bytes_per_cta each fit on one SM at once.
+constexpr bool smem_fits(int bytes_per_cta, int ctas_per_sm) {
+  return bytes_per_cta <= kMaxSmemPerCta &&
+         ctas_per_sm * (bytes_per_cta + kSmemReservedPerCta) <= kSmemPerSm;
+}
 
 // The record pipeline of the recurrence kernels: kStages shared-memory stages of kStageBytes
 // from the start of shared memory, each holding one step's record (one bulk copy, issued by
