@@ -45,11 +45,6 @@ struct ChainSmem {
                 "mbarriers");
 };
 
-// The stored states are Sᵀ [value][key] bf16 with the 16-byte key chunks of each row permuted:
-// chunk c of value row v sits at chunk c ^ (v % 8). That is the chains' conflict-free
-// shared-memory tile, copied out as is; the grad kernel undoes it as it loads.
-__device__ __forceinline__ int state_chunk(int v, int c) { return c ^ (v & 7); }
-
 template <typename Tr, int NW, int kStages_, int kMinBlocks, typename Tin>
 __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     BwdParams p, const uint8_t* __restrict__ recs, __nv_bfloat16* __restrict__ states,

@@ -51,6 +51,11 @@ struct BwdTraits {
 // The instantiated backward.
 using Bwd128 = BwdTraits<128, 128>;
 
+// The stored states are Sᵀ [value][key] bf16 with the 16-byte key chunks of each row permuted:
+// chunk c of value row v sits at chunk c ^ (v % 8). That is the chains' conflict-free
+// shared-memory tile, copied out as is; the grad kernel undoes it as it loads.
+__device__ __forceinline__ int state_chunk(int v, int c) { return c ^ (v & 7); }
+
 // Sum of x[0], x[stride], ..., x[(n-1)·stride] as a balanced tree, ((x0 + x1) + (x2 + x3)) for
 // n = 4: a fixed order, so the cross-warp sums are reproducible.
 template <int n, int stride = 1>
