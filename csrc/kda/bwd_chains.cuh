@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "kda/bwd_traits.cuh"
+#include "kda/chunk_step.cuh"
 #include "kda/chunks.cuh"
 #include "kda/kda_bwd.h"
 #include "kda/mma.cuh"
@@ -185,10 +186,8 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
 #pragma unroll
     for (int ks = 0; ks < K / 16; ++ks) {
       float (&acc)[2][4] = (ks & 1) ? x1 : x0;
-      const uint32_t a[4] = {ptx::pack_bf16(s[2 * ks][0], s[2 * ks][1]),
-                             ptx::pack_bf16(s[2 * ks][2], s[2 * ks][3]),
-                             ptx::pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]),
-                             ptx::pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+      uint32_t a[4];
+      state_operand<K>(s, ks, a);
       uint32_t b[4];
       ptx::ldsm_x4(b, red_rows + brow * KP + ks * 16 + bcol);
       ptx::mma16816<__nv_bfloat16>(acc[0], a, b[0], b[1]);
@@ -198,30 +197,20 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     for (int a = 0; a < 2; ++a)
 #pragma unroll
       for (int j = 0; j < 4; ++j) x0[a][j] += x1[a][j];
-    const uint32_t ax[4] = {ptx::pack_bf16(x0[0][0], x0[0][1]), ptx::pack_bf16(x0[0][2], x0[0][3]),
-                            ptx::pack_bf16(x0[1][0], x0[1][1]), ptx::pack_bf16(x0[1][2], x0[1][3])};
+    uint32_t ax[4];
+    rows_operand(x0, ax);
 
     // State step: Sᵀ ← Sᵀ·Diag(e^{Γ_C}) + VnᵀK̃ forwards;
     // dSᵀ ← dS'ᵀ·Diag(e^{Γ_C}) + dOᵀQ̃ + dVnᵀ(−W) backwards.
-    if (live_chunk) {
-#pragma unroll
-      for (int nt = 0; nt < K / 8; nt += 2) {
-        const float2 e0 = *reinterpret_cast<const float2*>(record.eg + nt * 8 + t * 2);
-        const float2 e1 = *reinterpret_cast<const float2*>(record.eg + nt * 8 + 8 + t * 2);
-        s[nt][0] *= e0.x; s[nt][1] *= e0.y; s[nt][2] *= e0.x; s[nt][3] *= e0.y;
-        s[nt + 1][0] *= e1.x; s[nt + 1][1] *= e1.y; s[nt + 1][2] *= e1.x; s[nt + 1][3] *= e1.y;
-        uint32_t b[4];
-        ptx::ldsm_x4_trans(b, (reverse ? record.w : record.kt) + krow * KP + (nt + (lane >> 4)) * 8);
-        ptx::mma16816<__nv_bfloat16>(s[nt], ax, b[0], b[1]);
-        ptx::mma16816<__nv_bfloat16>(s[nt + 1], ax, b[2], b[3]);
-        if (reverse) {
-          uint32_t bq[4];
-          ptx::ldsm_x4_trans(bq, record.q + krow * KP + (nt + (lane >> 4)) * 8);
-          ptx::mma16816<Tin>(s[nt], ar, bq[0], bq[1]);
-          ptx::mma16816<Tin>(s[nt + 1], ar, bq[2], bq[3]);
-        }
-      }
-    }
+    auto add_dout_q = [&](int nt) {
+      if (!reverse) return;
+      uint32_t bq[4];
+      ptx::ldsm_x4_trans(bq, record.q + krow * KP + (nt + (lane >> 4)) * 8);
+      ptx::mma16816<Tin>(s[nt], ar, bq[0], bq[1]);
+      ptx::mma16816<Tin>(s[nt + 1], ar, bq[2], bq[3]);
+    };
+    if (live_chunk)
+      decay_and_update<K, KP>(s, record.eg, ax, reverse ? record.w : record.kt, lane, add_dout_q);
 
     // The rows, [token][value] in shared memory, then one 16-byte store per lane.
 #pragma unroll

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "kda/chunk_step.cuh"
 #include "kda/chunks.cuh"
 #include "kda/kda_fwd.h"
 #include "kda/mma.cuh"
@@ -111,10 +112,8 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
     for (int ks = 0; ks < K / 16; ++ks) {
       float (&va)[2][4] = (ks & 1) ? vn1 : vn;
       float (&oa)[2][4] = (ks & 1) ? ot1 : ot;
-      const uint32_t a[4] = {ptx::pack_bf16(s[2 * ks][0], s[2 * ks][1]),
-                             ptx::pack_bf16(s[2 * ks][2], s[2 * ks][3]),
-                             ptx::pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]),
-                             ptx::pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+      uint32_t a[4];
+      state_operand<K>(s, ks, a);
       uint32_t bw[4], bq[4];
       ptx::ldsm_x4(bw, record.w + brow * KP + ks * 16 + bcol);
       ptx::ldsm_x4(bq, record.q + brow * KP + ks * 16 + bcol);
@@ -130,26 +129,15 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
         vn[i][j] += vn1[i][j];
         ot[i][j] += ot1[i][j];
       }
-    const uint32_t avn[4] = {ptx::pack_bf16(vn[0][0], vn[0][1]), ptx::pack_bf16(vn[0][2], vn[0][3]),
-                             ptx::pack_bf16(vn[1][0], vn[1][1]), ptx::pack_bf16(vn[1][2], vn[1][3])};
+    uint32_t avn[4];
+    rows_operand(vn, avn);
     {
       uint32_t ba[4];
       ptx::ldsm_x4(ba, record.aqk + brow * kChunk + bcol);
       ptx::mma16816<__nv_bfloat16>(ot[0], avn, ba[0], ba[1]);
       ptx::mma16816<__nv_bfloat16>(ot[1], avn, ba[2], ba[3]);
     }
-    const int krow = (lane & 7) + ((lane >> 3) & 1) * 8;
-#pragma unroll
-    for (int nt = 0; nt < K / 8; nt += 2) {
-      uint32_t bk[4];
-      ptx::ldsm_x4_trans(bk, record.kt + krow * KP + (nt + (lane >> 4)) * 8);
-      const float2 e0 = *reinterpret_cast<const float2*>(record.eg + nt * 8 + t * 2);
-      const float2 e1 = *reinterpret_cast<const float2*>(record.eg + nt * 8 + 8 + t * 2);
-      s[nt][0] *= e0.x; s[nt][1] *= e0.y; s[nt][2] *= e0.x; s[nt][3] *= e0.y;
-      s[nt + 1][0] *= e1.x; s[nt + 1][1] *= e1.y; s[nt + 1][2] *= e1.x; s[nt + 1][3] *= e1.y;
-      ptx::mma16816<__nv_bfloat16>(s[nt], avn, bk[0], bk[1]);
-      ptx::mma16816<__nv_bfloat16>(s[nt + 1], avn, bk[2], bk[3]);
-    }
+    decay_and_update<K, KP>(s, record.eg, avn, record.kt, lane, [](int) {});
 
     if (vq.any) {
       // A quarantined column's outputs from its first bad row on, and its state, are NaN.
