@@ -79,9 +79,9 @@ __device__ __forceinline__ void read_half(const FwdParams& p, const Chunk& ch, i
 // Phase 2: this thread's q and k (l2-normalised when asked), Γ over its half's rows, and the gate
 // input + dt_bias; see read_half.
 template <typename Tr, typename Tin>
-__device__ __forceinline__ void grad_read_channel(const BwdParams& p, const GradItem& it, float (&qn)[Tr::kH],
-                                                  float (&kn)[Tr::kH], float (&G)[Tr::kH],
-                                                  float (&xg)[Tr::kH]) {
+__device__ __forceinline__ void grad_read_channel(const BwdParams& p, const GradItem& it,
+                                                  PerRow<Tr>& qn, PerRow<Tr>& kn, PerRow<Tr>& G,
+                                                  PerRow<Tr>& xg) {
   GradSmem<Tr>& sg = grad_smem<Tr>();
   const GradThread th = grad_thread<Tr>();
   read_half<Tr, Tin>(p, it.live, it.h, sg.rows, sg.xch, qn, kn, G, xg);
@@ -97,10 +97,10 @@ __device__ __forceinline__ void grad_read_channel(const BwdParams& p, const Grad
 // Phase 7: channel d, rows r0 + j: dq, dk and dΓ (before the in-chunk cumulative sum) from the
 // dQ̃, dK̃ and dW tiles; this half's part of the gradient of Γ_C into sg.xch[hh][d].
 template <typename Tr, bool kFactored>
-__device__ __forceinline__ void grad_channel(const BwdParams& p, const float (&qn)[Tr::kH], const float (&kn)[Tr::kH],
-                                             const float (&G)[Tr::kH], const float (&eg)[Tr::kH],
-                                             float gc, float dD, float (&dq)[Tr::kH],
-                                             float (&dk)[Tr::kH], float (&dG)[Tr::kH]) {
+__device__ __forceinline__ void grad_channel(const BwdParams& p, const PerRow<Tr>& qn,
+                                             const PerRow<Tr>& kn, const PerRow<Tr>& G,
+                                             const PerRow<Tr>& eg, float gc, float dD,
+                                             PerRow<Tr>& dq, PerRow<Tr>& dk, PerRow<Tr>& dG) {
   constexpr int kH = Tr::kH;
   GradSmem<Tr>& sg = grad_smem<Tr>();
   const GradTiles<Tr> tl(sg);
@@ -143,9 +143,10 @@ __device__ __forceinline__ void grad_channel(const BwdParams& p, const float (&q
 //   columns: dk += e^{−Γ}·(dLbᵀ·KG + scale·dAqkᵀ·QG)
 // as 16x16 by 16xK products on tensor cores in 3xTF32, warp w taking channels [16w, 16w+16).
 template <typename Tr>
-__device__ __forceinline__ void pair_terms_factored(
-    const BwdParams& p, const float (&qn)[Tr::kH], const float (&kn)[Tr::kH], const float (&G)[Tr::kH],
-    const float (&eg)[Tr::kH], float (&dq)[Tr::kH], float (&dk)[Tr::kH], float (&dG)[Tr::kH]) {
+__device__ __forceinline__ void pair_terms_factored(const BwdParams& p, const PerRow<Tr>& qn,
+                                                    const PerRow<Tr>& kn, const PerRow<Tr>& G,
+                                                    const PerRow<Tr>& eg, PerRow<Tr>& dq,
+                                                    PerRow<Tr>& dk, PerRow<Tr>& dG) {
   constexpr int kH = Tr::kH, FP = Tr::FP;
   GradSmem<Tr>& sg = grad_smem<Tr>();
   const GradTiles<Tr> tl(sg);
@@ -207,13 +208,12 @@ __device__ __forceinline__ void pair_terms_factored(
 // Phase 8, any gate: the same pair terms with e^{Γ_r−Γ_s} per pair. This thread takes the row
 // role of its rows and the column role of its columns.
 template <typename Tr>
-__device__ __forceinline__ void pair_terms_exact(const BwdParams& p, const float (&qn)[Tr::kH],
-                                                 const float (&kn)[Tr::kH],
-                                                 const float (&G)[Tr::kH], float (&dq)[Tr::kH],
-                                                 float (&dk)[Tr::kH], float (&dG)[Tr::kH]) {
+__device__ __forceinline__ void pair_terms_exact(const BwdParams& p, const PerRow<Tr>& qn,
+                                                 const PerRow<Tr>& kn, const PerRow<Tr>& G,
+                                                 PerRow<Tr>& dq, PerRow<Tr>& dk, PerRow<Tr>& dG) {
   constexpr int kH = Tr::kH;
-  const GradSmem<Tr>& sg = grad_smem<Tr>();
-  const GradTiles<Tr> tl(grad_smem<Tr>());
+  GradSmem<Tr>& sg = grad_smem<Tr>();
+  const GradTiles<Tr> tl(sg);
   const GradThread th = grad_thread<Tr>();
   const int d = th.d, r0 = th.r0;
   float qa[kC], ka_[kC], ga[kC];
@@ -259,7 +259,7 @@ __device__ __forceinline__ void pair_terms_exact(const BwdParams& p, const float
 // every row also gets the whole gradient of Γ_C (both halves' parts in sg.xch); the first half
 // needs the second half's total.
 template <typename Tr>
-__device__ __forceinline__ void reverse_cumsum(float (&dG)[Tr::kH]) {
+__device__ __forceinline__ void reverse_cumsum(PerRow<Tr>& dG) {
   constexpr int kH = Tr::kH;
   GradSmem<Tr>& sg = grad_smem<Tr>();
   const GradThread th = grad_thread<Tr>();
@@ -280,9 +280,8 @@ __device__ __forceinline__ void reverse_cumsum(float (&dG)[Tr::kH]) {
 // Phase 10: dq and dk through the l2norm (x̂ = x·rn): rn·(dx̂ − (x̂·dx̂)·x̂), the dot products
 // summed over each row's K channels.
 template <typename Tr>
-__device__ __forceinline__ void l2norm_backward(const float (&qn)[Tr::kH],
-                                                const float (&kn)[Tr::kH], float (&dq)[Tr::kH],
-                                                float (&dk)[Tr::kH]) {
+__device__ __forceinline__ void l2norm_backward(const PerRow<Tr>& qn, const PerRow<Tr>& kn,
+                                                PerRow<Tr>& dq, PerRow<Tr>& dk) {
   constexpr int kH = Tr::kH;
   GradSmem<Tr>& sg = grad_smem<Tr>();
   const GradThread th = grad_thread<Tr>();
@@ -307,10 +306,10 @@ __device__ __forceinline__ void l2norm_backward(const float (&qn)[Tr::kH],
 // partial sums of ddt_bias (per channel) and dA_log.
 template <typename Tr, typename Tin>
 __device__ __forceinline__ void gate_backward_and_store(const BwdParams& p, const GradItem& it,
-                                                        const float (&xg)[Tr::kH],
-                                                        const float (&dq)[Tr::kH],
-                                                        const float (&dk)[Tr::kH],
-                                                        const float (&dG)[Tr::kH], float* pdt,
+                                                        const PerRow<Tr>& xg,
+                                                        const PerRow<Tr>& dq,
+                                                        const PerRow<Tr>& dk,
+                                                        const PerRow<Tr>& dG, float* pdt,
                                                         float* pda) {
   constexpr int K = Tr::K, kH = Tr::kH, kWarps = Tr::kGradWarps;
   GradSmem<Tr>& sg = grad_smem<Tr>();

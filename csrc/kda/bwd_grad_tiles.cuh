@@ -64,6 +64,10 @@ struct GradThread {
   int tid, d, hh, r0, lane, warp, g, t;
 };
 
+// One value per token row of a grad thread (kH of them), as the phases hand them on.
+template <typename Tr>
+using PerRow = float[Tr::kH];
+
 template <typename Tr>
 __device__ __forceinline__ GradThread grad_thread() {
   const int tid = threadIdx.x, lane = tid & 31, hh = tid >> Tr::kKeyShift;
@@ -147,8 +151,8 @@ __device__ __forceinline__ void copy_chunk_rows(const FwdParams& p, const Chunk&
 // (converted to bf16, the products' operand type), with V and dO at dead (row, column) places
 // zeroed (docs/robustness.md §3); β (after its sigmoid).
 template <typename Tr, typename Tin>
-__device__ __forceinline__ void grad_load(const BwdParams& p, const GradItem& it, const PrepAux* auxs,
-                                          const __nv_bfloat16* states,
+__device__ __forceinline__ void grad_load(const BwdParams& p, const GradItem& it,
+                                          const PrepAux* auxs, const __nv_bfloat16* states,
                                           const __nv_bfloat16* dstates, const __nv_bfloat16* vn,
                                           const __nv_bfloat16* dvn, const int* dead_cols) {
   constexpr int K = Tr::K, V = Tr::V, kThreads = Tr::kGradThreads, kPieces = Tr::kRowPieces;
@@ -235,9 +239,9 @@ __device__ __forceinline__ void grad_load(const BwdParams& p, const GradItem& it
 // inliner gave its stack slot (dd is indexed by lane, so it lives in local memory) to the next
 // inlined float[2][4] too, grad_dv's accumulators, which then went through local memory.
 template <typename Tr>
-__device__ __forceinline__ void grad_state_products(float (&aq)[2][4],
-                                                    float (&ak)[2][4], float (&aw)[2][4],
-                                                    float (&a16)[2][4], float (&dd)[2][4]) {
+__device__ __forceinline__ void grad_state_products(float (&aq)[2][4], float (&ak)[2][4],
+                                                    float (&aw)[2][4], float (&a16)[2][4],
+                                                    float (&dd)[2][4]) {
   constexpr int V = Tr::V, KP = Tr::KP;
   GradSmem<Tr>& sg = grad_smem<Tr>();
   const GradThread th = grad_thread<Tr>();
@@ -328,12 +332,12 @@ __device__ __forceinline__ void grad_dv(const BwdParams& p, const GradItem& it) 
 // masked to r ≥ s, with its transpose), e^Γ of this thread's rows into eg, and the channel rows
 // of this thread's rows that the other half and the dM product read.
 template <typename Tr, bool kFactored>
-__device__ __forceinline__ void grad_stage_tiles(const BwdParams& p, const float (&aq)[2][4], const float (&ak)[2][4],
+__device__ __forceinline__ void grad_stage_tiles(const BwdParams& p, const float (&aq)[2][4],
+                                                 const float (&ak)[2][4],
                                                  const float (&aw)[2][4],
-                                                 const float (&a16)[2][4],
-                                                 const float (&qn)[Tr::kH],
-                                                 const float (&kn)[Tr::kH],
-                                                 const float (&G)[Tr::kH], float (&eg)[Tr::kH]) {
+                                                 const float (&a16)[2][4], const PerRow<Tr>& qn,
+                                                 const PerRow<Tr>& kn, const PerRow<Tr>& G,
+                                                 PerRow<Tr>& eg) {
   constexpr int kH = Tr::kH;
   GradSmem<Tr>& sg = grad_smem<Tr>();
   const GradTiles<Tr> tl(sg);

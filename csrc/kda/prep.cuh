@@ -69,8 +69,8 @@ __device__ __forceinline__ void block_sum32(float (&acc)[32], float (*red)[32], 
 }
 
 // The prep kernel: persistent CTAs of K threads (thread d owns key channel d), each walking the
-// items (chunk slot, head) i = blockIdx.x + j·gridDim.x. With one CTA per item, an item's loads were
-// exposed (ncu: mostly stalled on global loads). Here the q/k/g rows of the next item are in
+// items (chunk slot, head) i = blockIdx.x + j·gridDim.x. With one CTA per item, an item's loads
+// were exposed (ncu: mostly stalled on global loads). Here the q/k/g rows of the next item are in
 // flight (cp.async) while one item is computed, the next item's scalars are prefetched into
 // registers, and the finished record leaves shared memory in one bulk store. The loads are then
 // hidden and the kernel is bound by its own instruction latencies (barriers, the serial
