@@ -11,7 +11,8 @@ import numpy as np
 
 from jax_flashkda import _ffi
 from jax_flashkda.chunked import kda_chunked
-from jax_flashkda.preprocess import clip_offsets, empty_result, make_varying, varying_axes
+from jax_flashkda.preprocess import (clip_offsets, empty_result, legal_offsets, make_varying,
+                                     varying_axes)
 from jax_flashkda.reference import kda_recurrent
 
 IMPLS = ("auto", "cuda", "ffi", "chunked", "recurrent")
@@ -19,6 +20,10 @@ _FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
 # What the Hopper kernels take; anything else runs elsewhere (auto) or is refused (cuda).
 CUDA_INPUT_DTYPES = (jnp.bfloat16, jnp.float16)
 CUDA_HEAD_DIMS = (128,)
+# Up to this many tokens per sequence the CUDA target runs the decode kernel (one token at a
+# time, the state in registers) instead of the chunk kernels; for packed sequences, up to this
+# many on average. Measured crossover: benchmarks/results/ (decode rows).
+CUDA_DECODE_MAX_TOKENS = 16
 # Measured on a 2-core CPU (README): the C++ target beats the chunked path there for
 # training-sized calls, so "auto" takes it on CPU when it is built.
 _AUTO_PREFERS_CPU_TARGET = True
@@ -377,12 +382,23 @@ def _kda_compiled(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, use_gat
     dt_bias = (jnp.zeros((h, kd), jnp.float32) if dt_bias is None
                else dt_bias.astype(jnp.float32))
     cu = cu_seqlens if cu_seqlens is not None else jnp.zeros((1,), jnp.int32)
+    decode = jax.default_backend() != "cpu" and _takes_cuda_decode(q, n)
+    if decode and cu_seqlens is not None:
+        cu = legal_offsets(cu, q.shape[1])  # the decode kernel only clamps them
     if backward_refusal and not cuda_backward_fallback:
         backward = _RefusedBackward(backward_refusal)
     else:
         backward = "pure" if backward_refusal else "compiled"
-    o, final_state = _compiled_vjp(cfg, backward)(q, k, v, g, beta, A_log, dt_bias, h0, cu)
+    o, final_state = _compiled_vjp(cfg, backward, decode)(q, k, v, g, beta, A_log, dt_bias, h0,
+                                                          cu)
     return o.astype(out_dtype), final_state
+
+
+def _takes_cuda_decode(q, num_sequences: int) -> bool:
+    """Generation-sized calls: at most CUDA_DECODE_MAX_TOKENS tokens per sequence (on average,
+    for packed sequences), where the decode kernel beats the chunk kernels."""
+    return (_ffi.has_target("CUDA", _ffi.DECODE_TARGET)
+            and q.shape[0] * q.shape[1] <= CUDA_DECODE_MAX_TOKENS * max(num_sequences, 1))
 
 
 def _pure_vjp(cfg: _ffi.CallConfig, primals, cotangents):
@@ -424,10 +440,19 @@ class _RefusedBackward:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_vjp(cfg: _ffi.CallConfig, backward):
+def _compiled_vjp(cfg: _ffi.CallConfig, backward, decode: bool = False):
     """backward: "compiled" (the target's own), "pure" (autodiff of the chunked path, where the
-    CUDA backward refuses the call's sizes and impl='auto'), or a _RefusedBackward."""
-    fwd = _ffi.fwd_call(cfg)
+    CUDA backward refuses the call's sizes and impl='auto'), or a _RefusedBackward. decode: the
+    forward runs the CUDA decode kernel (the state updated in place of h0's buffer where XLA
+    can give it, e.g. a donated or dead h0)."""
+    if decode:
+        decode_op = _ffi.decode_call(_ffi.DecodeConfig(cfg))
+
+        def fwd(*primals):
+            no_pool = jnp.zeros((1,), jnp.int32)
+            return decode_op(*primals, no_pool, no_pool)
+    else:
+        fwd = _ffi.fwd_call(cfg)
     bwd = _ffi.bwd_call(cfg)
 
     def forward(*primals):

@@ -111,7 +111,8 @@ struct Sizes {
   std::vector<int64_t> state;  // [N,H,K,V], or [N,H,V,K] when state_v_first
 };
 
-// Operands 0-8 and the attributes of either call. q, k, v must share a dtype; which float
+// Operands 0-8 and the attributes of any call (`state_is_pool`: the decode's state pool, whose
+// rows are slots rather than sequences). q, k, v must share a dtype; which float
 // dtypes q..beta may have is the target's to say.
 inline ffi::Error check_inputs(const std::string& who, const ffi::AnyBuffer& q,
                                const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
@@ -120,7 +121,7 @@ inline ffi::Error check_inputs(const std::string& who, const ffi::AnyBuffer& q,
                                const ffi::AnyBuffer& initial_state,
                                const ffi::AnyBuffer& cu_seqlens, int32_t gate_mode,
                                float lower_bound, bool state_v_first, bool is_varlen,
-                               Sizes& s) {
+                               Sizes& s, bool state_is_pool = false) {
   const auto qd = q.dimensions();
   const auto vd = v.dimensions();
   if (qd.size() != 4) return invalid(who, "q must have rank 4 [B,T,H,K], got " + shape_string(qd));
@@ -146,8 +147,17 @@ inline ffi::Error check_inputs(const std::string& who, const ffi::AnyBuffer& q,
       return invalid(who, "cu_seqlens needs batch size 1, got B=" + std::to_string(s.B));
     s.N = cu_seqlens.dimensions()[0] - 1;
   }
-  s.state = state_v_first ? std::vector<int64_t>{s.N, s.H, s.V, s.K}
-                          : std::vector<int64_t>{s.N, s.H, s.K, s.V};
+  // A pool (the decode's state_indices) has any number of rows, one per slot.
+  int64_t rows = s.N;
+  if (state_is_pool) {
+    const auto sd = initial_state.dimensions();
+    if (sd.size() != 4 || sd[0] < 1)
+      return invalid(who, "the state pool must have shape [P,H,K,V] with P >= 1, got " +
+                              shape_string(sd));
+    rows = sd[0];
+  }
+  s.state = state_v_first ? std::vector<int64_t>{rows, s.H, s.V, s.K}
+                          : std::vector<int64_t>{rows, s.H, s.K, s.V};
   return check_f32(who, initial_state, "initial_state", s.state);
 }
 

@@ -13,6 +13,7 @@
 
 #include "ffi/contract.h"
 #include "kda/kda_bwd.h"
+#include "kda/kda_decode.h"
 #include "kda/kda_fwd.h"
 #include "kda/offsets.h"
 
@@ -23,6 +24,7 @@ namespace {
 
 const std::string kFwd = "jax_flashkda_fwd (CUDA)";
 const std::string kBwd = "jax_flashkda_bwd (CUDA)";
+const std::string kDecode = "jax_flashkda_decode (CUDA)";
 
 std::optional<kda::DType> to_dtype(ffi::DataType t) {
   switch (t) {
@@ -41,10 +43,10 @@ ffi::Error decode_inputs(const std::string& who, ffi::AnyBuffer q, ffi::AnyBuffe
                          ffi::AnyBuffer initial_state, ffi::AnyBuffer cu_seqlens, float scale,
                          bool use_qk_l2norm, bool use_beta_sigmoid, int32_t gate_mode,
                          float lower_bound, bool state_v_first, bool is_varlen,
-                         contract::Sizes& s, kda::FwdParams& p) {
+                         contract::Sizes& s, kda::FwdParams& p, bool state_is_pool = false) {
   KDA_RETURN_IF_ERROR(contract::check_inputs(who, q, k, v, g, beta, A_log, dt_bias,
                                              initial_state, cu_seqlens, gate_mode, lower_bound,
-                                             state_v_first, is_varlen, s));
+                                             state_v_first, is_varlen, s, state_is_pool));
   const auto qkv_t = to_dtype(q.element_type());
   if (!qkv_t || *qkv_t == kda::DType::kF32)
     return contract::invalid(who, "q must be bfloat16 or float16 on the CUDA target");
@@ -283,7 +285,96 @@ ffi::Error bwd_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
   return launch(kBwd, p, staging, scratch, stream, kda::bwd_workspace_bytes, kda::bwd);
 }
 
+// The decode (docs/decode.md): the forward's operands with the state read and written in place
+// (result 1 aliases operand 7), plus state_indices ([N] or [N,S] int32; a dummy [1] without
+// use_state_indices) and num_accepted_tokens ([N] int32; a dummy [1] without
+// use_num_accepted). It allocates nothing and stages nothing (the kernel reads its operands
+// element by element, at any address), so XLA may capture it into a command buffer; the
+// caller makes traced cu_seqlens legal first (the kernel only clamps them).
+ffi::Error decode_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                       ffi::AnyBuffer g, ffi::AnyBuffer beta, ffi::AnyBuffer A_log,
+                       ffi::AnyBuffer dt_bias, ffi::AnyBuffer state, ffi::AnyBuffer cu_seqlens,
+                       ffi::AnyBuffer state_indices, ffi::AnyBuffer num_accepted,
+                       ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> state_out,
+                       float scale, bool use_qk_l2norm, bool use_beta_sigmoid, int32_t gate_mode,
+                       float lower_bound, bool state_v_first, bool is_varlen,
+                       bool use_state_indices, bool use_num_accepted) {
+  contract::Sizes s;
+  kda::DecodeParams p;
+  KDA_RETURN_IF_ERROR(decode_inputs(kDecode, q, k, v, g, beta, A_log, dt_bias, state,
+                                    cu_seqlens, scale, use_qk_l2norm, use_beta_sigmoid,
+                                    gate_mode, lower_bound, state_v_first, is_varlen, s, p,
+                                    /*state_is_pool=*/use_state_indices));
+  KDA_RETURN_IF_ERROR(contract::check_like(kDecode, *o, "o", {s.B, s.T, s.H, s.V}, v, "v"));
+  KDA_RETURN_IF_ERROR(contract::check_f32(kDecode, *state_out, "final_state", s.state));
+  p.pool_slots = static_cast<int>(s.state[0]);
+  if (s.state[0] > (int64_t{1} << 30))
+    return contract::invalid(kDecode, "the state pool may have at most 2^30 slots");
+  if (use_state_indices) {
+    KDA_RETURN_IF_ERROR(contract::check_dtype(kDecode, state_indices, "state_indices",
+                                              ffi::DataType::S32, "int32"));
+    const auto d = state_indices.dimensions();
+    if ((d.size() != 1 && d.size() != 2) || d[0] != s.N || (d.size() == 2 && d[1] < 1))
+      return contract::invalid(kDecode, "state_indices must have shape [N] or [N,S] with N=" +
+                                            std::to_string(s.N) + ", got " +
+                                            contract::shape_string(d));
+    p.state_indices = static_cast<const int32_t*>(state_indices.untyped_data());
+    p.per_token_slots = d.size() == 2;
+    p.index_cols = d.size() == 2 ? static_cast<int>(d[1]) : 1;
+  }
+  if (use_num_accepted) {
+    if (!p.per_token_slots)
+      return contract::invalid(kDecode, "num_accepted_tokens needs state_indices [N,S]");
+    KDA_RETURN_IF_ERROR(contract::check_dtype(kDecode, num_accepted, "num_accepted_tokens",
+                                              ffi::DataType::S32, "int32"));
+    KDA_RETURN_IF_ERROR(contract::check_shape(kDecode, num_accepted, "num_accepted_tokens", {s.N}));
+    p.num_accepted = static_cast<const int32_t*>(num_accepted.untyped_data());
+  }
+  if (const char* why = kda::decode_unsupported(p)) return unimplemented(kDecode, why);
+
+  p.q = q.untyped_data();
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  p.g = g.untyped_data();
+  p.beta = beta.untyped_data();
+  p.A_log = static_cast<const float*>(A_log.untyped_data());
+  p.dt_bias = static_cast<const float*>(dt_bias.untyped_data());
+  p.o = o->untyped_data();
+  p.state = static_cast<float*>(state_out->untyped_data());
+  // XLA gives the aliased result the operand's buffer; should it ever not, the state is first
+  // copied over so that slots the call does not write keep their values.
+  if (state_out->untyped_data() != state.untyped_data())
+    if (const cudaError_t err = cudaMemcpyAsync(state_out->untyped_data(), state.untyped_data(),
+                                                state.size_bytes(), cudaMemcpyDeviceToDevice,
+                                                stream);
+        err != cudaSuccess)
+      return cuda_error(kDecode, err);
+  const char* poison = std::getenv("JAX_FLASHKDA_POISON_OUTPUTS");
+  // Without sequences no warp writes o (its tokens, if any, are outside every sequence).
+  const bool zero_o = p.N == 0;
+  if ((zero_o || (poison && poison[0] == '1')) && o->size_bytes() > 0)
+    if (const cudaError_t err =
+            cudaMemsetAsync(o->untyped_data(), zero_o ? 0 : 0xFF, o->size_bytes(), stream);
+        err != cudaSuccess)
+      return cuda_error(kDecode, err);
+  if (const cudaError_t err = kda::decode(p, stream); err != cudaSuccess)
+    return cuda_error(kDecode, err);
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flashkda_decode_cuda, decode_impl,
+                              KDA_CONTRACT_ATTRIBUTES(
+                                  KDA_CONTRACT_INPUTS(ffi::Ffi::Bind()
+                                                          .Ctx<ffi::PlatformStream<cudaStream_t>>())
+                                      .Arg<ffi::AnyBuffer>() /* state_indices */
+                                      .Arg<ffi::AnyBuffer>() /* num_accepted_tokens */
+                                      .Ret<ffi::AnyBuffer>() /* o */
+                                      .Ret<ffi::AnyBuffer>() /* final_state (aliases state) */)
+                                  .Attr<bool>("use_state_indices")
+                                  .Attr<bool>("use_num_accepted"),
+                              {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flashkda_fwd_cuda, fwd_impl,
                               KDA_FWD_SIGNATURE(ffi::Ffi::Bind()
