@@ -25,6 +25,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "common/rules.h"
 #include "kda/chunks.cuh"
@@ -33,9 +34,6 @@ namespace kda {
 namespace {
 
 constexpr int kDecodeWarps = 4;  // warps per CTA (independent tasks; a CTA is only a grouping)
-// Resident CTAs per SM the register budget must allow (168 registers a thread): the state
-// loads in flight per SM, which bound a memory-bound step, grow with the resident warps.
-constexpr int kDecodeMinBlocks = 3;
 
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
@@ -112,20 +110,18 @@ struct StateColumn {
   }
 };
 
-// Lanes per value column: 64 key rows per lane.
-template <int K>
-constexpr int kSplit = K / 64;
-
-template <int K, bool kVFirst, bool kVec, typename Tin>
-__global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks) kda_decode_kernel(const DecodeParams p) {
-  static_assert(K % 64 == 0 && 32 % kSplit<K> == 0, "64 key rows per lane, whole columns per warp");
+// KL key rows per lane; kSplit = K / KL lanes per value column.
+template <int K, int KL, bool kVFirst, bool kVec, typename Tin>
+__global__ void __launch_bounds__(kDecodeWarps * 32, KL >= 64 ? 3 : 5)
+    kda_decode_kernel(const DecodeParams p) {
+  constexpr int kSplit = K / KL;
+  static_assert(K % KL == 0 && 32 % kSplit == 0, "whole columns per warp");
   constexpr int E = K / 32;                // key channels per lane in the token prep
-  constexpr int kCols = 32 / kSplit<K>;    // value columns per warp
-  constexpr int KL = K / kSplit<K>;        // key rows per lane
+  constexpr int kCols = 32 / kSplit;       // value columns per warp
   constexpr int kPitch = KL + 4;           // per part, so that the parts' float4 reads differ in bank
   // Per warp, per token: e^g, k and scale·q over the key channels, part by part (float4: one
   // shared load serves four FMAs of the column loops).
-  __shared__ __align__(16) float vecs[kDecodeWarps][3][kSplit<K> * kPitch];
+  __shared__ __align__(16) float vecs[kDecodeWarps][3][kSplit * kPitch];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int slabs = (p.V + kCols - 1) / kCols;
@@ -241,7 +237,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks) kda_decod
       a2 += kx.z * s[4 * i + 2], a3 += kx.w * s[4 * i + 3];
     }
     float ks = (a0 + a1) + (a2 + a3);
-    if constexpr (kSplit<K> == 2) ks += __shfl_xor_sync(0xffffffffu, ks, kCols);
+#pragma unroll
+    for (int offset = kCols; offset < 32; offset *= 2) ks += __shfl_xor_sync(0xffffffffu, ks, offset);
     const float u = beta * (vj - ks);
     a0 = a1 = a2 = a3 = 0.f;
 #pragma unroll
@@ -253,7 +250,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks) kda_decod
       a2 += qx.z * s[4 * i + 2], a3 += qx.w * s[4 * i + 3];
     }
     float out = (a0 + a1) + (a2 + a3);
-    if constexpr (kSplit<K> == 2) out += __shfl_xor_sync(0xffffffffu, out, kCols);
+#pragma unroll
+    for (int offset = kCols; offset < 32; offset *= 2)
+      out += __shfl_xor_sync(0xffffffffu, out, offset);
     if (writer) o[o_at(row)] = to_elem<Tin>(out);
     if (p.per_token_slots && t < p.index_cols && col) {
       const int row_out = p.state_indices[static_cast<size_t>(n) * p.index_cols + t];
@@ -264,32 +263,45 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kDecodeMinBlocks) kda_decod
   if (!p.per_token_slots && col) state_of(row_in).store(s);
 }
 
+// Key rows per lane: 64 by default (K = 64: one lane per column); JAX_FLASHKDA_DECODE_ROWS=32
+// spreads a K = 128 column over four lanes (fewer registers, more resident warps).
+int decode_rows(const DecodeParams& p) {
+  static const int asked = [] {
+    const char* env = std::getenv("JAX_FLASHKDA_DECODE_ROWS");
+    return env ? std::atoi(env) : 0;
+  }();
+  return (asked == 32 || asked == 64) && asked <= p.K ? asked : 64;
+}
+
 // Warps per (sequence, head): value columns over the columns one warp holds.
 int decode_slabs(const DecodeParams& p) {
-  const int cols = 32 / (p.K / 64);
+  const int cols = 32 / (p.K / decode_rows(p));
   return (p.V + cols - 1) / cols;
 }
 
-template <int K, bool kVFirst, bool kVec, typename Tin>
+template <int K, int KL, bool kVFirst, bool kVec, typename Tin>
 cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
   const long long tasks = static_cast<long long>(p.N) * p.H * decode_slabs(p);
   const long long blocks = (tasks + kDecodeWarps - 1) / kDecodeWarps;
   if (blocks == 0) return cudaSuccess;
-  kda_decode_kernel<K, kVFirst, kVec, Tin>
+  kda_decode_kernel<K, KL, kVFirst, kVec, Tin>
       <<<static_cast<unsigned>(blocks), kDecodeWarps * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <int K, typename Tin>
+template <int K, int KL, typename Tin>
 cudaError_t launch_layout(const DecodeParams& p, cudaStream_t stream) {
-  if (!p.state_v_first) return launch<K, false, false, Tin>(p, stream);
-  if (reinterpret_cast<uintptr_t>(p.state) % 16 == 0) return launch<K, true, true, Tin>(p, stream);
-  return launch<K, true, false, Tin>(p, stream);
+  if (!p.state_v_first) return launch<K, KL, false, false, Tin>(p, stream);
+  if (reinterpret_cast<uintptr_t>(p.state) % 16 == 0)
+    return launch<K, KL, true, true, Tin>(p, stream);
+  return launch<K, KL, true, false, Tin>(p, stream);
 }
 
 template <typename Tin>
 cudaError_t launch_dims(const DecodeParams& p, cudaStream_t stream) {
-  return p.K == 64 ? launch_layout<64, Tin>(p, stream) : launch_layout<128, Tin>(p, stream);
+  if (p.K == 64) return launch_layout<64, 64, Tin>(p, stream);
+  return decode_rows(p) == 32 ? launch_layout<128, 32, Tin>(p, stream)
+                              : launch_layout<128, 64, Tin>(p, stream);
 }
 
 }  // namespace
