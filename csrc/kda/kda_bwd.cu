@@ -49,7 +49,7 @@ size_t align256(size_t x) { return (x + 255) & ~size_t{255}; }
 
 // Byte offsets of the workspace regions; per (head, slot) each.
 struct WsLayout {
-  size_t rec, aux, states, dstates, vn, dvn, pdt, pda, dead_rows, dead_cols, total;
+  size_t rec, aux, states, dstates, vn, dvn, pdt, pda, dead_rows, dead_cols, dead_v, total;
   explicit WsLayout(const FwdParams& p) {
     const size_t hs = static_cast<size_t>(chunk_slots(p)) * p.H;
     size_t off = 0;
@@ -67,10 +67,12 @@ struct WsLayout {
     pdt = take(hs * KD * 4);           // ddt_bias partials [K] f32
     pda = take(hs * 4);                // dA_log partials f32
     // docs/robustness.md §3, per (sequence, head): the first row with a non-finite q, k, β or
-    // log-decay; then per value column the first with a non-finite v. Adjacent: one memset.
+    // log-decay; then per value column the first with a non-finite v; then the first of those
+    // over the head's columns (so that a clean head reads one int, not V). Adjacent: one memset.
     const size_t nh = static_cast<size_t>(p.N) * p.H;
-    dead_rows = take(nh * 4 + nh * VD * 4);
+    dead_rows = take(nh * 4 + nh * VD * 4 + nh * 4);
     dead_cols = dead_rows + nh * 4;
+    dead_v = dead_cols + nh * VD * 4;
     total = off;
   }
 };
@@ -257,16 +259,11 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     for (int j = 0; j < 4; ++j) s[nt][j] = s0[st_index(nt, j)];
 
   // docs/robustness.md §3 (quarantine.cuh): the first dead row of the head, and of each of the
-  // 8 value columns this lane holds in a row tile (those of its state columns g, g + 8 too).
+  // warp's 16 value columns; warp_dead, the first of them all, is all a clean chain keeps in
+  // registers (the columns' rows are read again only in a chunk that reaches it).
   const int* dead_col = dead_cols + (static_cast<size_t>(n) * p.H + h) * VD + vb * BV + warp * 16;
   const int dead_head = dead_rows[n * p.H + h];
-  int dead_at[8];
-#pragma unroll
-  for (int e = 0; e < 8; ++e) dead_at[e] = min(dead_head, dead_col[(lane & 1) * 8 + e]);
-  int warp_dead = kNoDeadRow;
-#pragma unroll
-  for (int e = 0; e < 8; ++e) warp_dead = min(warp_dead, dead_at[e]);
-  warp_dead = __reduce_min_sync(0xffffffffu, warp_dead);
+  const int warp_dead = __reduce_min_sync(0xffffffffu, min(dead_head, dead_col[lane & 15]));
   if (reverse) {
     // A dead column's final state is a constant NaN: its cotangent reaches nothing.
     const int dead_g[2] = {min(dead_head, dead_col[g]), min(dead_head, dead_col[g + 8])};
@@ -319,7 +316,7 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     // V (or dO) at dead places acts as 0; a chunk wholly past the head's first dead row keeps
     // the state (gradient) as it is, whatever its records hold.
     if (warp_dead < row0 + kC)
-      zero_dead16(const_cast<Tin*>(rs) + warp * 16, VP, row0, dead_at, lane);
+      zero_dead16(const_cast<Tin*>(rs) + warp * 16, VP, row0, dead_head, dead_col, lane);
     const bool live_chunk = row0 < dead_head;
 
     // Rows of this step (transposed, [value][token]): Vnᵀ = Vᵀ(Tβ)ᵀ + Sᵀ(−W)ᵀ forwards,
@@ -431,7 +428,8 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
     BwdParams p, const PrepAux* __restrict__ auxs, const __nv_bfloat16* __restrict__ states,
     const __nv_bfloat16* __restrict__ dstates, const __nv_bfloat16* __restrict__ vn,
     const __nv_bfloat16* __restrict__ dvn, float* __restrict__ pdt, float* __restrict__ pda,
-    const int* __restrict__ dead_rows, const int* __restrict__ dead_cols, int slots) {
+    const int* __restrict__ dead_rows, const int* __restrict__ dead_cols,
+    const int* __restrict__ dead_v, int slots) {
   extern __shared__ __align__(128) uint8_t smem_raw[];
   GradSmem& sg = *reinterpret_cast<GradSmem*>(smem_raw);
   const int tid = threadIdx.x, d = tid & (KD - 1), hh = tid >> 7, r0 = hh * kH;
@@ -481,11 +479,13 @@ __global__ void __launch_bounds__(2 * KD, 2) kda_bwd_grad_kernel(
     const uint4 zero = make_uint4(0, 0, 0, 0);
     dor = ok ? *reinterpret_cast<const uint4*>(static_cast<const Tin*>(p.dout) + at) : zero;
     vr = ok ? *reinterpret_cast<const uint4*>(static_cast<const Tin*>(p.v) + at) : zero;
-    const int* dead_col = dead_cols + (static_cast<size_t>(ch.n) * p.H + h) * VD + col;
     uint32_t dead = 0;
+    if (ch.row0 + row >= dead_v[ch.n * p.H + h]) {
+      const int* dead_col = dead_cols + (static_cast<size_t>(ch.n) * p.H + h) * VD + col;
 #pragma unroll
-    for (int e = 0; e < 8; ++e)
-      if (ch.row0 + row >= dead_col[e]) dead |= 1u << e;
+      for (int e = 0; e < 8; ++e)
+        if (ch.row0 + row >= dead_col[e]) dead |= 1u << e;
+    }
     if (dead) {
       dor = zero_elements8(dor, dead);
       vr = zero_elements8(vr, dead);
@@ -1042,13 +1042,14 @@ cudaError_t bwd_t(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
   auto* pda = reinterpret_cast<float*>(ws + lay.pda);
   auto* dead_rows = reinterpret_cast<int*>(ws + lay.dead_rows);
   auto* dead_cols = reinterpret_cast<int*>(ws + lay.dead_cols);
+  auto* dead_v = reinterpret_cast<int*>(ws + lay.dead_v);
   const size_t nh = static_cast<size_t>(p.N) * p.H;
   static_assert(kNoDeadRow == 0x7f7f7f7f, "filled bytewise");
-  KDA_TRY(cudaMemsetAsync(dead_rows, 0x7f, nh * (1 + VD) * sizeof(int), stream));
+  KDA_TRY(cudaMemsetAsync(dead_rows, 0x7f, nh * (2 + VD) * sizeof(int), stream));
   KDA_TRY(prep_for_backward(p, ws + lay.rec, auxs, dead_rows, slots, stream));
   if (const long long pieces = static_cast<long long>(p.B) * p.T * p.H * (VD / 8); pieces > 0) {
     kda_scan_v_kernel<Tin, VD><<<static_cast<unsigned>((pieces + 255) / 256), 256, 0, stream>>>(
-        p, dead_cols);
+        p, dead_cols, dead_v);
     KDA_TRY(cudaGetLastError());
   }
   if (p.N > 0)
@@ -1059,7 +1060,7 @@ cudaError_t bwd_t(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
     constexpr int bytes = sizeof(GradSmem);
     KDA_TRY(cudaFuncSetAttribute(grad, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     grad<<<dim3(slots, p.H), 2 * KD, bytes, stream>>>(p, auxs, states, dstates, vn, dvn, pdt,
-                                                      pda, dead_rows, dead_cols, slots);
+                                                      pda, dead_rows, dead_cols, dead_v, slots);
     KDA_TRY(cudaGetLastError());
   }
   kda_bwd_reduce_kernel<Tin><<<dim3(p.B, p.H), KD, 0, stream>>>(p, pdt, pda, slots);
