@@ -433,7 +433,9 @@ def _kda_pool(q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens,
     """Every kda call with state_indices comes here, arguments checked. Returns (o, new pool).
 
     The impl is chosen as for any call (so impl='cuda' or 'ffi' still raises where its target
-    cannot run); every choice then computes decode.kda_pool's definition.
+    cannot run); every choice then computes decode.kda_pool's definition. state_indices and
+    num_accepted_tokens arrive in the caller's integer dtype, traced or not;
+    decode.clip_slots narrows them to int32 without wrapping around.
     """
     kwargs = dict(pool=pool, state_indices=state_indices,
                   num_accepted_tokens=num_accepted_tokens, scale=scale,
