@@ -450,14 +450,85 @@ def _kda_pool(q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens,
     if q.shape[0] == 0 or q.shape[1] == 0:
         return decode.kda_pool(q, k, v, g, beta, **kwargs)
     chosen = _choose_impl(impl, q, v, cu_seqlens)
-    if chosen in ("cuda", "cpu"):
-        # CUDA decode target: plugged in by the lead. Until a compiled target takes pool calls,
-        # "cuda", "ffi" and an "auto" that chose a compiled target run the pure definition
-        # (exact, gradients included; not fast).
+    if chosen == "cuda":
+        return _kda_pool_cuda(q, k, v, g, beta, scale, pool, state_indices,
+                              num_accepted_tokens, use_qk_l2norm, use_gate, use_beta_sigmoid,
+                              A_log, dt_bias, lower_bound, state_v_first, cu_seqlens)
+    if chosen == "cpu":
+        # The C++ target has no pool call: the pure definition (exact, gradients included).
         return decode.kda_pool(q, k, v, g, beta, path="auto", **kwargs)
     # "recurrent", "chunked" as asked; "auto" that chose the chunked path picks by T.
     path = chosen if impl in ("recurrent", "chunked") else "auto"
     return decode.kda_pool(q, k, v, g, beta, path=path, **kwargs)
+
+
+def _kda_pool_cuda(q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens,
+                   use_qk_l2norm, use_gate, use_beta_sigmoid, A_log, dt_bias, lower_bound,
+                   state_v_first, cu_seqlens):
+    """A pool call on the CUDA decode kernel: the pool read and written in place (aliased;
+    without a copy where the caller donates it). Gradients, where asked for, are those of the
+    pure definition (decode.kda_pool), recomputed."""
+    b, t, h, kd = q.shape
+    num_slots = pool.shape[0]
+    cfg = _ffi.CallConfig(
+        scale=scale, use_qk_l2norm=bool(use_qk_l2norm), use_beta_sigmoid=bool(use_beta_sigmoid),
+        gate_mode=_gate_mode(use_gate, lower_bound),
+        lower_bound=float(lower_bound) if lower_bound is not None else 0.0,
+        state_v_first=bool(state_v_first), is_varlen=cu_seqlens is not None)
+    dcfg = _ffi.DecodeConfig(cfg, index_rank=state_indices.ndim,
+                             num_accepted=num_accepted_tokens is not None)
+    # Out-of-range slots and counts mean the same to the kernel as to the pure definition
+    # (no slot; clipped into [1, S]); clipped here so that no value wraps around when narrowed.
+    indices = decode.clip_slots(state_indices, num_slots)
+    accepted = (jnp.zeros((1,), jnp.int32) if num_accepted_tokens is None
+                else decode.clip_slots(num_accepted_tokens, state_indices.shape[-1]))
+    cu = (jnp.zeros((1,), jnp.int32) if cu_seqlens is None
+          else legal_offsets(cu_seqlens, t))  # the kernel only clamps them
+    A_log = jnp.zeros((h,), jnp.float32) if A_log is None else A_log.astype(jnp.float32)
+    dt_bias = (jnp.zeros((h, kd), jnp.float32) if dt_bias is None
+               else dt_bias.astype(jnp.float32))
+    pure_kwargs = dict(scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm,
+                       use_gate_in_kernel=use_gate,
+                       use_beta_sigmoid_in_kernel=use_beta_sigmoid, lower_bound=lower_bound,
+                       state_v_first=state_v_first)
+    return _pool_vjp(dcfg, tuple(sorted(pure_kwargs.items())))(
+        q, k, v, g, beta, A_log, dt_bias, pool.astype(jnp.float32), cu, indices, accepted)
+
+
+@functools.lru_cache(maxsize=None)
+def _pool_vjp(dcfg: _ffi.DecodeConfig, pure_kwargs):
+    """(q, k, v, g, beta, A_log, dt_bias, pool, cu, indices, accepted) -> (o, pool') on the
+    decode kernel, differentiable through the pure definition."""
+    op = _ffi.decode_call(dcfg)
+    pure_kwargs = dict(pure_kwargs)
+
+    def pure(primals, cu, indices, accepted):
+        q, k, v, g, beta, A_log, dt_bias, pool = primals
+        gate = pure_kwargs["use_gate_in_kernel"]
+        return decode.kda_pool(
+            q, k, v, g, beta, pool=pool, state_indices=indices,
+            num_accepted_tokens=accepted if dcfg.num_accepted else None,
+            A_log=A_log if gate else None, dt_bias=dt_bias if gate else None,
+            cu_seqlens=cu if dcfg.call.is_varlen else None, path="auto", **pure_kwargs)
+
+    @jax.custom_vjp
+    def run(q, k, v, g, beta, A_log, dt_bias, pool, cu, indices, accepted):
+        axes = varying_axes(q, k, v, g, beta, A_log, dt_bias, pool, cu, indices, accepted)
+        outs = op(q, k, v, g, beta, A_log, dt_bias, pool, cu, indices, accepted)
+        return tuple(make_varying(out, axes) for out in outs)
+
+    def run_fwd(*args):
+        return run(*args), args
+
+    def run_bwd(args, cotangents):
+        primals, rest = args[:8], args[8:]
+        _, vjp = jax.vjp(lambda *x: pure(x, *rest), *primals)
+        grads = vjp(cotangents)
+        grads = tuple(_typed_like(grad, primal) for grad, primal in zip(grads, primals))
+        return grads + (None, None, None)
+
+    run.defvjp(run_fwd, run_bwd)
+    return run
 
 
 # ---------------------------------------------------------------------------------------

@@ -200,3 +200,41 @@ def test_donated_state_is_updated_in_place(rng):
     assert ht.unsafe_buffer_pointer() == pointer, "the final state must reuse the donated buffer"
     ref_o, ref_s = test_cuda_fwd.reference(*_numpy(arrays), **attrs)
     assert rel_err(np.asarray(ht), ref_s) <= 5e-3
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_kda_pool_calls_run_the_kernel_and_match_the_definition(rng, rank):
+    from jax_flashkda import kda
+
+    arrays, attrs = test_cuda_fwd.make_case(rng, H=2, seqlens=[2, 1, 0, 3], gate_mode=1)
+    q, k, v, g, beta, A_log, dt_bias, _, cu = arrays
+    pool = jnp.asarray(0.3 * rng.standard_normal((9,) + arrays[7].shape[1:]), jnp.float32)
+    if rank == 1:
+        indices, accepted = jnp.asarray([5, -1, 2, 8], jnp.int32), None
+    else:
+        indices = jnp.asarray([[0, 1, 2], [3, -1, -1], [4, 4, 4], [5, 6, 7]], jnp.int32)
+        accepted = jnp.asarray([2, 1, 3, 1], jnp.int32)
+
+    def run(impl, q, k, v, pool):
+        return kda(q, k, v, g, beta, A_log=A_log, dt_bias=dt_bias, initial_state=pool,
+                   output_final_state=True, use_qk_l2norm_in_kernel=True,
+                   use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True, cu_seqlens=cu,
+                   state_indices=indices, num_accepted_tokens=accepted, impl=impl)
+
+    assert "jax_flashkda_decode" in jax.jit(lambda *a: run("cuda", *a)).lower(q, k, v, pool).as_text()
+    o, new_pool = jax.jit(lambda *a: run("cuda", *a))(q, k, v, pool)
+    f32 = lambda x: x.astype(jnp.float32)
+    ref_o, ref_pool = jax.jit(lambda *a: run("recurrent", *a))(f32(q), f32(k), f32(v), pool)
+    assert rel_err(np.asarray(f32(o)), np.asarray(ref_o)) <= 6e-3
+    assert rel_err(np.asarray(new_pool), np.asarray(ref_pool)) <= 5e-3
+
+    def loss(impl):
+        def f(q, k, v, pool):
+            o, new_pool = run(impl, q, k, v, pool)
+            return jnp.sum(f32(o) ** 2) + jnp.sum(new_pool ** 2)
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))
+
+    got = loss("cuda")(q, k, v, pool)
+    want = loss("recurrent")(f32(q), f32(k), f32(v), pool)
+    for a, b in zip(got, want):
+        assert rel_err(np.asarray(f32(a)), np.asarray(b)) <= 2e-2
