@@ -14,7 +14,8 @@ import pathlib
 import sys
 
 OURS = "jax_flashkda"
-ORDER = ["floor", "jax_flashkda", "flashkda", "fla", "jla", "jax_chunked"]
+ORDER = ["floor", "jax_flashkda", "flashkda", "fla", "jla", "jax_chunked", "jax_flashkda_chunk",
+         "fla_fused_recurrent"]
 
 
 def table(rows, mode):

@@ -28,6 +28,9 @@ NB_MODULE(KDA_MODULE, m) {
     nb::dict targets;
     targets["jax_flashkda_fwd"] = nb::capsule(reinterpret_cast<void*>(KDA_HANDLER(jax_flashkda_fwd)));
     targets["jax_flashkda_bwd"] = nb::capsule(reinterpret_cast<void*>(KDA_HANDLER(jax_flashkda_bwd)));
+#if defined(KDA_TARGET_CUDA)
+    targets["jax_flashkda_decode"] = nb::capsule(reinterpret_cast<void*>(jax_flashkda_decode_cuda));
+#endif
     return targets;
   });
 #if defined(KDA_TARGET_CUDA)

@@ -1,4 +1,4 @@
-"""A small KDA language model, its synthetic data and its training step.
+"""A small KDA language model, its synthetic data, its training step and its sampler.
 
 Kept apart from ``train_lm.py`` so that tests (and other examples) can build and train it.
 """
@@ -6,6 +6,7 @@ Kept apart from ``train_lm.py`` so that tests (and other examples) can build and
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -157,3 +158,62 @@ def train_step(model: LM, optimizer: nnx.Optimizer, tokens):
     loss, grads = nnx.value_and_grad(loss_fn)(model, tokens)
     optimizer.update(model, grads)
     return loss
+
+
+# ---------------------------------------------------------------------------------------
+# Generation: prefill the prompt, then one token per step with every layer's cache donated
+# to the jitted step, so that XLA updates the caches in place.
+
+def init_caches(model: LM, batch: int) -> list[KDACache]:
+    """Empty-history caches of every layer for ``batch`` sequences."""
+    return [block.attn.init_cache(batch) for block in model.blocks]
+
+
+def _sample(logits, key, temperature: float):
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1)
+    return jax.random.categorical(key, logits / temperature, axis=-1)
+
+
+@functools.partial(nnx.jit, static_argnames="temperature")
+def prefill(model: LM, prompt, key, temperature: float):
+    """The prompt ``[B, P]`` in one call: the first sampled token ``[B]`` and the caches."""
+    logits, caches = model(prompt, return_cache=True)
+    return _sample(logits[:, -1], key, temperature), caches
+
+
+@functools.partial(nnx.jit, donate_argnums=1, static_argnames="temperature")
+def decode_step(model: LM, caches, token, key, temperature: float):
+    """One token ``[B]`` in, the next ``[B]`` out; ``caches`` is donated (use the returned
+    ones)."""
+    logits, caches = model(token[:, None], caches)
+    return _sample(logits[:, -1], key, temperature), caches
+
+
+def generate(model: LM, prompt, num_tokens: int, key, temperature: float = 1.0):
+    """Samples ``num_tokens`` tokens after ``prompt`` ``[B, P]``, one decoding step at a time.
+
+    ``temperature=0`` is greedy. Returns the tokens ``[B, num_tokens]`` and the seconds the
+    ``num_tokens - 1`` decoding steps took (after one untimed step on a copy of the caches,
+    which compiles it).
+    """
+    keys = jax.random.split(key, num_tokens)
+    token, caches = prefill(model, prompt, keys[0], temperature)
+    tokens = [token]
+    if num_tokens > 1:
+        warm = jax.tree.map(jnp.copy, caches)
+        jax.block_until_ready(decode_step(model, warm, token, keys[0], temperature))
+    start = time.perf_counter()
+    for i in range(1, num_tokens):
+        token, caches = decode_step(model, caches, token, keys[i], temperature)
+        tokens.append(token)
+    tokens = jax.block_until_ready(jnp.stack(tokens, axis=1))
+    return tokens, time.perf_counter() - start
+
+
+def chain_nll(tokens, log_table, start: int):
+    """Mean negative log-likelihood under the chain of ``tokens[:, start:]`` (``start >= 2``):
+    how plausible sampled continuations are (a perfect model's samples: about the chain's
+    entropy; uniform tokens: log(vocab))."""
+    nll = -log_table[tokens[:, start - 2:-2], tokens[:, start - 1:-1], tokens[:, start:]]
+    return nll.mean()

@@ -3,9 +3,15 @@
     python examples/train_lm.py [--steps 300] [--batch 16] [--seq-len 128] [--hidden 128]
                                 [--layers 2] [--heads 2] [--impl auto] [--seed 0]
                                 [--mesh data=2,model=1] [--report rows.json]
+                                [--generate N] [--prompt-len 16] [--temperature 1.0]
 
 Runs on whatever JAX backend is present. The loss starts near log(vocab) and falls towards the
 chain's entropy (the loss of a perfect model, printed as "oracle").
+
+With --generate N the trained model then samples N tokens after --batch prompts drawn from
+the chain: the prompts in one call (prefill), then one token per jitted step with each
+layer's cache donated (updated in place); it prints the decoding tokens/s and how likely the
+samples are under the chain. --steps 0 samples from the untrained model.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import jax_flashkda
 from jax_flashkda.nn import place_params
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kda_lm import LM, make_optimizer, markov_chain, oracle_loss, sample_batch, train_step  # noqa: E402
+from kda_lm import (LM, chain_nll, generate, make_optimizer, markov_chain, oracle_loss,  # noqa: E402
+                    sample_batch, train_step)
 
 
 def parse_args(argv=None):
@@ -52,7 +59,14 @@ def parse_args(argv=None):
                         "(heads), e.g. data=2 or data=1,model=2; default: one device")
     p.add_argument("--report", default=None,
                    help="append a row {gpus, mesh, tokens_per_s (per device), tokens_per_step, gpu, date} to this json")
-    return p.parse_args(argv)
+    p.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="after training, sample N tokens per prompt with the cache and report tokens/s")
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    args = p.parse_args(argv)
+    if args.generate and args.prompt_len < 2:
+        p.error("--prompt-len must be at least 2 (the chain starts after two tokens)")
+    return args
 
 
 def make_mesh(spec: str | None):
@@ -107,7 +121,6 @@ def main(argv=None):
         f"kda: {path}"
     )
 
-    tokens_per_step = args.batch * (args.seq_len - 1)
     losses = []
     oracle = []
     timed_tokens, timed_seconds = 0, 0.0
@@ -124,12 +137,38 @@ def main(argv=None):
         elapsed = time.perf_counter() - start
         # The first steps compile (the second again once the optimizer state has its shardings).
         if step > 1:
-            timed_tokens += tokens_per_step
+            timed_tokens += tokens_per_step(args)
             timed_seconds += elapsed
         losses.append(loss)
         oracle.append(float(oracle_loss(tokens, log_table)))
         bar.set_postfix(loss=f"{loss:.3f}")
 
+    ok = True
+    if args.steps > 0:
+        ok = report_training(args, losses, oracle, timed_tokens, timed_seconds, devices)
+    else:
+        print("--steps 0: no training")
+    if args.generate:
+        prompts = sample_batch(jax.random.fold_in(data_key, args.steps), log_table, args.batch,
+                               args.prompt_len)
+        if mesh is not None:
+            prompts = jax.device_put(prompts, NamedSharding(mesh, P("data")))
+        tokens, seconds = generate(model, prompts, args.generate, jax.random.fold_in(key, 1),
+                                   args.temperature)
+        full = jnp.concatenate([prompts, tokens], axis=1)
+        print(f"generated {args.batch} x {args.generate} tokens after {args.prompt_len}-token "
+              f"prompts (temperature {args.temperature}); first: {tokens[0].tolist()}")
+        if args.generate > 1:
+            rate = args.batch * (args.generate - 1) / seconds
+            print(f"decoding {rate:,.0f} tokens/s ({1e3 * seconds / (args.generate - 1):.2f} "
+                  f"ms per step of {args.batch} tokens, excluding compile)")
+        print(f"samples' loss under the chain {float(chain_nll(full, log_table, args.prompt_len)):.4f} "
+              f"nats/token (uniform {math.log(args.vocab):.3f})")
+    return 0 if ok else 1
+
+
+def report_training(args, losses, oracle, timed_tokens, timed_seconds, devices) -> bool:
+    """Prints the loss and throughput; False when the loss did not fall enough."""
     tail = max(1, min(20, args.steps // 10))
     first, last = losses[0], sum(losses[-tail:]) / tail
     floor = sum(oracle[-tail:]) / tail
@@ -141,14 +180,18 @@ def main(argv=None):
         if args.report:
             rows = json.load(open(args.report)) if os.path.exists(args.report) else []
             rows.append(dict(gpus=devices, mesh=args.mesh or "single", tokens_per_s=round(per_device),
-                             tokens_per_step=tokens_per_step, gpu=jax.devices()[0].device_kind,
+                             tokens_per_step=tokens_per_step(args), gpu=jax.devices()[0].device_kind,
                              date=datetime.date.today().isoformat()))
             with open(args.report, "w") as f:
                 json.dump(rows, f, indent=1)
     if not last < first - 0.5:
         print("the loss fell by less than 0.5 nats: too few steps, or a broken op", file=sys.stderr)
-        return 1
-    return 0
+        return False
+    return True
+
+
+def tokens_per_step(args) -> int:
+    return args.batch * (args.seq_len - 1)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 FWD_TARGET = "jax_flashkda_fwd"
 BWD_TARGET = "jax_flashkda_bwd"
+DECODE_TARGET = "jax_flashkda_decode"  # CUDA only
 
 # gate_mode attribute values of the contract.
 GATE_LOG_DECAY, GATE_SOFTPLUS, GATE_SAFE = 0, 1, 2
@@ -51,6 +52,22 @@ class CallConfig:
             state_v_first=self.state_v_first,
             is_varlen=self.is_varlen,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """The static part of a decode call (docs/decode.md): the forward's attributes, and how the
+    state rows are found: `index_rank` 0 (sequence n owns row n of the state), 1 (state_indices
+    [N] into a pool) or 2 (state_indices [N, S], a slot per token); `num_accepted` (with rank 2:
+    num_accepted_tokens [N] picks the slot read)."""
+
+    call: CallConfig
+    index_rank: int = 0
+    num_accepted: bool = False
+
+    def attributes(self):
+        return dict(self.call.attributes(), use_state_indices=self.index_rank > 0,
+                    use_num_accepted=self.num_accepted)
 
 
 # ---------------------------------------------------------------------------------------
@@ -144,6 +161,19 @@ def _bwd_raw(cfg: CallConfig, q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, 
     return call(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, do, dht, **cfg.attributes())
 
 
+def _decode_raw(dcfg: DecodeConfig, q, k, v, g, beta, A_log, dt_bias, state, cu_seqlens,
+                state_indices, num_accepted):
+    """(o, state'): the state (or pool) is read and written in place (result 1 aliases operand
+    7); state_indices / num_accepted are int32 dummies of shape [1] where dcfg has none."""
+    b, t, h, _ = q.shape
+    results = (jax.ShapeDtypeStruct((b, t, h, v.shape[-1]), v.dtype),
+               jax.ShapeDtypeStruct(state.shape, jnp.float32))
+    call = jax.ffi.ffi_call(DECODE_TARGET, results, vmap_method="sequential",
+                            input_output_aliases={7: 1})
+    return call(q, k, v, g, beta, A_log, dt_bias, state, cu_seqlens, state_indices, num_accepted,
+                **dcfg.attributes())
+
+
 # ---------------------------------------------------------------------------------------
 # Partitioning: batch and heads are independent, everything else stays whole on a device.
 
@@ -168,6 +198,20 @@ def _bwd_rule(cfg: CallConfig) -> str:
     return f"{', '.join(inputs)} -> {', '.join(outputs)}"
 
 
+def _decode_rule(dcfg: DecodeConfig) -> str:
+    """A pool is shared by every sequence, so with state_indices the batch stays whole (its
+    sequences write into one pool) and only heads are split."""
+    cfg = dcfg.call
+    inputs, state = _operand_factors(cfg)
+    if dcfg.index_rank:
+        state = "p h v k" if cfg.state_v_first else "p h k v"
+        indices = "i" if dcfg.index_rank == 1 else "i s"
+    else:
+        indices = "z"
+    inputs = inputs[:7] + [state, "c", indices, "a" if dcfg.num_accepted else "y"]
+    return f"{', '.join(inputs)} -> b t h v, {state}"
+
+
 def _factor_axes(sharding, factors: str, wanted: dict[str, object]):
     """Records mesh axes of the batch/head factors found in one operand's sharding."""
     spec = tuple(sharding.spec) + (None,) * (len(factors.split()) - len(sharding.spec))
@@ -180,8 +224,9 @@ def _spec(factors: str, axes: dict[str, object]) -> P:
     return P(*(axes.get(name) for name in factors.split()))
 
 
-def _partitioned(cfg: CallConfig, raw, rule: str):
-    """Wraps `raw` so that XLA runs it per shard of the batch and head axes."""
+def _partitioned(cfg, raw, rule: str, whole_batch: bool = False):
+    """Wraps `raw` (called as raw(cfg, ...)) so that XLA runs it per shard of the batch and
+    head axes (of the head axis alone with `whole_batch`)."""
     in_factors, out_factors = (side.split(", ") for side in rule.split(" -> "))
 
     def shardings(mesh, arg_shapes):
@@ -189,7 +234,7 @@ def _partitioned(cfg: CallConfig, raw, rule: str):
         for shape, factors in zip(arg_shapes, in_factors):
             if isinstance(shape.sharding, NamedSharding):
                 _factor_axes(shape.sharding, factors, axes)
-        if cfg.is_varlen:
+        if whole_batch:
             axes.pop("b", None)
         arg_shardings = tuple(NamedSharding(mesh, _spec(f, axes)) for f in in_factors)
         out_shardings = tuple(NamedSharding(mesh, _spec(f, axes)) for f in out_factors)
@@ -203,13 +248,16 @@ def _partitioned(cfg: CallConfig, raw, rule: str):
         return shardings(mesh, arg_shapes)[1]
 
     op = custom_partitioning(functools.partial(raw, cfg))
-    # Tokens, key and value channels and varlen offsets are sequential or summed inside one
-    # call: they must not be split, so a sharded sequence axis is gathered before the call.
+    # Tokens, key and value channels, varlen offsets, sequences of a packed batch and pool
+    # slots are sequential, summed or shared inside one call: only batch and heads are split,
+    # so a sharded sequence axis is gathered before the call.
+    # In order of first appearance: Shardy wants the special factors sorted that way.
+    factors = dict.fromkeys(rule.replace("->", ",").replace(",", " ").split())
     op.def_partition(
         partition=partition,
         infer_sharding_from_operands=infer,
         sharding_rule=rule,
-        need_replication_factors=("t", "k", "v", "c") + (("n",) if cfg.is_varlen else ()),
+        need_replication_factors=tuple(f for f in factors if f not in ("b", "h")),
     )
     return op
 
@@ -220,6 +268,7 @@ def _partitioned(cfg: CallConfig, raw, rule: str):
 # Position of the head axis in each operand of the contract (None: has no head axis).
 _FWD_HEAD_AXES = (2, 2, 2, 2, 2, 0, 0, 1, None)
 _BWD_HEAD_AXES = _FWD_HEAD_AXES + (2, 1)
+_DECODE_HEAD_AXES = _FWD_HEAD_AXES + (None, None)
 _FWD_OUT_HEAD_AXES = (2, 1)
 _BWD_OUT_HEAD_AXES = (2, 2, 2, 2, 2, 1, 1, 1)
 
@@ -237,15 +286,21 @@ def _unfold(x, axis: int, size: int):
     return jnp.moveaxis(x, axis, 0)
 
 
+# Operands that say where sequences and their states are, shared by every head: a vmapped one
+# cannot become more heads.
+_SHARED_OPERANDS = {8: "cu_seqlens", 9: "state_indices", 10: "num_accepted_tokens"}
+
+
 def _head_folding(op, in_head_axes, out_head_axes):
     batched_op = jax.custom_batching.custom_vmap(op)
 
     @batched_op.def_vmap
     def rule(axis_size, in_batched, *args):
-        if in_batched[8]:
-            raise ValueError(
-                "kda: cu_seqlens cannot be vmapped (each call takes one packed batch); "
-                "concatenate the sequences into one cu_seqlens instead")
+        for i, name in _SHARED_OPERANDS.items():
+            if i < len(args) and in_head_axes[i] is None and in_batched[i]:
+                raise ValueError(
+                    f"kda: {name} cannot be vmapped (one call serves one packed batch and one "
+                    "state pool); concatenate the sequences into one call instead")
         folded = [
             a if ax is None else _fold(a, b, ax, axis_size)
             for a, b, ax in zip(args, in_batched, in_head_axes)
@@ -261,7 +316,7 @@ def _head_folding(op, in_head_axes, out_head_axes):
 @functools.lru_cache(maxsize=None)
 def fwd_call(cfg: CallConfig):
     """(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens) -> (o, final_state)."""
-    op = _partitioned(cfg, _fwd_raw, _fwd_rule(cfg))
+    op = _partitioned(cfg, _fwd_raw, _fwd_rule(cfg), whole_batch=cfg.is_varlen)
     return _head_folding(op, _FWD_HEAD_AXES, _FWD_OUT_HEAD_AXES)
 
 
@@ -269,5 +324,14 @@ def fwd_call(cfg: CallConfig):
 def bwd_call(cfg: CallConfig):
     """(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, do, dht) ->
     (dq, dk, dv, dg, dbeta, dA_log[B,H], ddt_bias[B,H,K], dh0)."""
-    op = _partitioned(cfg, _bwd_raw, _bwd_rule(cfg))
+    op = _partitioned(cfg, _bwd_raw, _bwd_rule(cfg), whole_batch=cfg.is_varlen)
     return _head_folding(op, _BWD_HEAD_AXES, _BWD_OUT_HEAD_AXES)
+
+
+@functools.lru_cache(maxsize=None)
+def decode_call(dcfg: DecodeConfig):
+    """(q, k, v, g, beta, A_log, dt_bias, state, cu_seqlens, state_indices, num_accepted) ->
+    (o, state'), the state updated in place (CUDA only; docs/decode.md)."""
+    op = _partitioned(dcfg, _decode_raw, _decode_rule(dcfg),
+                      whole_batch=dcfg.call.is_varlen or dcfg.index_rank > 0)
+    return _head_folding(op, _DECODE_HEAD_AXES, _FWD_OUT_HEAD_AXES)

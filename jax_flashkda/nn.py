@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .decode import clip_slots
 from .ops import kda
 
 __all__ = ["KDACache", "KimiDeltaAttention", "place_params"]
@@ -21,6 +22,11 @@ class KDACache(NamedTuple):
     ``conv_v`` hold the last ``conv_size - 1`` inputs ``[N, conv_size - 1, H * D]`` of each short
     convolution. ``N`` is the batch size, or the number of sequences with ``cu_seqlens``.
     An all-zero cache is the same as no cache (an empty history).
+
+    With ``state_indices`` (:meth:`KimiDeltaAttention.__call__`) the cache is a pool of ``P``
+    slots instead, one row per slot. A layer call returns a cache of the same shapes and
+    dtypes as the one it was given and its four arrays are distinct buffers, so a jitted step
+    can donate it (``donate_argnums``) and XLA updates it in place.
     """
 
     state: jax.Array
@@ -68,6 +74,21 @@ def _short_conv(x, weight, past, cu_seqlens):
     lens = (cu_seqlens[1:] - cu_seqlens[:-1])[:, None]
     new_past = buf[index(seqs, lens - (w - 1) + jnp.arange(w - 1)[None, :])]
     return jax.nn.silu(y)[None], new_past
+
+
+def _read_rows(pool, slots):
+    """Rows ``slots`` (int32, from ``clip_slots``) of ``pool``; zeros for a slot outside it."""
+    live = (slots >= 0) & (slots < pool.shape[0])
+    rows = jnp.take(pool, jnp.clip(slots, 0, pool.shape[0] - 1), axis=0)
+    return jnp.where(live.reshape(-1, *(1,) * (pool.ndim - 1)), rows, 0)
+
+
+def _write_rows(pool, slots, rows):
+    """``pool`` with ``rows[n]`` written to row ``slots[n]``; a slot outside the pool writes
+    nothing (an index past the end is dropped by the scatter)."""
+    live = (slots >= 0) & (slots < pool.shape[0])
+    return pool.at[jnp.where(live, slots, pool.shape[0])].set(rows.astype(pool.dtype),
+                                                               mode="drop")
 
 
 def _partitioner(axis):
@@ -120,6 +141,21 @@ class KimiDeltaAttention(nnx.Module):
         place them with :func:`place_params`. The layer then needs no all-gather, forward or
         backward: only all-reduces (after ``o_proj``, and of its input's gradient).
       rngs: random streams for initialisation.
+
+    Generation: prefill a prompt with ``y, cache = layer(prompt, cache=layer.init_cache(B))``
+    (or ``return_cache=True``), then run one-token steps under ``jit`` with the cache donated,
+    so that XLA writes the new cache into the old one's buffers instead of allocating and
+    copying a second one::
+
+        @functools.partial(nnx.jit, donate_argnums=1)
+        def step(layer, cache, x_t):                 # x_t [B, 1, hidden_size]
+            return layer(x_t, cache=cache)
+
+        y_t, cache = step(layer, cache, x_t)         # the donated cache is gone: keep the new one
+
+    Serving many sequences from one pool of slots (continuous batching): ``cache =
+    layer.init_cache(P)`` and ``layer(x, cache=cache, state_indices=slots)``, ``slots`` int
+    ``[B]`` (or ``[N]`` with ``cu_seqlens``), negative for padding rows; docs/decode.md.
     """
 
     def __init__(
@@ -203,11 +239,13 @@ class KimiDeltaAttention(nnx.Module):
         self.o_proj = linear(width, hidden_size, kernel_init=split(lecun, (head_axis, None)))
 
     def init_cache(self, batch_size: int) -> KDACache:
-        """An empty-history cache for ``batch_size`` sequences (equivalent to ``cache=None``)."""
+        """An empty-history cache for ``batch_size`` sequences (equivalent to ``cache=None``),
+        or a pool of ``batch_size`` empty slots for calls with ``state_indices``. Its arrays
+        are distinct buffers, so it can be donated to a jitted step."""
         width = self.num_heads * self.head_dim
-        conv = jnp.zeros((batch_size, self.conv_size - 1, width), self.dtype)
+        conv = lambda: jnp.zeros((batch_size, self.conv_size - 1, width), self.dtype)
         state = jnp.zeros((batch_size, self.num_heads, self.head_dim, self.head_dim), jnp.float32)
-        return KDACache(state, conv, conv, conv)
+        return KDACache(state, conv(), conv(), conv())
 
     def __call__(
         self,
@@ -215,6 +253,7 @@ class KimiDeltaAttention(nnx.Module):
         *,
         cache: KDACache | None = None,
         cu_seqlens: jax.Array | None = None,
+        state_indices: jax.Array | None = None,
         return_cache: bool | None = None,
     ) -> tuple[jax.Array, KDACache | None]:
         """Mix tokens of ``x`` ``[B, T, hidden_size]``.
@@ -222,6 +261,11 @@ class KimiDeltaAttention(nnx.Module):
         ``cache`` continues earlier calls (prefill, then ``T = 1`` decoding steps give the same
         result as one call on the whole sequence). ``cu_seqlens`` ``[N + 1]`` packs N
         independent sequences into a ``B == 1`` batch; the cache then has N rows.
+        ``state_indices`` (int ``[N]``) makes ``cache`` a pool of P slots (``init_cache(P)``):
+        sequence n continues from slot ``state_indices[n]`` and writes its new state and
+        convolution history back there; a negative index is a padding sequence (``y = 0``,
+        nothing written), and slots nobody names keep their values (docs/decode.md). No two
+        sequences of a call may name the same slot.
         ``return_cache`` (default: whether a cache was passed) asks for the updated cache; leave
         it off in training, where computing the final state is wasted work.
 
@@ -232,6 +276,15 @@ class KimiDeltaAttention(nnx.Module):
         b, t, _ = x.shape
         h, d = self.num_heads, self.head_dim
         past = (None, None, None) if cache is None else (cache.conv_q, cache.conv_k, cache.conv_v)
+        if state_indices is not None:
+            if cache is None or not return_cache:
+                raise ValueError("KimiDeltaAttention: state_indices needs a cache (the pool, "
+                                 "init_cache(P)) and return_cache")
+            if jnp.ndim(state_indices) != 1:
+                raise ValueError("KimiDeltaAttention: state_indices must be [N] (one slot per "
+                                 f"sequence), got shape {jnp.shape(state_indices)}")
+            slots = clip_slots(state_indices, cache.state.shape[0])
+            past = tuple(_read_rows(c, slots) for c in past)
 
         q, conv_q = _short_conv(self.q_proj(x), self.q_conv[...], past[0], cu_seqlens)
         k, conv_k = _short_conv(self.k_proj(x), self.k_conv[...], past[1], cu_seqlens)
@@ -245,6 +298,7 @@ class KimiDeltaAttention(nnx.Module):
             self._shard(beta),
             initial_state=None if cache is None else cache.state,
             output_final_state=return_cache,
+            state_indices=state_indices,
             use_qk_l2norm_in_kernel=True,
             use_gate_in_kernel=True,
             use_beta_sigmoid_in_kernel=True,
@@ -261,6 +315,10 @@ class KimiDeltaAttention(nnx.Module):
         o = o * self.o_norm_scale[...].astype(jnp.float32) * jax.nn.sigmoid(gate)
         y = self.o_proj(o.astype(self.dtype).reshape(b, t, h * d))
 
+        if state_indices is not None:
+            conv_q, conv_k, conv_v = (_write_rows(c, slots, new) for c, new in
+                                      zip((cache.conv_q, cache.conv_k, cache.conv_v),
+                                          (conv_q, conv_k, conv_v)))
         new_cache = KDACache(state, conv_q, conv_k, conv_v) if return_cache else None
         return y, new_cache
 

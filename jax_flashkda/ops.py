@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_flashkda import _ffi
+from jax_flashkda import _ffi, decode
 from jax_flashkda.chunked import kda_chunked
-from jax_flashkda.preprocess import clip_offsets, empty_result, make_varying, varying_axes
+from jax_flashkda.preprocess import (clip_offsets, empty_result, legal_offsets, make_varying,
+                                     varying_axes)
 from jax_flashkda.reference import kda_recurrent
 
 IMPLS = ("auto", "cuda", "ffi", "chunked", "recurrent")
@@ -19,6 +20,10 @@ _FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
 # What the Hopper kernels take; anything else runs elsewhere (auto) or is refused (cuda).
 CUDA_INPUT_DTYPES = (jnp.bfloat16, jnp.float16)
 CUDA_HEAD_DIMS = (128,)
+# Up to this many tokens per sequence the CUDA target runs the decode kernel (one token at a
+# time, the state in registers) instead of the chunk kernels; for packed sequences, up to this
+# many on average. Measured crossover: benchmarks/results/ (decode rows).
+CUDA_DECODE_MAX_TOKENS = 16
 # Measured on a 2-core CPU (README): the C++ target beats the chunked path there for
 # training-sized calls, so "auto" takes it on CPU when it is built.
 _AUTO_PREFERS_CPU_TARGET = True
@@ -27,7 +32,8 @@ _AUTO_PREFERS_CPU_TARGET = True
 def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
         use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False,
         use_beta_sigmoid_in_kernel=False, A_log=None, dt_bias=None, lower_bound=None,
-        state_v_first=False, cu_seqlens=None, impl="auto"):
+        state_v_first=False, cu_seqlens=None, state_indices=None, num_accepted_tokens=None,
+        impl="auto"):
     """Kimi Delta Attention.
 
     Args:
@@ -48,17 +54,35 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=
       state_v_first: state layout [N, H, V, K].
       cu_seqlens: int [N + 1] offsets cutting the tokens of a B == 1 batch into N
         independent sequences (empty ones allowed).
+      state_indices: int [N] or [N, S]: serving with a state pool (docs/decode.md).
+        `initial_state` is then a pool [P, H, K, V] ([P, H, V, K]) of any P >= 1 and the second
+        result is the updated pool (`output_final_state` must be True). Sequence n reads slot
+        idx[n] (2-D: idx[n, a_n - 1]); a slot outside [0, P) makes it padding (o = 0, no
+        write). 1-D: the state after its last token goes back to idx[n]; 2-D: the state after
+        each token t < S goes to idx[n, t] (entries outside [0, P) skipped). Slots nobody
+        writes keep their values. Without cu_seqlens, 2-D indices need S >= T.
+      num_accepted_tokens: int [N], with 2-D state_indices only: a_n, clipped into [1, S]
+        (1 when None), picks the read slot idx[n, a_n - 1] (speculative decoding).
       impl: "auto" (the CUDA kernels on a Hopper GPU where they support the call, else the
         fastest other path for the platform), "cuda", "ffi" (the compiled target of the
         platform: CUDA kernels or the C++ CPU target), "chunked" (pure JAX, any platform),
         "recurrent" (the token-by-token oracle).
 
     Returns:
-      (o, final_state): o [B, T, H, V] in v's dtype; final_state fp32 or None.
+      (o, final_state): o [B, T, H, V] in v's dtype; final_state fp32 (fp64 for fp64
+      inputs) or None; with state_indices, the updated pool in its place.
     """
+    pool = state_indices is not None
     args = _check(q, k, v, g, beta, scale, initial_state, use_gate_in_kernel, A_log, dt_bias,
-                  lower_bound, state_v_first, cu_seqlens, impl)
+                  lower_bound, state_v_first, cu_seqlens, impl, pool=pool)
     q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens = args
+    state_indices, num_accepted_tokens = _check_pool(
+        state_indices, num_accepted_tokens, initial_state, output_final_state, q, cu_seqlens)
+    if pool:
+        return _kda_pool(q, k, v, g, beta, scale, initial_state, state_indices,
+                         num_accepted_tokens, use_qk_l2norm_in_kernel, use_gate_in_kernel,
+                         use_beta_sigmoid_in_kernel, A_log, dt_bias, lower_bound,
+                         state_v_first, cu_seqlens, impl)
     if q.shape[0] == 0 or q.shape[1] == 0:
         return _kda_empty(q, v, initial_state, state_v_first, cu_seqlens, output_final_state)
     chosen = _choose_impl(impl, q, v, cu_seqlens)
@@ -135,7 +159,8 @@ def _is_concrete(x) -> bool:
 
 
 def _check(q, k, v, g, beta, scale, initial_state, use_gate, A_log, dt_bias, lower_bound,
-           state_v_first, cu_seqlens, impl):
+           state_v_first, cu_seqlens, impl, pool=False):
+    """pool: initial_state is a state pool (state_indices given), of any P >= 1 rows."""
     if impl not in IMPLS:
         raise ValueError(f"kda: impl must be one of {IMPLS}, got {impl!r}")
     b, t, h, kd = _shape_of("q", q, 4)
@@ -194,10 +219,18 @@ def _check(q, k, v, g, beta, scale, initial_state, use_gate, A_log, dt_bias, low
     if initial_state is not None:
         _shape_of("initial_state", initial_state, 4)
         _float_dtype("initial_state", initial_state)
-        layout = "[N, H, V, K]" if state_v_first else "[N, H, K, V]"
-        expected = (n, h, vd, kd) if state_v_first else (n, h, kd, vd)
-        _expect_shape("initial_state", initial_state, expected,
-                      f"{layout} with N = {'len(cu_seqlens) - 1' if cu_seqlens is not None else 'B'}")
+        rows = "P" if pool else "N"
+        layout = f"[{rows}, H, V, K]" if state_v_first else f"[{rows}, H, K, V]"
+        if pool:
+            # A state pool: any number of slots, state_indices picks them.
+            p = max(initial_state.shape[0], 1)
+            expected = (p, h, vd, kd) if state_v_first else (p, h, kd, vd)
+            meaning = f"{layout}, a state pool of any P >= 1 slots, with state_indices"
+        else:
+            expected = (n, h, vd, kd) if state_v_first else (n, h, kd, vd)
+            meaning = (f"{layout} with N = "
+                       f"{'len(cu_seqlens) - 1' if cu_seqlens is not None else 'B'}")
+        _expect_shape("initial_state", initial_state, expected, meaning)
         if initial_state.dtype != jnp.float64:
             initial_state = initial_state.astype(jnp.float32)
 
@@ -241,6 +274,61 @@ def _check(q, k, v, g, beta, scale, initial_state, use_gate, A_log, dt_bias, low
                     f"kda: {name} is only used with use_gate_in_kernel=True; pass "
                     f"use_gate_in_kernel=True or leave {name} as None")
     return q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens
+
+
+def _integer_array(name, x):
+    _array(name, x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"kda: {name} must be an integer array, got {x.dtype}")
+
+
+def _check_pool(state_indices, num_accepted_tokens, initial_state, output_final_state, q,
+                cu_seqlens):
+    """state_indices / num_accepted_tokens (docs/decode.md), after _check. Indices stay in
+    their own dtype: decode.clip_slots narrows them without wrapping around."""
+    if state_indices is None:
+        if num_accepted_tokens is not None:
+            raise ValueError("kda: num_accepted_tokens is only used with 2-D state_indices "
+                             "[N, S] (speculative decoding); state_indices is None")
+        return None, None
+    b, t = q.shape[:2]
+    n = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    n_meaning = "len(cu_seqlens) - 1" if cu_seqlens is not None else "B"
+    _integer_array("state_indices", state_indices)
+    if state_indices.ndim not in (1, 2):
+        raise ValueError(f"kda: state_indices must have rank 1 ([N]) or 2 ([N, S]), got shape "
+                         f"{tuple(state_indices.shape)}")
+    if state_indices.shape[0] != n:
+        raise ValueError(f"kda: state_indices must have N = {n} rows (N = {n_meaning}), got "
+                         f"shape {tuple(state_indices.shape)}")
+    per_token = state_indices.ndim == 2
+    if per_token and state_indices.shape[1] < 1:
+        raise ValueError(f"kda: 2-D state_indices [N, S] need S >= 1, got shape "
+                         f"{tuple(state_indices.shape)}")
+    if per_token and cu_seqlens is None and state_indices.shape[1] < t:
+        raise ValueError(f"kda: 2-D state_indices [N, S] without cu_seqlens need S >= T = {t} "
+                         f"(a slot per token), got shape {tuple(state_indices.shape)}")
+    if initial_state is None:
+        raise ValueError("kda: state_indices needs initial_state, the state pool [P, H, K, V] "
+                         "([P, H, V, K] when state_v_first) the indices point into")
+    if not output_final_state:
+        raise ValueError("with state_indices kda returns the updated pool; pass "
+                         "output_final_state=True")
+    num_slots = initial_state.shape[0]
+    if _is_concrete(state_indices) and state_indices.size:
+        # Python integers: no wrap-around of wide or unsigned values.
+        largest = max(int(x) for x in np.asarray(state_indices).reshape(-1))
+        if largest >= num_slots:
+            raise ValueError(
+                f"kda: state_indices must be < P = {num_slots} (the pool's rows) or negative "
+                f"(a padding slot), got {largest}")
+    if num_accepted_tokens is not None:
+        if not per_token:
+            raise ValueError("kda: num_accepted_tokens is only used with 2-D state_indices "
+                             f"[N, S]; state_indices has shape {tuple(state_indices.shape)}")
+        _integer_array("num_accepted_tokens", num_accepted_tokens)
+        _expect_shape("num_accepted_tokens", num_accepted_tokens, (n,), f"[N], N = {n_meaning}")
+    return state_indices, num_accepted_tokens
 
 
 # ---------------------------------------------------------------------------------------
@@ -342,6 +430,108 @@ def _choose_impl(impl, q, v, cu_seqlens):
 
 
 # ---------------------------------------------------------------------------------------
+# Serving: a state pool (docs/decode.md).
+
+def _kda_pool(q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens, use_qk_l2norm,
+              use_gate, use_beta_sigmoid, A_log, dt_bias, lower_bound, state_v_first,
+              cu_seqlens, impl):
+    """Every kda call with state_indices comes here, arguments checked. Returns (o, new pool).
+
+    The impl is chosen as for any call (so impl='cuda' or 'ffi' still raises where its target
+    cannot run); every choice then computes decode.kda_pool's definition. state_indices and
+    num_accepted_tokens arrive in the caller's integer dtype, traced or not;
+    decode.clip_slots narrows them to int32 without wrapping around.
+    """
+    kwargs = dict(pool=pool, state_indices=state_indices,
+                  num_accepted_tokens=num_accepted_tokens, scale=scale,
+                  use_qk_l2norm_in_kernel=use_qk_l2norm, use_gate_in_kernel=use_gate,
+                  use_beta_sigmoid_in_kernel=use_beta_sigmoid, A_log=A_log, dt_bias=dt_bias,
+                  lower_bound=lower_bound, state_v_first=state_v_first, cu_seqlens=cu_seqlens)
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        return decode.kda_pool(q, k, v, g, beta, **kwargs)
+    chosen = _choose_impl(impl, q, v, cu_seqlens)
+    if chosen == "cuda":
+        return _kda_pool_cuda(q, k, v, g, beta, scale, pool, state_indices,
+                              num_accepted_tokens, use_qk_l2norm, use_gate, use_beta_sigmoid,
+                              A_log, dt_bias, lower_bound, state_v_first, cu_seqlens)
+    if chosen == "cpu":
+        # The C++ target has no pool call: the pure definition (exact, gradients included).
+        return decode.kda_pool(q, k, v, g, beta, path="auto", **kwargs)
+    # "recurrent", "chunked" as asked; "auto" that chose the chunked path picks by T.
+    path = chosen if impl in ("recurrent", "chunked") else "auto"
+    return decode.kda_pool(q, k, v, g, beta, path=path, **kwargs)
+
+
+def _kda_pool_cuda(q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens,
+                   use_qk_l2norm, use_gate, use_beta_sigmoid, A_log, dt_bias, lower_bound,
+                   state_v_first, cu_seqlens):
+    """A pool call on the CUDA decode kernel: the pool read and written in place (aliased;
+    without a copy where the caller donates it). Gradients, where asked for, are those of the
+    pure definition (decode.kda_pool), recomputed."""
+    b, t, h, kd = q.shape
+    num_slots = pool.shape[0]
+    cfg = _ffi.CallConfig(
+        scale=scale, use_qk_l2norm=bool(use_qk_l2norm), use_beta_sigmoid=bool(use_beta_sigmoid),
+        gate_mode=_gate_mode(use_gate, lower_bound),
+        lower_bound=float(lower_bound) if lower_bound is not None else 0.0,
+        state_v_first=bool(state_v_first), is_varlen=cu_seqlens is not None)
+    dcfg = _ffi.DecodeConfig(cfg, index_rank=state_indices.ndim,
+                             num_accepted=num_accepted_tokens is not None)
+    # Out-of-range slots and counts mean the same to the kernel as to the pure definition
+    # (no slot; clipped into [1, S]); clipped here so that no value wraps around when narrowed.
+    indices = decode.clip_slots(state_indices, num_slots)
+    accepted = (jnp.zeros((1,), jnp.int32) if num_accepted_tokens is None
+                else decode.clip_slots(num_accepted_tokens, state_indices.shape[-1]))
+    cu = (jnp.zeros((1,), jnp.int32) if cu_seqlens is None
+          else legal_offsets(cu_seqlens, t))  # the kernel only clamps them
+    A_log = jnp.zeros((h,), jnp.float32) if A_log is None else A_log.astype(jnp.float32)
+    dt_bias = (jnp.zeros((h, kd), jnp.float32) if dt_bias is None
+               else dt_bias.astype(jnp.float32))
+    pure_kwargs = dict(scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm,
+                       use_gate_in_kernel=use_gate,
+                       use_beta_sigmoid_in_kernel=use_beta_sigmoid, lower_bound=lower_bound,
+                       state_v_first=state_v_first)
+    return _pool_vjp(dcfg, tuple(sorted(pure_kwargs.items())))(
+        q, k, v, g, beta, A_log, dt_bias, pool.astype(jnp.float32), cu, indices, accepted)
+
+
+@functools.lru_cache(maxsize=None)
+def _pool_vjp(dcfg: _ffi.DecodeConfig, pure_kwargs):
+    """(q, k, v, g, beta, A_log, dt_bias, pool, cu, indices, accepted) -> (o, pool') on the
+    decode kernel, differentiable through the pure definition."""
+    op = _ffi.decode_call(dcfg)
+    pure_kwargs = dict(pure_kwargs)
+
+    def pure(primals, cu, indices, accepted):
+        q, k, v, g, beta, A_log, dt_bias, pool = primals
+        gate = pure_kwargs["use_gate_in_kernel"]
+        return decode.kda_pool(
+            q, k, v, g, beta, pool=pool, state_indices=indices,
+            num_accepted_tokens=accepted if dcfg.num_accepted else None,
+            A_log=A_log if gate else None, dt_bias=dt_bias if gate else None,
+            cu_seqlens=cu if dcfg.call.is_varlen else None, path="auto", **pure_kwargs)
+
+    @jax.custom_vjp
+    def run(q, k, v, g, beta, A_log, dt_bias, pool, cu, indices, accepted):
+        axes = varying_axes(q, k, v, g, beta, A_log, dt_bias, pool, cu, indices, accepted)
+        outs = op(q, k, v, g, beta, A_log, dt_bias, pool, cu, indices, accepted)
+        return tuple(make_varying(out, axes) for out in outs)
+
+    def run_fwd(*args):
+        return run(*args), args
+
+    def run_bwd(args, cotangents):
+        primals, rest = args[:8], args[8:]
+        _, vjp = jax.vjp(lambda *x: pure(x, *rest), *primals)
+        grads = vjp(cotangents)
+        grads = tuple(_typed_like(grad, primal) for grad, primal in zip(grads, primals))
+        return grads + (None, None, None)
+
+    run.defvjp(run_fwd, run_bwd)
+    return run
+
+
+# ---------------------------------------------------------------------------------------
 # The compiled path.
 
 def _gate_mode(use_gate, lower_bound):
@@ -377,12 +567,23 @@ def _kda_compiled(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, use_gat
     dt_bias = (jnp.zeros((h, kd), jnp.float32) if dt_bias is None
                else dt_bias.astype(jnp.float32))
     cu = cu_seqlens if cu_seqlens is not None else jnp.zeros((1,), jnp.int32)
+    decode = jax.default_backend() != "cpu" and _takes_cuda_decode(q, n)
+    if decode and cu_seqlens is not None:
+        cu = legal_offsets(cu, q.shape[1])  # the decode kernel only clamps them
     if backward_refusal and not cuda_backward_fallback:
         backward = _RefusedBackward(backward_refusal)
     else:
         backward = "pure" if backward_refusal else "compiled"
-    o, final_state = _compiled_vjp(cfg, backward)(q, k, v, g, beta, A_log, dt_bias, h0, cu)
+    o, final_state = _compiled_vjp(cfg, backward, decode)(q, k, v, g, beta, A_log, dt_bias, h0,
+                                                          cu)
     return o.astype(out_dtype), final_state
+
+
+def _takes_cuda_decode(q, num_sequences: int) -> bool:
+    """Generation-sized calls: at most CUDA_DECODE_MAX_TOKENS tokens per sequence (on average,
+    for packed sequences), where the decode kernel beats the chunk kernels."""
+    return (_ffi.has_target("CUDA", _ffi.DECODE_TARGET)
+            and q.shape[0] * q.shape[1] <= CUDA_DECODE_MAX_TOKENS * max(num_sequences, 1))
 
 
 def _pure_vjp(cfg: _ffi.CallConfig, primals, cotangents):
@@ -424,10 +625,19 @@ class _RefusedBackward:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_vjp(cfg: _ffi.CallConfig, backward):
+def _compiled_vjp(cfg: _ffi.CallConfig, backward, decode: bool = False):
     """backward: "compiled" (the target's own), "pure" (autodiff of the chunked path, where the
-    CUDA backward refuses the call's sizes and impl='auto'), or a _RefusedBackward."""
-    fwd = _ffi.fwd_call(cfg)
+    CUDA backward refuses the call's sizes and impl='auto'), or a _RefusedBackward. decode: the
+    forward runs the CUDA decode kernel (the state updated in place of h0's buffer where XLA
+    can give it, e.g. a donated or dead h0)."""
+    if decode:
+        decode_op = _ffi.decode_call(_ffi.DecodeConfig(cfg))
+
+        def fwd(*primals):
+            no_pool = jnp.zeros((1,), jnp.int32)
+            return decode_op(*primals, no_pool, no_pool)
+    else:
+        fwd = _ffi.fwd_call(cfg)
     bwd = _ffi.bwd_call(cfg)
 
     def forward(*primals):

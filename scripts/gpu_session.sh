@@ -4,17 +4,21 @@
 #   compiles and autotunes fla's Triton kernels first); TIME=0 skips the timings; SANITIZE=1
 #   adds compute-sanitizer memcheck + racecheck; NCU=1 adds full ncu reports at NCU_SHAPES
 #   (big long), per SASS line too; KTIMES=1 prints each kernel's duration (ncu, one metric) at
-#   NCU_SHAPES; WARPS=auto,1,2,4,8 times forward variants. Logs, and the
-#   compile caches for the next call, under $OUT.
+#   NCU_SHAPES; WARPS=auto,1,2,4,8 times forward variants; BASELINE=dir (a carried, git-excluded
+#   `git archive <commit>` of an earlier tree) builds that tree too and interleaves its timings
+#   with ours (baseline, ours, baseline, ours). Logs, and the compile caches for the next call,
+#   under $OUT.
 source "$(dirname "$0")/device_preamble.sh"
 PY=$(command -v python3)
 
 bash scripts/build_cuda_module.sh "$OUT/build.log" || exit 1
+[ -n "${BASELINE:-}" ] && { (cd "$BASELINE" && bash scripts/build_cuda_module.sh "$OUT/baseline_build.log" >/dev/null) & BASELINE_PID=$!; }
+SITE=${PYTHONPATH:-}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 if [ "${TESTS:-1}" = 1 ]; then
   KDA_BWD_ERRLOG="$OUT/relerr.log" timeout "${TEST_TIMEOUT:-420}" "$PY" -m pytest -q -rfE --durations=6 -p no:cacheprovider \
-    ${TEST_FILES:-tests/test_robust_cuda.py tests/test_cuda_fwd.py tests/test_cuda_bwd.py tests/test_vs_fla.py} 2>&1 | tee "$OUT/pytest.log" | tail -25
+    ${TEST_FILES:-tests/test_robust_cuda.py tests/test_cuda_fwd.py tests/test_cuda_bwd.py tests/test_cuda_decode.py tests/test_vs_fla.py} 2>&1 | tee "$OUT/pytest.log" | tail -25
   cat "$OUT/relerr.log" 2>/dev/null
 fi
 
@@ -63,5 +67,14 @@ for r in rows:
   done
 fi
 
-[ "${TIME:-1}" = 1 ] && timeout 300 "$PY" scripts/time_kernels.py --warps "${WARPS:-auto}" ${TIME_ARGS:-} 2>&1 | tee "$OUT/time.log"
+if [ -n "${BASELINE:-}" ]; then
+  wait "$BASELINE_PID" || { echo "baseline build failed: $OUT/baseline_build.log"; exit 1; }
+  for tree in "$BASELINE" "$PWD" "$BASELINE" "$PWD"; do
+    echo "== $tree"
+    (cd "$tree" && PYTHONPATH=$tree${SITE:+:$SITE} timeout 120 "$PY" scripts/time_kernels.py ${TIME_ARGS:---shapes big long b4 --iters 15} 2>&1 |
+      grep -E "fwd|bwd") | tee -a "$OUT/ab.log"
+  done
+elif [ "${TIME:-1}" = 1 ]; then
+  timeout 300 "$PY" scripts/time_kernels.py --warps "${WARPS:-auto}" ${TIME_ARGS:-} 2>&1 | tee "$OUT/time.log"
+fi
 save_compile_caches

@@ -47,4 +47,17 @@ for value in (np.nan, np.inf, -np.inf, -1e7):
     test_cuda_bwd.cuda_grads(x, dtypes, static, do, dht)
 for offset in (1, 2):
     test_robust_cuda.test_unaligned_operands(rng, offset)
+# The decode kernel (docs/decode.md): plain, both layouts, a pool with padding and
+# out-of-range slots, a slot per token with accepted counts, packed sequences.
+import test_cuda_decode  # noqa: E402
+
+for v_first in (False, True):
+    arrays, attrs = test_cuda_fwd.make_case(rng, B=3, T=3, H=2, v_first=v_first)
+    test_cuda_decode._decode(arrays, attrs, arrays[7])
+    pool = rng.standard_normal((5,) + arrays[7].shape[1:])
+    test_cuda_decode._decode(arrays, attrs, pool, np.array([4, -3, 99]))
+arrays, attrs = test_cuda_fwd.make_case(rng, H=2, K=64, V=64, seqlens=[2, 0, 3], tail=2)
+pool = rng.standard_normal((6,) + arrays[7].shape[1:])
+test_cuda_decode._decode(arrays, attrs, pool, np.array([[0, 1, 7], [2, 3, -1], [4, 5, 1]]),
+                         np.array([2, 5, -4]))
 print("sanitize cases done")

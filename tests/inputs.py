@@ -9,10 +9,12 @@ GATE_MODES = ("log_decay", "softplus", "safe")
 
 
 def make_inputs(rng, B=2, T=37, H=3, K=16, V=24, *, gate_mode="safe", n_seqs=None,
-                dtype=np.float32, with_state=True, state_v_first=False, seqlens=None):
+                dtype=np.float32, with_state=True, state_v_first=False, seqlens=None,
+                pool_size=None):
     """Returns (args, kwargs) for `kda`, with arrays as numpy in `dtype`.
 
-    `seqlens` gives varlen sequence lengths (B is then 1 and T their sum).
+    `seqlens` gives varlen sequence lengths (B is then 1 and T their sum). `pool_size` makes
+    the initial state a state pool of that many slots (the caller adds `state_indices`).
     """
     if seqlens is not None:
         B, T = 1, int(sum(seqlens))
@@ -35,6 +37,8 @@ def make_inputs(rng, B=2, T=37, H=3, K=16, V=24, *, gate_mode="safe", n_seqs=Non
     if seqlens is not None:
         kwargs["cu_seqlens"] = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32)
         n = len(seqlens)
+    if pool_size is not None:
+        n = pool_size
     if with_state:
         shape = (n, H, V, K) if state_v_first else (n, H, K, V)
         kwargs["initial_state"] = (0.1 * rng.standard_normal(shape)).astype(np.float32)

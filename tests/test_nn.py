@@ -1,7 +1,9 @@
 """The Flax KimiDeltaAttention layer and the example language model built from it."""
 
+import functools
 import os
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +82,66 @@ def test_token_by_token_generation_matches_full_sequence():
     y_b, cache_b = call(layer, x[:, 5:], cache_a)
     assert_close(jnp.concatenate([y_a, y_b], axis=1), y_full)
     assert_cache_close(cache_b, cache_full)
+
+
+def test_jitted_step_with_donated_cache_updates_in_place():
+    """A decoding step jitted with the cache donated: XLA accepts every donated buffer (a
+    "donated buffers were not usable" warning fails the test), the donated cache is consumed,
+    and the steps give the full-sequence forward's outputs and cache."""
+    layer = make_layer()
+    x = inputs(2, 9)
+    y_full, cache_full = call(layer, x, return_cache=True)
+
+    @functools.partial(nnx.jit, donate_argnums=1)
+    def step(layer, cache, x_t):
+        return layer(x_t, cache=cache)
+
+    y_pre, cache = call(layer, x[:, :4], layer.init_cache(2))   # prefill
+    steps = [y_pre]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for t in range(4, x.shape[1]):
+            old = cache
+            y_t, cache = step(layer, cache, x[:, t : t + 1])
+            assert all(a.is_deleted() for a in old), "the donated cache was not consumed"
+            steps.append(y_t)
+    assert_close(jnp.concatenate(steps, axis=1), y_full)
+    assert_cache_close(cache, cache_full)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_state_pool_slots(packed):
+    """state_indices: each sequence continues from its slot of a pool cache and writes back to
+    it; a padding sequence (negative slot) gives y = 0 and writes nothing; other slots keep
+    their values."""
+    layer = make_layer()
+    pool_size, slots = 5, np.array([3, -1, 0], np.int32)
+    x1, x2 = inputs(3, 4, seed=1), inputs(3, 2, seed=2)
+    # Histories in the pool's slots 3 and 0, from a first call on sequences 0 and 2 alone.
+    _, rows = call(layer, x1, return_cache=True)
+    pool = jax.tree.map(
+        lambda a, full: jnp.asarray(a).at[3].set(full[0]).at[0].set(full[2]),
+        jax.tree.map(lambda a: 0.5 + 0.1 * jnp.arange(a.size, dtype=a.dtype).reshape(a.shape)
+                     / a.size, layer.init_cache(pool_size)), rows)
+    y_ref, rows_ref = call(layer, x2, rows)
+    if packed:
+        cu = jnp.array([0, 2, 4, 6], jnp.int32)
+        y, new = nnx.jit(lambda l, x, c, s: l(x.reshape(1, -1, HIDDEN), cache=c,
+                                               state_indices=s, cu_seqlens=cu))(
+            layer, x2, pool, slots)
+        y = y.reshape(3, 2, HIDDEN)
+    else:
+        y, new = nnx.jit(lambda l, x, c, s: l(x, cache=c, state_indices=s))(
+            layer, x2, pool, slots)
+    assert_close(y[0], y_ref[0])
+    assert_close(y[2], y_ref[2])
+    np.testing.assert_array_equal(np.asarray(y[1]), 0)
+    for name in KDACache._fields:
+        got, before, ref = (np.asarray(getattr(c, name)) for c in (new, pool, rows_ref))
+        assert_close(got[3], ref[0])
+        assert_close(got[0], ref[2])
+        for untouched in (1, 2, 4):
+            np.testing.assert_array_equal(got[untouched], before[untouched])
 
 
 def test_packed_sequences_match_separate_calls():

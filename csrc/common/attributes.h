@@ -1,6 +1,7 @@
-// The attributes of both custom calls (docs/ffi_contract.md) and the element types their float
-// operands may have: plain C++, no CUDA, XLA or Python, so the FFI handlers decode them once
-// (ffi/contract.h) and the CUDA kernels and the C++ target read the same struct.
+// The attributes of the custom calls (docs/ffi_contract.md; the decode's, docs/decode.md) and
+// the element types their float operands may have: plain C++, no CUDA, XLA or Python, so the FFI
+// handlers decode them once (ffi/contract.h) and the CUDA kernels and the C++ target read the
+// same struct.
 // jax_flashkda/_ffi.py passes the attributes by these names; its GATE_* constants are the
 // GateMode values.
 #pragma once
@@ -31,6 +32,15 @@ struct Attributes {
   bool use_beta_sigmoid = false;
   bool state_v_first = false;  // states are [N,H,V,K] instead of [N,H,K,V]
   bool is_varlen = false;      // cu_seqlens holds the sequences of a packed batch of one row
+};
+
+// The decode's attributes (jax_flashkda_decode, CUDA only): the seven, then whether its
+// state_indices and num_accepted_tokens operands are real (else [1] dummies). Field order is the
+// FFI's decoding order (ffi/contract.h): the seven fill `common` by brace elision.
+struct DecodeAttributes {
+  Attributes common;
+  bool use_state_indices = false;  // the state is a pool of slots, rows picked by state_indices
+  bool use_num_accepted = false;   // num_accepted_tokens picks the read slot (state_indices [N,S])
 };
 
 }  // namespace jax_flashkda

@@ -19,18 +19,24 @@
     if (kda_err_.failure()) return kda_err_; \
   } while (0)
 
-// The attribute dictionary of either call decodes into one Attributes. The dictionary must hold
-// exactly these seven names (jax_flashkda/_ffi.py CallConfig.attributes); gate_mode arrives as
-// an int32 and becomes a GateMode as is (check_inputs refuses values outside the enum).
+// The attribute dictionary of the forward and the backward decodes into one Attributes. The
+// dictionary must hold exactly these seven names (jax_flashkda/_ffi.py CallConfig.attributes);
+// gate_mode arrives as an int32 and becomes a GateMode as is (check_inputs refuses values
+// outside the enum).
+#define KDA_ATTRIBUTE_MEMBERS                                      \
+  StructMember<float>("scale"), StructMember<float>("lower_bound"), \
+      StructMember<::jax_flashkda::GateMode>("gate_mode"),          \
+      StructMember<bool>("use_qk_l2norm"),                          \
+      StructMember<bool>("use_beta_sigmoid"),                       \
+      StructMember<bool>("state_v_first"), StructMember<bool>("is_varlen")
 XLA_FFI_REGISTER_ENUM_ATTR_DECODING(jax_flashkda::GateMode);
-XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_flashkda::Attributes,
-                                      StructMember<float>("scale"),
-                                      StructMember<float>("lower_bound"),
-                                      StructMember<jax_flashkda::GateMode>("gate_mode"),
-                                      StructMember<bool>("use_qk_l2norm"),
-                                      StructMember<bool>("use_beta_sigmoid"),
-                                      StructMember<bool>("state_v_first"),
-                                      StructMember<bool>("is_varlen"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_flashkda::Attributes, KDA_ATTRIBUTE_MEMBERS);
+// The decode's dictionary holds exactly nine: the seven and its own two (_ffi.py DecodeConfig).
+// The FFI decodes a struct from the whole dictionary (a count mismatch fails the call), so the
+// two cannot be bound beside an Attributes; DecodeAttributes lists all nine.
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_flashkda::DecodeAttributes, KDA_ATTRIBUTE_MEMBERS,
+                                      StructMember<bool>("use_state_indices"),
+                                      StructMember<bool>("use_num_accepted"));
 // The decoder fills the struct by aggregate initialisation in the order listed above.
 static_assert(offsetof(jax_flashkda::Attributes, scale) <
                       offsetof(jax_flashkda::Attributes, lower_bound) &&
@@ -45,9 +51,14 @@ static_assert(offsetof(jax_flashkda::Attributes, scale) <
                   offsetof(jax_flashkda::Attributes, state_v_first) <
                       offsetof(jax_flashkda::Attributes, is_varlen),
               "Attributes' fields in the order of its StructMember list");
+static_assert(offsetof(jax_flashkda::DecodeAttributes, common) <
+                      offsetof(jax_flashkda::DecodeAttributes, use_state_indices) &&
+                  offsetof(jax_flashkda::DecodeAttributes, use_state_indices) <
+                      offsetof(jax_flashkda::DecodeAttributes, use_num_accepted),
+              "DecodeAttributes' fields in the order of its StructMember list");
 
-// Arguments, results and attributes of the two calls, appended to a binding that may already
-// hold the target's contexts (the CUDA stream and scratch allocator).
+// Arguments, results and attributes of the calls, appended to a binding that may already hold
+// the target's contexts (the CUDA stream and scratch allocator).
 #define KDA_CONTRACT_INPUTS(binding)                                                   \
   binding.Arg<::xla::ffi::AnyBuffer>() /* q */                                         \
       .Arg<::xla::ffi::AnyBuffer>()    /* k */                                         \
@@ -78,6 +89,16 @@ static_assert(offsetof(jax_flashkda::Attributes, scale) <
       .Ret<::xla::ffi::AnyBuffer>() /* ddt_bias */                 \
       .Ret<::xla::ffi::AnyBuffer>() /* dinitial_state */           \
       .Attrs<::jax_flashkda::Attributes>()
+
+// The decode (CUDA only, docs/decode.md): the forward's operands with the state read and written
+// in place (final_state aliases initial_state), then state_indices and num_accepted_tokens.
+#define KDA_DECODE_SIGNATURE(binding)                                         \
+  KDA_CONTRACT_INPUTS(binding)                                                \
+      .Arg<::xla::ffi::AnyBuffer>() /* state_indices */                       \
+      .Arg<::xla::ffi::AnyBuffer>() /* num_accepted_tokens */                 \
+      .Ret<::xla::ffi::AnyBuffer>() /* o */                                   \
+      .Ret<::xla::ffi::AnyBuffer>() /* final_state (aliases initial_state) */ \
+      .Attrs<::jax_flashkda::DecodeAttributes>()
 
 namespace jax_flashkda::contract {
 
@@ -156,10 +177,11 @@ struct Sizes {
   std::vector<int64_t> state;  // [N,H,K,V], or [N,H,V,K] when state_v_first
 };
 
-// Operands 0-8 and the attributes of either call. q, k, v must share a dtype; which float
+// Operands 0-8 and the attributes of any call (`state_is_pool`: the decode's state pool, whose
+// rows are slots rather than sequences). q, k, v must share a dtype; which float
 // dtypes q..beta may have is the target's to say.
 inline ffi::Error check_inputs(const std::string& who, const Inputs& in, const Attributes& attrs,
-                               Sizes& s) {
+                               Sizes& s, bool state_is_pool = false) {
   const auto qd = in.q.dimensions();
   const auto vd = in.v.dimensions();
   if (qd.size() != 4) return invalid(who, "q must have rank 4 [B,T,H,K], got " + shape_string(qd));
@@ -187,12 +209,21 @@ inline ffi::Error check_inputs(const std::string& who, const Inputs& in, const A
       return invalid(who, "cu_seqlens needs batch size 1, got B=" + std::to_string(s.B));
     s.N = cd[0] - 1;
   }
-  s.state = attrs.state_v_first ? std::vector<int64_t>{s.N, s.H, s.V, s.K}
-                                : std::vector<int64_t>{s.N, s.H, s.K, s.V};
+  // A pool (the decode's state_indices) has any number of rows, one per slot.
+  int64_t rows = s.N;
+  if (state_is_pool) {
+    const auto sd = in.initial_state.dimensions();
+    if (sd.size() != 4 || sd[0] < 1)
+      return invalid(who, "the state pool must have shape [P,H,K,V] with P >= 1, got " +
+                              shape_string(sd));
+    rows = sd[0];
+  }
+  s.state = attrs.state_v_first ? std::vector<int64_t>{rows, s.H, s.V, s.K}
+                                : std::vector<int64_t>{rows, s.H, s.K, s.V};
   return check_f32(who, in.initial_state, "initial_state", s.state);
 }
 
-// The forward's results.
+// The forward's results (and the decode's: o and the state written in place).
 inline ffi::Error check_forward(const std::string& who, const Sizes& s, const Inputs& in,
                                 const ffi::AnyBuffer& o, const ffi::AnyBuffer& final_state) {
   KDA_RETURN_IF_ERROR(check_like(who, o, "o", {s.B, s.T, s.H, s.V}, in.v, "v"));

@@ -1,7 +1,7 @@
-// The two custom calls on the Hopper target. Each handler decodes (the binding: buffers and the
+// The three custom calls on the Hopper target. Each handler decodes (the binding: buffers and the
 // attributes as one struct), checks (docs/ffi_contract.md, then what the kernels support) and
 // launches: enqueues the kernels of csrc/kda on XLA's stream, with XLA's scratch memory as
-// workspace.
+// workspace (the forward and backward; the decode needs none).
 #include "ffi/kda_cuda_ffi.h"
 
 #include <cstdint>
@@ -14,23 +14,27 @@
 
 #include "ffi/contract.h"
 #include "kda/kda_bwd.h"
+#include "kda/kda_decode.h"
 #include "kda/kda_fwd.h"
 #include "kda/offsets.h"
 
 namespace ffi = xla::ffi;
 namespace contract = jax_flashkda::contract;
 using jax_flashkda::Attributes;
+using jax_flashkda::DecodeAttributes;
 using jax_flashkda::DType;
 
 namespace {
 
 const std::string kFwd = "jax_flashkda_fwd (CUDA)";
 const std::string kBwd = "jax_flashkda_bwd (CUDA)";
+const std::string kDecode = "jax_flashkda_decode (CUDA)";
 
 // What the CUDA target reads beyond the contract (after contract::check_inputs): q, k, v in
-// bf16 or f16, sizes its 32-bit indices hold; then the launch parameters both calls share.
-// Operand addresses are set by the staging (stage_inputs); cu_seqlens is replaced by its legal
-// form before the kernels run (launch).
+// bf16 or f16, sizes its 32-bit indices hold; then the launch parameters all three calls share.
+// Operand addresses are set by the staging (stage_inputs; the decode's by launch_decode);
+// cu_seqlens is replaced by its legal form before the forward's and backward's kernels run
+// (launch).
 ffi::Error cuda_params(const std::string& who, const contract::Inputs& in,
                        const contract::Sizes& s, const Attributes& attrs, kda::FwdParams& p) {
   const auto qkv_t = contract::float_dtype(in.q.element_type());
@@ -256,6 +260,98 @@ ffi::Error bwd_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
   return launch(kBwd, p, staging, scratch, stream, kda::bwd_workspace_bytes, kda::bwd);
 }
 
+// The decode's own operands, checked into the slot fields of DecodeParams.
+ffi::Error decode_slots(const contract::Sizes& s, const ffi::AnyBuffer& state_indices,
+                        const ffi::AnyBuffer& num_accepted, const DecodeAttributes& attrs,
+                        kda::DecodeParams& p) {
+  p.pool_slots = static_cast<int>(s.state[0]);
+  if (s.state[0] > (int64_t{1} << 30))
+    return contract::invalid(kDecode, "the state pool may have at most 2^30 slots");
+  if (attrs.use_state_indices) {
+    KDA_RETURN_IF_ERROR(contract::check_dtype(kDecode, state_indices, "state_indices",
+                                              ffi::DataType::S32, "int32"));
+    const auto d = state_indices.dimensions();
+    if ((d.size() != 1 && d.size() != 2) || d[0] != s.N || (d.size() == 2 && d[1] < 1))
+      return contract::invalid(kDecode, "state_indices must have shape [N] or [N,S] with N=" +
+                                            std::to_string(s.N) + ", got " +
+                                            contract::shape_string(d));
+    p.state_indices = static_cast<const int32_t*>(state_indices.untyped_data());
+    p.per_token_slots = d.size() == 2;
+    p.index_cols = d.size() == 2 ? static_cast<int>(d[1]) : 1;
+  }
+  if (attrs.use_num_accepted) {
+    if (!p.per_token_slots)
+      return contract::invalid(kDecode, "num_accepted_tokens needs state_indices [N,S]");
+    KDA_RETURN_IF_ERROR(contract::check_dtype(kDecode, num_accepted, "num_accepted_tokens",
+                                              ffi::DataType::S32, "int32"));
+    KDA_RETURN_IF_ERROR(
+        contract::check_shape(kDecode, num_accepted, "num_accepted_tokens", {s.N}));
+    p.num_accepted = static_cast<const int32_t*>(num_accepted.untyped_data());
+  }
+  return ffi::Error::Success();
+}
+
+// The operand addresses as they are, the state copied into the result should XLA not alias
+// them, o zeroed (no sequences) or poisoned (when asked), then the kernel.
+ffi::Error launch_decode(const contract::Inputs& in, ffi::AnyBuffer& o, ffi::AnyBuffer& state_out,
+                         kda::DecodeParams& p, cudaStream_t stream) {
+  p.q = in.q.untyped_data();
+  p.k = in.k.untyped_data();
+  p.v = in.v.untyped_data();
+  p.g = in.g.untyped_data();
+  p.beta = in.beta.untyped_data();
+  p.A_log = static_cast<const float*>(in.A_log.untyped_data());
+  p.dt_bias = static_cast<const float*>(in.dt_bias.untyped_data());
+  p.o = o.untyped_data();
+  p.state = static_cast<float*>(state_out.untyped_data());
+  // XLA gives the aliased result the operand's buffer; should it ever not, the state is first
+  // copied over so that slots the call does not write keep their values.
+  const ffi::AnyBuffer& state = in.initial_state;
+  if (state_out.untyped_data() != state.untyped_data())
+    if (const cudaError_t err = cudaMemcpyAsync(state_out.untyped_data(), state.untyped_data(),
+                                                state.size_bytes(), cudaMemcpyDeviceToDevice,
+                                                stream);
+        err != cudaSuccess)
+      return cuda_error(kDecode, err);
+  const char* poison = std::getenv("JAX_FLASHKDA_POISON_OUTPUTS");
+  // Without sequences no warp writes o (its tokens, if any, are outside every sequence).
+  const bool zero_o = p.N == 0;
+  if ((zero_o || (poison && poison[0] == '1')) && o.size_bytes() > 0)
+    if (const cudaError_t err =
+            cudaMemsetAsync(o.untyped_data(), zero_o ? 0 : 0xFF, o.size_bytes(), stream);
+        err != cudaSuccess)
+      return cuda_error(kDecode, err);
+  if (const cudaError_t err = kda::decode(p, stream); err != cudaSuccess)
+    return cuda_error(kDecode, err);
+  return ffi::Error::Success();
+}
+
+// The decode (docs/decode.md): the forward's operands with the state read and written in place
+// (result 1 aliases operand 7), plus state_indices ([N] or [N,S] int32; a dummy [1] without
+// use_state_indices) and num_accepted_tokens ([N] int32; a dummy [1] without
+// use_num_accepted). It allocates nothing and stages nothing (the kernel reads its operands
+// element by element, at any address), so XLA may capture it into a command buffer; the
+// caller makes traced cu_seqlens legal first (the kernel only clamps them).
+ffi::Error decode_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                       ffi::AnyBuffer g, ffi::AnyBuffer beta, ffi::AnyBuffer A_log,
+                       ffi::AnyBuffer dt_bias, ffi::AnyBuffer state, ffi::AnyBuffer cu_seqlens,
+                       ffi::AnyBuffer state_indices, ffi::AnyBuffer num_accepted,
+                       ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> state_out,
+                       DecodeAttributes attrs) {
+  const contract::Inputs in{q, k, v, g, beta, A_log, dt_bias, state, cu_seqlens};
+
+  contract::Sizes s;
+  kda::DecodeParams p;
+  KDA_RETURN_IF_ERROR(contract::check_inputs(kDecode, in, attrs.common, s,
+                                             /*state_is_pool=*/attrs.use_state_indices));
+  KDA_RETURN_IF_ERROR(cuda_params(kDecode, in, s, attrs.common, p));
+  KDA_RETURN_IF_ERROR(contract::check_forward(kDecode, s, in, *o, *state_out));
+  KDA_RETURN_IF_ERROR(decode_slots(s, state_indices, num_accepted, attrs, p));
+  if (const char* why = kda::decode_unsupported(p)) return unimplemented(kDecode, why);
+
+  return launch_decode(in, *o, *state_out, p, stream);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flashkda_fwd_cuda, fwd_impl,
@@ -266,3 +362,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flashkda_bwd_cuda, bwd_impl,
                               KDA_BWD_SIGNATURE(ffi::Ffi::Bind()
                                                     .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                                     .Ctx<ffi::ScratchAllocator>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flashkda_decode_cuda, decode_impl,
+                              KDA_DECODE_SIGNATURE(ffi::Ffi::Bind()
+                                                       .Ctx<ffi::PlatformStream<cudaStream_t>>()),
+                              {ffi::Traits::kCmdBufferCompatible});

@@ -104,16 +104,11 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     for (int j = 0; j < 4; ++j) s[nt][j] = s0[st_index(nt, j)];
 
   // docs/robustness.md §3 (quarantine.cuh): the first dead row of the head, and of each of the
-  // 8 value columns this lane holds in a row tile (those of its state columns g, g + 8 too).
+  // warp's 16 value columns; warp_dead, the first of them all, is all a clean chain keeps in
+  // registers (the columns' rows are read again only in a chunk that reaches it).
   const int* dead_col = dead_cols + (static_cast<size_t>(n) * p.H + h) * V + vb * BV + warp * 16;
   const int dead_head = dead_rows[n * p.H + h];
-  int dead_at[8];
-#pragma unroll
-  for (int e = 0; e < 8; ++e) dead_at[e] = min(dead_head, dead_col[(lane & 1) * 8 + e]);
-  int warp_dead = kNoDeadRow;
-#pragma unroll
-  for (int e = 0; e < 8; ++e) warp_dead = min(warp_dead, dead_at[e]);
-  warp_dead = __reduce_min_sync(0xffffffffu, warp_dead);
+  const int warp_dead = __reduce_min_sync(0xffffffffu, min(dead_head, dead_col[lane & 15]));
   if (reverse) {
     // A dead column's final state is a constant NaN: its cotangent reaches nothing.
     const int dead_g[2] = {min(dead_head, dead_col[g]), min(dead_head, dead_col[g + 8])};
@@ -167,7 +162,7 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     // V (or dO) at dead places acts as 0; a chunk wholly past the head's first dead row keeps
     // the state (gradient) as it is, whatever its records hold.
     if (warp_dead < row0 + kC)
-      zero_dead16(const_cast<Tin*>(rs) + warp * 16, VP, row0, dead_at, lane);
+      zero_dead16(const_cast<Tin*>(rs) + warp * 16, VP, row0, dead_head, dead_col, lane);
     const bool live_chunk = row0 < dead_head;
 
     // Rows of this step (transposed, [value][token]): Vnᵀ = Vᵀ(Tβ)ᵀ + Sᵀ(−W)ᵀ forwards,
@@ -210,7 +205,8 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
       ptx::mma16816<Tin>(s[nt + 1], ar, bq[2], bq[3]);
     };
     if (live_chunk)
-      decay_and_update<K, KP>(s, record.eg, ax, reverse ? record.w : record.kt, lane, add_dout_q);
+      decay_and_update<K, KP, /*kBFirst=*/false>(s, record.eg, ax, reverse ? record.w : record.kt,
+                                                 lane, add_dout_q);
 
     // The rows, [token][value] in shared memory, then one 16-byte store per lane.
 #pragma unroll

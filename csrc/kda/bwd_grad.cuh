@@ -31,7 +31,8 @@ __global__ void __launch_bounds__(Tr::kGradThreads, kGradCtasPerSm) kda_bwd_grad
     BwdParams p, const PrepAux* __restrict__ auxs, const __nv_bfloat16* __restrict__ states,
     const __nv_bfloat16* __restrict__ dstates, const __nv_bfloat16* __restrict__ vn,
     const __nv_bfloat16* __restrict__ dvn, float* __restrict__ pdt, float* __restrict__ pda,
-    const int* __restrict__ dead_rows, const int* __restrict__ dead_cols, int slots) {
+    const int* __restrict__ dead_rows, const int* __restrict__ dead_cols,
+    const int* __restrict__ dead_v, int slots) {
   using Smem = GradSmem<Tr>;
   constexpr int K = Tr::K, kH = Tr::kH;
   static_assert(smem_fits(sizeof(Smem), kGradCtasPerSm), "kGradCtasPerSm CTAs fit an SM");
@@ -59,7 +60,7 @@ __global__ void __launch_bounds__(Tr::kGradThreads, kGradCtasPerSm) kda_bwd_grad
       dead_head <= ch.row0 ? 0 : (dead_head - ch.row0 < ch.len ? dead_head - ch.row0 : ch.len));
   const GradItem it{ch, live, h, hs};
 
-  grad_load<Tr, Tin>(p, it, auxs, states, dstates, vn, dvn, dead_cols);
+  grad_load<Tr, Tin>(p, it, auxs, states, dstates, vn, dvn, dead_cols, dead_v);
   float qn[kH], kn[kH], G[kH], xg[kH];
   grad_read_channel<Tr, Tin>(p, it, qn, kn, G, xg);
   float aq[2][4] = {}, ak[2][4] = {}, aw[2][4] = {}, a16[2][4] = {}, dd[2][4] = {};

@@ -154,7 +154,8 @@ template <typename Tr, typename Tin>
 __device__ __forceinline__ void grad_load(const BwdParams& p, const GradItem& it,
                                           const PrepAux* auxs, const __nv_bfloat16* states,
                                           const __nv_bfloat16* dstates, const __nv_bfloat16* vn,
-                                          const __nv_bfloat16* dvn, const int* dead_cols) {
+                                          const __nv_bfloat16* dvn, const int* dead_cols,
+                                          const int* dead_v) {
   constexpr int K = Tr::K, V = Tr::V, kThreads = Tr::kGradThreads, kPieces = Tr::kRowPieces;
   GradSmem<Tr>& sg = grad_smem<Tr>();
   const GradThread th = grad_thread<Tr>();
@@ -191,11 +192,13 @@ __device__ __forceinline__ void grad_load(const BwdParams& p, const GradItem& it
     const uint4 zero = make_uint4(0, 0, 0, 0);
     dor = ok ? *reinterpret_cast<const uint4*>(static_cast<const Tin*>(p.dout) + at) : zero;
     vr = ok ? *reinterpret_cast<const uint4*>(static_cast<const Tin*>(p.v) + at) : zero;
-    const int* dead_col = dead_cols + (static_cast<size_t>(ch.n) * p.H + h) * V + col;
     uint32_t dead = 0;
+    if (ch.row0 + row >= dead_v[ch.n * p.H + h]) {
+      const int* dead_col = dead_cols + (static_cast<size_t>(ch.n) * p.H + h) * V + col;
 #pragma unroll
-    for (int e = 0; e < 8; ++e)
-      if (ch.row0 + row >= dead_col[e]) dead |= 1u << e;
+      for (int e = 0; e < 8; ++e)
+        if (ch.row0 + row >= dead_col[e]) dead |= 1u << e;
+    }
     if (dead) {
       dor = zero_elements8(dor, dead);
       vr = zero_elements8(vr, dead);

@@ -40,10 +40,11 @@ __device__ __forceinline__ void rows_operand(const float (&x)[2][4], uint32_t (&
 // s ← s·Diag(eg) + a·B, B the 16 x K bf16 matrix at `b_rows` (row pitch KP, read transposed:
 // B's rows are the product's k dimension, its columns the state's keys). also(nt) runs
 // after each pair of key tiles nt, nt + 1, for a caller that adds a second product there (the
-// chains' backward direction, dOᵀQ̃). The ldmatrix comes before the decay's loads and multiplies:
-// in that order both kernels compile to the instructions of their hand-written loops before
-// (with it after, the forward's 2-warp variant was scheduled differently).
-template <int K, int KP, typename Also>
+// chains' backward direction, dOᵀQ̃). kBFirst: B's ldmatrix before the decay's loads and
+// multiplies (the forward) or after them (the chains), the order of each kernel's hand-written
+// loop before; ptxas schedules some variants differently in the other order (the forward's
+// 2-warp one, the chains' single-CTA ones with the one-register dead-row check).
+template <int K, int KP, bool kBFirst, typename Also>
 __device__ __forceinline__ void decay_and_update(float (&s)[K / 8][4], const float* eg,
                                                  const uint32_t (&a)[4],
                                                  const __nv_bfloat16* b_rows, int lane,
@@ -52,11 +53,12 @@ __device__ __forceinline__ void decay_and_update(float (&s)[K / 8][4], const flo
 #pragma unroll
   for (int nt = 0; nt < K / 8; nt += 2) {
     uint32_t b[4];
-    ptx::ldsm_x4_trans(b, b_rows + krow * KP + (nt + (lane >> 4)) * 8);
+    if constexpr (kBFirst) ptx::ldsm_x4_trans(b, b_rows + krow * KP + (nt + (lane >> 4)) * 8);
     const float2 e0 = *reinterpret_cast<const float2*>(eg + nt * 8 + t * 2);
     const float2 e1 = *reinterpret_cast<const float2*>(eg + nt * 8 + 8 + t * 2);
     s[nt][0] *= e0.x; s[nt][1] *= e0.y; s[nt][2] *= e0.x; s[nt][3] *= e0.y;
     s[nt + 1][0] *= e1.x; s[nt + 1][1] *= e1.y; s[nt + 1][2] *= e1.x; s[nt + 1][3] *= e1.y;
+    if constexpr (!kBFirst) ptx::ldsm_x4_trans(b, b_rows + krow * KP + (nt + (lane >> 4)) * 8);
     ptx::mma16816<__nv_bfloat16>(s[nt], a, b[0], b[1]);
     ptx::mma16816<__nv_bfloat16>(s[nt + 1], a, b[2], b[3]);
     also(nt);

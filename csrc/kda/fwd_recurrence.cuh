@@ -94,16 +94,14 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
     const uint8_t* st = ring.stage(c);
     const RecView<K, __nv_bfloat16, Tin> record(st);
     const Tin* vs = reinterpret_cast<const Tin*>(st + L::kV);
-    // First row of each of this lane's value columns g and g + 8 with a non-finite v (kChunk:
-    // none); see quarantine_v.
-    const V16Quarantine vq = quarantine_v(const_cast<Tin*>(vs) + warp * 16, VP,
-                                          sq.len - c * kChunk, lane);
 
     // Two accumulator sets halve the dependent mma chain of the K reduction.
     float vn[2][4] = {}, ot[2][4] = {}, vn1[2][4] = {}, ot1[2][4] = {};
+    bool v_bad;  // a non-finite v in this lane's fragment (quarantine.cuh)
     {
       uint32_t av[4], bt[4];
       ptx::ldsm_x4_trans(av, vs + brow * VP + warp * 16 + bcol);
+      v_bad = sanitize_v_fragment<Tin>(av);
       ptx::ldsm_x4(bt, record.tb + brow * kChunk + bcol);
       ptx::mma16816<Tin>(vn1[0], av, bt[0], bt[1]);
       ptx::mma16816<Tin>(vn1[1], av, bt[2], bt[3]);
@@ -137,10 +135,11 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
       ptx::mma16816<__nv_bfloat16>(ot[0], avn, ba[0], ba[1]);
       ptx::mma16816<__nv_bfloat16>(ot[1], avn, ba[2], ba[3]);
     }
-    decay_and_update<K, KP>(s, record.eg, avn, record.kt, lane, [](int) {});
+    decay_and_update<K, KP, /*kBFirst=*/true>(s, record.eg, avn, record.kt, lane, [](int) {});
 
-    if (vq.any) {
+    if (__any_sync(0xffffffffu, v_bad)) {
       // A quarantined column's outputs from its first bad row on, and its state, are NaN.
+      const V16Quarantine vq = first_bad_rows_v(vs + warp * 16, VP, sq.len - c * kChunk, lane);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll

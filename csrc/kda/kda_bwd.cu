@@ -32,7 +32,7 @@ size_t align256(size_t x) { return (x + 255) & ~size_t{255}; }
 // Byte offsets of the workspace regions; per (head, slot) each.
 template <typename Tr>
 struct WsLayout {
-  size_t rec, aux, states, dstates, vn, dvn, pdt, pda, dead_rows, dead_cols, total;
+  size_t rec, aux, states, dstates, vn, dvn, pdt, pda, dead_rows, dead_cols, dead_v, total;
   explicit WsLayout(const FwdParams& p) {
     const size_t hs = static_cast<size_t>(chunk_slots(p)) * p.H;
     size_t off = 0;
@@ -51,10 +51,12 @@ struct WsLayout {
     pdt = take(hs * K * 4);          // ddt_bias partials [K] f32
     pda = take(hs * 4);              // dA_log partials f32
     // docs/robustness.md §3, per (sequence, head): the first row with a non-finite q, k, β or
-    // log-decay; then per value column the first with a non-finite v. Adjacent: one memset.
+    // log-decay; then per value column the first with a non-finite v; then the first of those
+    // over the head's columns (so that a clean head reads one int, not V). Adjacent: one memset.
     const size_t nh = static_cast<size_t>(p.N) * p.H;
-    dead_rows = take(nh * 4 + nh * V * 4);
+    dead_rows = take(nh * 4 + nh * V * 4 + nh * 4);
     dead_cols = dead_rows + nh * 4;
+    dead_v = dead_cols + nh * V * 4;
     total = off;
   }
 };
@@ -129,13 +131,14 @@ cudaError_t bwd_t(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
   auto* pda = reinterpret_cast<float*>(ws + lay.pda);
   auto* dead_rows = reinterpret_cast<int*>(ws + lay.dead_rows);
   auto* dead_cols = reinterpret_cast<int*>(ws + lay.dead_cols);
+  auto* dead_v = reinterpret_cast<int*>(ws + lay.dead_v);
   const size_t nh = static_cast<size_t>(p.N) * p.H;
   static_assert(kNoDeadRow == 0x7f7f7f7f, "filled bytewise");
-  KDA_TRY(cudaMemsetAsync(dead_rows, 0x7f, nh * (1 + V) * sizeof(int), stream));
+  KDA_TRY(cudaMemsetAsync(dead_rows, 0x7f, nh * (2 + V) * sizeof(int), stream));
   KDA_TRY(launch_bwd_prep<Tr, Tin>(p, ws + lay.rec, auxs, dead_rows, slots, stream));
   if (const long long pieces = static_cast<long long>(p.B) * p.T * p.H * (V / 8); pieces > 0) {
     kda_scan_v_kernel<Tin, V><<<static_cast<unsigned>((pieces + 255) / 256), 256, 0, stream>>>(
-        p, dead_cols);
+        p, dead_cols, dead_v);
     KDA_TRY(cudaGetLastError());
   }
   if (p.N > 0)
@@ -146,7 +149,7 @@ cudaError_t bwd_t(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
     constexpr int bytes = sizeof(GradSmem<Tr>);
     KDA_TRY(cudaFuncSetAttribute(grad, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     grad<<<dim3(slots, p.H), Tr::kGradThreads, bytes, stream>>>(
-        p, auxs, states, dstates, vn, dvn, pdt, pda, dead_rows, dead_cols, slots);
+        p, auxs, states, dstates, vn, dvn, pdt, pda, dead_rows, dead_cols, dead_v, slots);
     KDA_TRY(cudaGetLastError());
   }
   kda_bwd_reduce_kernel<Tr, Tin><<<dim3(p.B, p.H), K, 0, stream>>>(p, pdt, pda, slots);

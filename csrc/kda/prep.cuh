@@ -218,96 +218,119 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
     const uint8_t* g_s = st + 2 * kChunk * K * 2;
     const float a_exp = p.attrs.gate_mode != GateMode::kLogDecay ? __expf(a_log) : 0.f;
 
+    // Rows [0, live) from the stage, the others as rows past the sequence (q = k = g = 0).
     float qv[kChunk], kv[kChunk], G[kChunk];
+    auto load_rows = [&](int live) {
 #pragma unroll
-    for (int r = 0; r < kChunk; ++r) {
-      const bool ok = r < len;
-      qv[r] = ok ? to_float(q_s[r * K + d]) : 0.f;
-      kv[r] = ok ? to_float(k_s[r * K + d]) : 0.f;
-      const uint32_t graw = gb == 4 ? reinterpret_cast<const uint32_t*>(g_s)[r * K + d]
-                                    : reinterpret_cast<const uint16_t*>(g_s)[r * K + d];
-      G[r] = log_decay(p, bits_to_float(graw, p.g_dtype), a_exp, dtb);
-      if (!ok) G[r] = 0.f;
-    }
+      for (int r = 0; r < kChunk; ++r) {
+        const bool ok = r < live;
+        qv[r] = ok ? to_float(q_s[r * K + d]) : 0.f;
+        kv[r] = ok ? to_float(k_s[r * K + d]) : 0.f;
+        const uint32_t graw = gb == 4 ? reinterpret_cast<const uint32_t*>(g_s)[r * K + d]
+                                      : reinterpret_cast<const uint16_t*>(g_s)[r * K + d];
+        G[r] = ok ? log_decay(p, bits_to_float(graw, p.g_dtype), a_exp, dtb) : 0.f;
+      }
+    };
+    load_rows(len);
     float beta_d = d < len && p.attrs.use_beta_sigmoid ? sigmoid_f(beta_raw) : beta_raw;
 
     // docs/robustness.md §3: the chunk's first row with a non-finite q, k or β, or a NaN or
     // +inf log-decay (after the floor: −inf is a legal reset), and every later row act as rows
     // past the sequence (q = k = g = β = 0): otherwise 0·NaN in the chunk's products would
     // reach the earlier rows. The forward's record then marks them (Q̃ rows and e^{Γ_C} NaN:
-    // their outputs, the state and every later output are NaN).
-    int dead_from = kChunk;
+    // their outputs, the state and every later output are NaN). Clean chunks pay a sum and a
+    // bit test per thread: any non-finite value makes the sum non-finite (so does a finite
+    // overflow, which the exact check below then clears), and the vote rides on the barrier
+    // the record's rows need anyway; a chunk that fails it is rebuilt with its rows cut.
+    bool suspect;
     {
+      float sum[4] = {d < len ? beta_d : 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int r = 0; r < kChunk; ++r) sum[r & 3] += (qv[r] + kv[r]) + G[r];
+      suspect = non_finite((sum[0] + sum[1]) + (sum[2] + sum[3]));
+    }
+    int dead_from = kChunk;
+    float kd[kChunk];  // K⊙e^Γ, kept for W
+    constexpr float kNaN = __builtin_nanf("");
+
+    // β, the l2norm, the in-chunk cumulative decay Γ and the record's token rows (and the
+    // product operands) from qv, kv, G and beta_d, with the rows from dead_from on marked.
+    auto build = [&] {
+      if (d < kChunk) beta_s[d] = beta_d;
+      if (p.attrs.use_qk_l2norm) {
+        // 32 row sums (16 of q², 16 of k²) over the CTA, as 1/norms.
+        float acc[32];
+#pragma unroll
+        for (int r = 0; r < kChunk; ++r) {
+          acc[r] = qv[r] * qv[r];
+          acc[kChunk + r] = kv[r] * kv[r];
+        }
+        block_sum32<kWarps>(acc, red, rnorm,
+                            [](float sum) { return rsqrtf(sum + kda_rules::kL2NormEps); });
+        if constexpr (kAux)
+          if (d < 2 * kChunk) aux_s.rn[d] = rnorm[d];
+#pragma unroll
+        for (int r = 0; r < kChunk; ++r) {
+          qv[r] *= rnorm[r];
+          kv[r] *= rnorm[kChunk + r];
+        }
+      }
+
+#pragma unroll
+      for (int r = 1; r < kChunk; ++r) G[r] += G[r - 1];
+
+      const float gc = G[kChunk - 1];
+      // The backward's records stay finite: its chains recompute the states from them.
+      const bool mark = !kAux && dead_from < kChunk;
+      reg[d] = mark ? kNaN : __expf(gc);
+#pragma unroll
+      for (int r = 0; r < kChunk; ++r) {
+        const float e = __expf(G[r]);
+        const float qd = p.attrs.scale * qv[r] * e;
+        kd[r] = kv[r] * e;
+        rq[r * KH + d] = Tq(mark && r >= dead_from ? kNaN : qd);
+        rkt[r * KH + d] = __float2bfloat16_rn(kv[r] * __expf(gc - G[r]));
+        if constexpr (kFactored) {
+          Yh[r][d] = __float2bfloat16_rn(kd[r]);
+          Zh[r][d] = __float2bfloat16_rn(kv[r] * __expf(-G[r]));
+          if constexpr (SL::kQCopy) Xh[r][d] = __float2bfloat16_rn(qd);
+        } else {
+          X[r][d] = p.attrs.scale * qv[r];
+          Y[r][d] = kv[r];
+          Z[r][d] = G[r] * kda_rules::kLog2e;
+        }
+      }
+    };
+    // One build for a clean chunk (the common case); a second for a chunk with a bad row, after
+    // the exact check found it. One copy of the code: two would spill.
+    for (bool check = suspect;;) {
+      build();
+      if (!__syncthreads_or(check)) break;
+      // The exact check, on the raw values (build normalised qv and kv in place).
+      load_rows(len);
+      beta_d = d < len && p.attrs.use_beta_sigmoid ? sigmoid_f(beta_raw) : beta_raw;
       uint32_t bad = 0;
 #pragma unroll
       for (int r = 0; r < kChunk; ++r)
         if (r < len && (non_finite(qv[r]) || non_finite(kv[r]) || non_finite(G[r])))
           bad |= 1u << r;
       if (d < len && non_finite(beta_d)) bad |= 1u << d;
-      if (__syncthreads_or(bad != 0)) {
-        const uint32_t warp_bad = __reduce_or_sync(0xffffffffu, bad);
-        if (lane == 0) bad_s[warp] = warp_bad;
-        __syncthreads();
-        uint32_t all = 0;
+      const uint32_t warp_bad = __reduce_or_sync(0xffffffffu, bad);
+      if (lane == 0) bad_s[warp] = warp_bad;
+      __syncthreads();
+      uint32_t all = 0;
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) all |= bad_s[w];
-        dead_from = __ffs(all) - 1;
-#pragma unroll
-        for (int r = 0; r < kChunk; ++r)
-          if (r >= dead_from) qv[r] = kv[r] = G[r] = 0.f;
-        if (d >= dead_from) beta_d = 0.f;
-        // The backward's kernels learn each head's first dead row from here (quarantine.cuh).
-        if constexpr (kAux)
-          if (d == 0) atomicMin(dead_rows + it.n * p.H + h, static_cast<int>(it.row0 + dead_from));
-      }
-    }
-    if (d < kChunk) beta_s[d] = beta_d;
-
-    if (p.attrs.use_qk_l2norm) {
-      // 32 row sums (16 of q², 16 of k²) over the CTA, as 1/norms.
-      float acc[32];
-#pragma unroll
-      for (int r = 0; r < kChunk; ++r) {
-        acc[r] = qv[r] * qv[r];
-        acc[kChunk + r] = kv[r] * kv[r];
-      }
-      block_sum32<kWarps>(acc, red, rnorm, [](float sum) { return rsqrtf(sum + kda_rules::kL2NormEps); });
+      for (int w = 0; w < kWarps; ++w) all |= bad_s[w];
+      if (!all) break;  // a finite overflow: the first build stands (kd and the smem rows)
+      dead_from = __ffs(all) - 1;
+      load_rows(dead_from);
+      if (d >= dead_from) beta_d = 0.f;
+      // The backward's kernels learn each head's first dead row from here (quarantine.cuh).
       if constexpr (kAux)
-        if (d < 2 * kChunk) aux_s.rn[d] = rnorm[d];
-#pragma unroll
-      for (int r = 0; r < kChunk; ++r) {
-        qv[r] *= rnorm[r];
-        kv[r] *= rnorm[kChunk + r];
-      }
+        if (d == 0) atomicMin(dead_rows + it.n * p.H + h, static_cast<int>(it.row0 + dead_from));
+      check = false;
     }
 
-#pragma unroll
-    for (int r = 1; r < kChunk; ++r) G[r] += G[r - 1];
-
-    const float gc = G[kChunk - 1];
-    constexpr float kNaN = __builtin_nanf("");
-    // The backward's records stay finite: its chains recompute the states from them.
-    const bool mark = !kAux && dead_from < kChunk;
-    reg[d] = mark ? kNaN : __expf(gc);
-    float kd[kChunk];  // K⊙e^Γ, kept for W
-#pragma unroll
-    for (int r = 0; r < kChunk; ++r) {
-      const float e = __expf(G[r]);
-      const float qd = p.attrs.scale * qv[r] * e;
-      kd[r] = kv[r] * e;
-      rq[r * KH + d] = Tq(mark && r >= dead_from ? kNaN : qd);
-      rkt[r * KH + d] = __float2bfloat16_rn(kv[r] * __expf(gc - G[r]));
-      if constexpr (kFactored) {
-        Yh[r][d] = __float2bfloat16_rn(kd[r]);
-        Zh[r][d] = __float2bfloat16_rn(kv[r] * __expf(-G[r]));
-        if constexpr (SL::kQCopy) Xh[r][d] = __float2bfloat16_rn(qd);
-      } else {
-        X[r][d] = p.attrs.scale * qv[r];
-        Y[r][d] = kv[r];
-        Z[r][d] = G[r] * kda_rules::kLog2e;
-      }
-    }
-    __syncthreads();
 
     if constexpr (kFactored) {
       // L = Diag(β)·(K⊙e^Γ)(K⊙e^−Γ)ᵀ on warp 0, Aqk = Q̃(K⊙e^−Γ)ᵀ on warp 1, as 16x16xK mma.

@@ -41,49 +41,62 @@ __device__ __forceinline__ uint4 zero_elements8(const uint4& raw, uint32_t mask)
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// docs/robustness.md §3 for v. The columns of S evolve independently (the delta rule's
-// correction Sᵀk is per value column), so a non-finite v quarantines its own column only: from
-// the column's first bad row on, its V entries act as 0 in the chunk's products (where 0·NaN
-// would reach the earlier rows through Tβ) and its outputs and state become NaN. The warp's
-// [16 rows][16 columns] V tile at `tile` (pitch `pitch`, `rows` of them real; the others repeat
-// row 0 and are zeroed with it) is checked with one 16-byte read per lane; the rest runs only
-// when a value is bad.
+// docs/robustness.md §3 for v in the forward recurrence. The columns of S evolve independently
+// (the delta rule's correction Sᵀk is per value column), so a non-finite v quarantines its own
+// column only: from the column's first bad row on, its outputs and its state become NaN. In the
+// chunk's products a non-finite V element would also reach the column's earlier rows, through
+// the zeros of Tβ above the diagonal (0·NaN); read as 0 instead, it contributes exactly what
+// every later row of the column does there, nothing, so the earlier rows come out exact.
+//
+// sanitize_v_fragment zeroes the non-finite 16-bit elements of a V operand fragment in
+// registers (three integer operations per pair, no branch: it sits on the recurrence's
+// critical path) and says whether there were any; first_bad_rows_v, run only when some lane of
+// the warp found one, finds each value column's first bad row in the warp's [16 rows][16
+// columns] V tile at `tile` (pitch `pitch`, `rows` of them real).
+template <typename Tin>
+__device__ __forceinline__ bool sanitize_v_fragment(uint32_t (&frag)[4]) {
+  constexpr uint32_t kExp2 = std::is_same_v<Tin, __half> ? 0x7c007c00u : 0x7f807f80u;
+  uint32_t any = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t bad = __vcmpeq2(frag[i] & kExp2, kExp2);  // 0xffff per non-finite half
+    frag[i] &= ~bad;
+    any |= bad;
+  }
+  return any != 0;
+}
+
 struct V16Quarantine {
-  bool any;
   int first[2];  // first bad row of value columns g and g + 8 of this lane (g = lane / 4)
 };
 
 template <typename Tin>
-__device__ __forceinline__ V16Quarantine quarantine_v(Tin* tile, int pitch, int rows, int lane) {
+__device__ __forceinline__ V16Quarantine first_bad_rows_v(const Tin* tile, int pitch, int rows,
+                                                          int lane) {
   const int r = lane >> 1, half = lane & 1;
-  uint4* mine = reinterpret_cast<uint4*>(tile + r * pitch + half * 8);
-  const uint4 raw = *mine;
+  const uint4 raw = *reinterpret_cast<const uint4*>(tile + r * pitch + half * 8);
   // bit i: column half·8 + i of row r
   const uint32_t bad = r < rows ? non_finite_mask8<Tin>(raw) : 0u;
-  V16Quarantine q{false, {kChunk, kChunk}};
-  if (!__any_sync(0xffffffffu, bad != 0)) return q;
-  q.any = true;
+  V16Quarantine q{{kChunk, kChunk}};
   const int g = lane >> 2;
-  uint32_t dead = 0;  // bit i: row r of column half·8 + i is at or after the column's first bad row
 #pragma unroll
   for (int col = 0; col < 16; ++col) {
     const uint32_t lanes = __ballot_sync(0xffffffffu, half == (col >> 3) && ((bad >> (col & 7)) & 1));
     const int first = lanes ? (__ffs(lanes) - 1) >> 1 : kChunk;
     if (col == g) q.first[0] = first;
     if (col == g + 8) q.first[1] = first;
-    if ((col >> 3) == half && r >= first) dead |= 1u << (col & 7);
   }
-  *mine = zero_elements8(raw, dead);
-  __syncwarp();
   return q;
 }
 
 
 // The backward's scan of v: per (sequence, head, value column) the first row with a non-finite
-// v, lowered into dead_cols[(n·H + h)·V + j] by atomicMin (filled with kNoDeadRow first). One
-// thread per 16 bytes of v; rows outside every sequence are skipped.
+// v, lowered into dead_cols[(n·H + h)·V + j] by atomicMin (filled with kNoDeadRow first), and
+// the first over the head's columns into dead_v[n·H + h]. One thread per 16 bytes of v; rows
+// outside every sequence are skipped.
 template <typename Tin, int V>
-__global__ void __launch_bounds__(256) kda_scan_v_kernel(FwdParams p, int* __restrict__ dead_cols) {
+__global__ void __launch_bounds__(256) kda_scan_v_kernel(FwdParams p, int* __restrict__ dead_cols,
+                                                         int* __restrict__ dead_v) {
   constexpr int kPieces = V / 8;
   const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= static_cast<long long>(p.B) * p.T * p.H * kPieces) return;
@@ -102,6 +115,7 @@ __global__ void __launch_bounds__(256) kda_scan_v_kernel(FwdParams p, int* __res
     n = lo;
     if (row < p.cu_seqlens[n] || row >= p.cu_seqlens[n + 1]) return;
   }
+  atomicMin(dead_v + static_cast<size_t>(n) * p.H + h, row);
   int* dst = dead_cols + (static_cast<size_t>(n) * p.H + h) * V + col0;
 #pragma unroll
   for (int e = 0; e < 8; ++e)
@@ -109,16 +123,16 @@ __global__ void __launch_bounds__(256) kda_scan_v_kernel(FwdParams p, int* __res
 }
 
 // Zeroes, in a warp's [16 rows][16 columns] tile of V or dO at `tile` (pitch `pitch`, rows
-// starting at token row `row0`), the elements at or after their column's first dead row:
-// dead_at[i] for column (lane & 1)·8 + i of this lane's row lane / 2.
+// starting at token row `row0`), the elements at or after their column's first dead row: the
+// head's `dead_head`, or column c's own dead_col[c] if earlier.
 template <typename Tin>
-__device__ __forceinline__ void zero_dead16(Tin* tile, int pitch, long long row0,
-                                            const int (&dead_at)[8], int lane) {
+__device__ __forceinline__ void zero_dead16(Tin* tile, int pitch, long long row0, int dead_head,
+                                            const int* dead_col, int lane) {
   const int r = lane >> 1, half = lane & 1;
   uint32_t dead = 0;
 #pragma unroll
   for (int i = 0; i < 8; ++i)
-    if (row0 + r >= dead_at[i]) dead |= 1u << i;
+    if (row0 + r >= min(dead_head, dead_col[half * 8 + i])) dead |= 1u << i;
   uint4* mine = reinterpret_cast<uint4*>(tile + r * pitch + half * 8);
   if (dead) *mine = zero_elements8(*mine, dead);
   __syncwarp();
