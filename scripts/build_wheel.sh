@@ -25,7 +25,7 @@ log=build/wheel-$("$python" -c 'import sys; print("cp%d%d" % sys.version_info[:2
 mkdir -p build dist
 echo "build_wheel: compiling with $("$python" --version) (CMake + nvcc, about a minute on 2 cores;"\
      "CMake's progress below, the whole log in $log)"
-# The CMake progress lines ([n/25] ...) say what is being compiled; the rest (ptxas register
+# The CMake progress lines ([n/26] ...) say what is being compiled; the rest (ptxas register
 # reports) stays in the log.
 if ! JAX_FLASHKDA_CUDA=ON "$python" -m pip wheel -v --no-deps -w "$raw" . 2>&1 | tee "$log" |
      grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\]|Created wheel'; then
