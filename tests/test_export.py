@@ -7,7 +7,7 @@ lower to the custom calls `jax_flashkda_fwd` / `jax_flashkda_bwd`, which are not
 of custom calls with compatibility guarantees, so `jax.export.export` refuses them unless the
 caller names them in `disabled_checks` (what these tests do, and what a user has to do). The
 process that calls a deserialized module must have the targets registered: `_ffi.py` does that
-lazily, on the first `kda` call that asks for a compiled target, not at `import jax_flashkda`.
+at `import jax_flashkda`, so importing the package is enough.
 """
 
 import os
