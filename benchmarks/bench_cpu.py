@@ -4,8 +4,7 @@ B=1, T=4096, H=4, K=V=128, fp32, Kimi's fused mode (qk l2norm, safe gate lower_b
 sigmoid). Forward, and forward+backward (gradients of every input), each under jit, after a
 warm-up, median of several runs. Adds its rows to benchmarks/results/cpu.json (old rows stay:
 house rule) and rewrites cpu.md from all of them, one table per (date, machine, note); the ratio
-of cpu_target to chunked_c64 decides what `impl="auto"` takes on CPU
-(ops._AUTO_PREFERS_CPU_TARGET).
+of cpu_target to chunked_c64 is why `impl="auto"` takes the C++ target on CPU (ops._choose_impl).
 
     python benchmarks/bench_cpu.py [--runs 5] [--note "how _kda_cpu was built"] [--date D]
 """

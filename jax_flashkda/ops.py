@@ -24,9 +24,6 @@ CUDA_HEAD_DIMS = (128,)
 # time, the state in registers) instead of the chunk kernels; for packed sequences, up to this
 # many on average. Measured crossover: benchmarks/results/ (decode rows).
 CUDA_DECODE_MAX_TOKENS = 16
-# Measured on a 2-core CPU (README): the C++ target beats the chunked path there for
-# training-sized calls, so "auto" takes it on CPU when it is built.
-_AUTO_PREFERS_CPU_TARGET = True
 
 
 def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
@@ -422,8 +419,9 @@ def _choose_impl(impl, q, v, cu_seqlens):
     if impl == "auto":
         if _cuda_reason(q, v, cu_seqlens) is None:
             return "cuda"
-        if (jax.default_backend() == "cpu" and _AUTO_PREFERS_CPU_TARGET
-                and q.dtype != jnp.float64 and _cpu_target_ready()):
+        # On CPU the C++ target: 238 ms against 646-675 ms for the chunked path at
+        # forward+backward B1 T4096 H4 D128 on a 2-core machine (benchmarks/results/cpu.md).
+        if jax.default_backend() == "cpu" and q.dtype != jnp.float64 and _cpu_target_ready():
             return "cpu"
         return "chunked"
     return impl
