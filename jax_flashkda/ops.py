@@ -466,13 +466,11 @@ def _kda_pool_cuda(q, k, v, g, beta, scale, pool, state_indices, num_accepted_to
     """A pool call on the CUDA decode kernel: the pool read and written in place (aliased;
     without a copy where the caller donates it). Gradients, where asked for, are those of the
     pure definition (decode.kda_pool), recomputed."""
-    b, t, h, kd = q.shape
+    t = q.shape[1]
     num_slots = pool.shape[0]
-    cfg = _ffi.CallConfig(
-        scale=scale, use_qk_l2norm=bool(use_qk_l2norm), use_beta_sigmoid=bool(use_beta_sigmoid),
-        gate_mode=_gate_mode(use_gate, lower_bound),
-        lower_bound=float(lower_bound) if lower_bound is not None else 0.0,
-        state_v_first=bool(state_v_first), is_varlen=cu_seqlens is not None)
+    cfg, A_log, dt_bias = _compiled_operands(q, scale, use_qk_l2norm, use_gate, use_beta_sigmoid,
+                                             A_log, dt_bias, lower_bound, state_v_first,
+                                             cu_seqlens)
     dcfg = _ffi.DecodeConfig(cfg, index_rank=state_indices.ndim,
                              num_accepted=num_accepted_tokens is not None)
     # Out-of-range slots and counts mean the same to the kernel as to the pure definition
@@ -482,9 +480,6 @@ def _kda_pool_cuda(q, k, v, g, beta, scale, pool, state_indices, num_accepted_to
                 else decode.clip_slots(num_accepted_tokens, state_indices.shape[-1]))
     cu = (jnp.zeros((1,), jnp.int32) if cu_seqlens is None
           else legal_offsets(cu_seqlens, t))  # the kernel only clamps them
-    A_log = jnp.zeros((h,), jnp.float32) if A_log is None else A_log.astype(jnp.float32)
-    dt_bias = (jnp.zeros((h, kd), jnp.float32) if dt_bias is None
-               else dt_bias.astype(jnp.float32))
     pure_kwargs = dict(scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm,
                        use_gate_in_kernel=use_gate,
                        use_beta_sigmoid_in_kernel=use_beta_sigmoid, lower_bound=lower_bound,
@@ -538,6 +533,22 @@ def _gate_mode(use_gate, lower_bound):
     return _ffi.GATE_SOFTPLUS if lower_bound is None else _ffi.GATE_SAFE
 
 
+def _compiled_operands(q, scale, use_qk_l2norm, use_gate, use_beta_sigmoid, A_log, dt_bias,
+                       lower_bound, state_v_first, cu_seqlens):
+    """What every compiled call takes besides the tensors: its attributes, and A_log / dt_bias
+    as fp32 arrays (zeros where not given)."""
+    _, _, h, kd = q.shape
+    cfg = _ffi.CallConfig(
+        scale=scale, use_qk_l2norm=bool(use_qk_l2norm), use_beta_sigmoid=bool(use_beta_sigmoid),
+        gate_mode=_gate_mode(use_gate, lower_bound),
+        lower_bound=float(lower_bound) if lower_bound is not None else 0.0,
+        state_v_first=bool(state_v_first), is_varlen=cu_seqlens is not None)
+    A_log = jnp.zeros((h,), jnp.float32) if A_log is None else A_log.astype(jnp.float32)
+    dt_bias = (jnp.zeros((h, kd), jnp.float32) if dt_bias is None
+               else dt_bias.astype(jnp.float32))
+    return cfg, A_log, dt_bias
+
+
 def _kda_compiled(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, use_gate,
                   use_beta_sigmoid, A_log, dt_bias, lower_bound, state_v_first, cu_seqlens,
                   cuda_backward_fallback):
@@ -549,11 +560,9 @@ def _kda_compiled(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, use_gat
     if jax.default_backend() != "cpu":
         backward_refusal = _cuda_call_refusal(q, v, cu_seqlens, backward=True)
     vd = v.shape[-1]
-    cfg = _ffi.CallConfig(
-        scale=scale, use_qk_l2norm=bool(use_qk_l2norm), use_beta_sigmoid=bool(use_beta_sigmoid),
-        gate_mode=_gate_mode(use_gate, lower_bound),
-        lower_bound=float(lower_bound) if lower_bound is not None else 0.0,
-        state_v_first=bool(state_v_first), is_varlen=cu_seqlens is not None)
+    cfg, A_log, dt_bias = _compiled_operands(q, scale, use_qk_l2norm, use_gate, use_beta_sigmoid,
+                                             A_log, dt_bias, lower_bound, state_v_first,
+                                             cu_seqlens)
     n = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else b
     state_shape = (n, h, vd, kd) if state_v_first else (n, h, kd, vd)
     # The C++ target computes in fp32; the CUDA target takes 16-bit q/k/v (checked above).
@@ -561,19 +570,16 @@ def _kda_compiled(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, use_gat
     q, k, v, g, beta = map(to_f32, (q, k, v, g, beta))
     h0 = (jnp.zeros(state_shape, jnp.float32) if initial_state is None
           else initial_state.astype(jnp.float32))
-    A_log = jnp.zeros((h,), jnp.float32) if A_log is None else A_log.astype(jnp.float32)
-    dt_bias = (jnp.zeros((h, kd), jnp.float32) if dt_bias is None
-               else dt_bias.astype(jnp.float32))
     cu = cu_seqlens if cu_seqlens is not None else jnp.zeros((1,), jnp.int32)
-    decode = jax.default_backend() != "cpu" and _takes_cuda_decode(q, n)
-    if decode and cu_seqlens is not None:
+    use_decode = jax.default_backend() != "cpu" and _takes_cuda_decode(q, n)
+    if use_decode and cu_seqlens is not None:
         cu = legal_offsets(cu, q.shape[1])  # the decode kernel only clamps them
     if backward_refusal and not cuda_backward_fallback:
         backward = _RefusedBackward(backward_refusal)
     else:
         backward = "pure" if backward_refusal else "compiled"
-    o, final_state = _compiled_vjp(cfg, backward, decode)(q, k, v, g, beta, A_log, dt_bias, h0,
-                                                          cu)
+    o, final_state = _compiled_vjp(cfg, backward, use_decode)(q, k, v, g, beta, A_log, dt_bias,
+                                                              h0, cu)
     return o.astype(out_dtype), final_state
 
 
@@ -623,12 +629,12 @@ class _RefusedBackward:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_vjp(cfg: _ffi.CallConfig, backward, decode: bool = False):
+def _compiled_vjp(cfg: _ffi.CallConfig, backward, use_decode: bool = False):
     """backward: "compiled" (the target's own), "pure" (autodiff of the chunked path, where the
-    CUDA backward refuses the call's sizes and impl='auto'), or a _RefusedBackward. decode: the
-    forward runs the CUDA decode kernel (the state updated in place of h0's buffer where XLA
-    can give it, e.g. a donated or dead h0)."""
-    if decode:
+    CUDA backward refuses the call's sizes and impl='auto'), or a _RefusedBackward. use_decode:
+    the forward runs the CUDA decode kernel (the state updated in place of h0's buffer where
+    XLA can give it, e.g. a donated or dead h0)."""
+    if use_decode:
         decode_op = _ffi.decode_call(_ffi.DecodeConfig(cfg))
 
         def fwd(*primals):
