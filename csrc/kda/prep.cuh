@@ -218,9 +218,11 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
     const uint8_t* g_s = st + 2 * kChunk * K * 2;
     const float a_exp = p.attrs.gate_mode != GateMode::kLogDecay ? __expf(a_log) : 0.f;
 
-    // Rows [0, live) from the stage, the others as rows past the sequence (q = k = g = 0).
+    // Rows [0, live) from the stage, the others as rows past the sequence (q = k = g = β = 0).
     float qv[kChunk], kv[kChunk], G[kChunk];
+    float beta_d;  // β of token d (thread d < 16), after the sigmoid
     auto load_rows = [&](int live) {
+      beta_d = d < live ? (p.attrs.use_beta_sigmoid ? sigmoid_f(beta_raw) : beta_raw) : 0.f;
 #pragma unroll
       for (int r = 0; r < kChunk; ++r) {
         const bool ok = r < live;
@@ -232,7 +234,6 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
       }
     };
     load_rows(len);
-    float beta_d = d < len && p.attrs.use_beta_sigmoid ? sigmoid_f(beta_raw) : beta_raw;
 
     // docs/robustness.md §3: the chunk's first row with a non-finite q, k or β, or a NaN or
     // +inf log-decay (after the floor: −inf is a legal reset), and every later row act as rows
@@ -308,7 +309,6 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
       if (!__syncthreads_or(check)) break;
       // The exact check, on the raw values (build normalised qv and kv in place).
       load_rows(len);
-      beta_d = d < len && p.attrs.use_beta_sigmoid ? sigmoid_f(beta_raw) : beta_raw;
       uint32_t bad = 0;
 #pragma unroll
       for (int r = 0; r < kChunk; ++r)
@@ -324,13 +324,11 @@ __global__ void __launch_bounds__(K, kPrepCtasPerSm)
       if (!all) break;  // a finite overflow: the first build stands (kd and the smem rows)
       dead_from = __ffs(all) - 1;
       load_rows(dead_from);
-      if (d >= dead_from) beta_d = 0.f;
       // The backward's kernels learn each head's first dead row from here (quarantine.cuh).
       if constexpr (kAux)
         if (d == 0) atomicMin(dead_rows + it.n * p.H + h, static_cast<int>(it.row0 + dead_from));
       check = false;
     }
-
 
     if constexpr (kFactored) {
       // L = Diag(β)·(K⊙e^Γ)(K⊙e^−Γ)ᵀ on warp 0, Aqk = Q̃(K⊙e^−Γ)ᵀ on warp 1, as 16x16xK mma.
