@@ -70,6 +70,14 @@ ffi::Error scratch_error(const std::string& who, size_t bytes, const char* what)
                     who + ": could not allocate " + std::to_string(bytes) + " bytes of " + what);
 }
 
+// JAX_FLASHKDA_POISON_OUTPUTS=1 (the GPU tests set it): every result a kernel writes is filled
+// with NaN bytes first, so that an element the kernels leave unwritten fails a test instead of
+// passing on whatever the allocator left there. Off by default: it costs a memset per result.
+bool poison_outputs_asked() {
+  const char* env = std::getenv("JAX_FLASHKDA_POISON_OUTPUTS");
+  return env && env[0] == '1';
+}
+
 // The kernels move operands with 16-byte copies (cp.async, bulk copies, vector stores), which
 // fault on an address that is not a multiple of 16. XLA hands a dynamic_slice of a larger buffer
 // to a custom call as an offset pointer, so any address can arrive: an operand at one is copied
@@ -112,12 +120,9 @@ class Staging {
     return ffi::Error::Success();
   }
 
-  // JAX_FLASHKDA_POISON_OUTPUTS=1 (the GPU tests set it) fills every result the kernels write
-  // with NaN bytes first, so that an element they leave unwritten fails a test instead of
-  // passing on whatever the allocator left there. Off by default: it costs a memset per result.
+  // Every result the kernels write filled with NaN bytes, where poison_outputs_asked().
   cudaError_t poison_if_asked() const {
-    const char* env = std::getenv("JAX_FLASHKDA_POISON_OUTPUTS");
-    if (!env || env[0] != '1') return cudaSuccess;
+    if (!poison_outputs_asked()) return cudaSuccess;
     for (const auto& [at, bytes] : written_)
       if (bytes > 0)
         if (const cudaError_t err = cudaMemsetAsync(at, 0xFF, bytes, stream_); err != cudaSuccess)
@@ -313,10 +318,9 @@ ffi::Error launch_decode(const contract::Inputs& in, ffi::AnyBuffer& o, ffi::Any
                                                 stream);
         err != cudaSuccess)
       return cuda_error(kDecode, err);
-  const char* poison = std::getenv("JAX_FLASHKDA_POISON_OUTPUTS");
   // Without sequences no warp writes o (its tokens, if any, are outside every sequence).
   const bool zero_o = p.N == 0;
-  if ((zero_o || (poison && poison[0] == '1')) && o.size_bytes() > 0)
+  if ((zero_o || poison_outputs_asked()) && o.size_bytes() > 0)
     if (const cudaError_t err =
             cudaMemsetAsync(o.untyped_data(), zero_o ? 0 : 0xFF, o.size_bytes(), stream);
         err != cudaSuccess)
