@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 import test_cuda_fwd
+import test_decode
 from inputs import rel_err
 
 pytestmark = pytest.mark.gpu
@@ -37,40 +38,16 @@ def _numpy(arrays):
             for a in arrays]
 
 
-def _spans(arrays, attrs):
-    B, T = arrays[0].shape[:2]
-    if attrs["varlen"]:
-        cu = np.asarray(arrays[8])
-        return [(0, int(cu[i]), int(cu[i + 1])) for i in range(len(cu) - 1)]
-    return [(b, 0, T) for b in range(B)]
-
-
 def pool_reference(arrays, attrs, pool, indices, accepted):
-    """float64: each sequence from its read slot, token by token (test_cuda_fwd.reference on
-    one-token slices), writing the pool as docs/decode.md says."""
+    """o and the updated pool by test_decode.truth, the definition's float64 token loop."""
     x = _numpy(arrays)
-    pool = np.asarray(pool, np.float64).copy()
-    out = np.zeros(x[2].shape)
-    P = pool.shape[0]
-    per_token = np.ndim(indices) == 2
-    writes = []
-    for n, (b, t0, t1) in enumerate(_spans(arrays, attrs)):
-        a = 1 if accepted is None else int(np.clip(accepted[n], 1, np.shape(indices)[1]))
-        r = int(indices[n, a - 1] if per_token else indices[n])
-        if not 0 <= r < P:
-            continue
-        S = pool[r][None]
-        for t in range(t0, t1):
-            sl = [y[b:b + 1, t:t + 1] for y in x[:5]] + x[5:7] + [S, np.zeros(1, np.int32)]
-            o, S = test_cuda_fwd.reference(*sl, **dict(attrs, varlen=False))
-            out[b, t] = o[0, 0]
-            if per_token and t - t0 < indices.shape[1] and 0 <= indices[n, t - t0] < P:
-                writes.append((int(indices[n, t - t0]), S[0].copy()))
-        if not per_token:
-            writes.append((r, S[0].copy()))
-    for r, S in writes:
-        pool[r] = S
-    return out, pool
+    kw = dict(use_qk_l2norm_in_kernel=attrs["l2norm"],
+              use_beta_sigmoid_in_kernel=attrs["beta_sigmoid"],
+              use_gate_in_kernel=attrs["gate_mode"] != 0, A_log=x[5], dt_bias=x[6],
+              lower_bound=attrs["lower_bound"] if attrs["gate_mode"] == 2 else None,
+              state_v_first=attrs["v_first"], initial_state=pool,
+              cu_seqlens=x[8] if attrs["varlen"] else None)
+    return test_decode.truth(x[:5], kw, indices, accepted)
 
 
 @pytest.mark.parametrize("gate_mode", [0, 1, 2])
