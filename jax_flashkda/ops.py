@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_flashkda import _ffi, decode
+from jax_flashkda import _ffi, decode, split
 from jax_flashkda.chunked import kda_chunked
 from jax_flashkda.preprocess import (clip_offsets, empty_result, legal_offsets, make_varying,
                                      varying_axes)
@@ -578,9 +578,44 @@ def _kda_compiled(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, use_gat
         backward = _RefusedBackward(backward_refusal)
     else:
         backward = "pure" if backward_refusal else "compiled"
-    o, final_state = _compiled_vjp(cfg, backward, use_decode)(q, k, v, g, beta, A_log, dt_bias,
-                                                              h0, cu)
+    plan = None
+    if not use_decode and backward == "compiled":
+        plan = _split_plan(q, v, cu_seqlens, n)
+    if plan is not None:
+        if cu_seqlens is not None:
+            cu = legal_offsets(cu, q.shape[1])
+        run = split.split_vjp(cfg, plan)
+    else:
+        run = _compiled_vjp(cfg, backward, use_decode)
+    o, final_state = run(q, k, v, g, beta, A_log, dt_bias, h0, cu)
     return o.astype(out_dtype), final_state
+
+
+def _sm_count() -> int:
+    return int(getattr(jax.devices()[0], "core_count", 0) or 132)
+
+
+def _split_plan(q, v, cu_seqlens, n):
+    """The sequence split's plan for a compiled call (docs/sequence_split.md), or None. The
+    planner runs by itself only for the CUDA target on a one-GPU process (on a mesh the split
+    would gather what is sharded); JAX_FLASHKDA_SEGMENT_TOKENS forces it anywhere."""
+    b, t, h, kd = q.shape
+    vd = v.shape[-1]
+    on_gpu = jax.default_backend() != "cpu"
+    longest = t
+    if cu_seqlens is not None and _is_concrete(cu_seqlens):
+        longest = int(np.max(np.diff(np.asarray(cu_seqlens, np.int64))))
+    plan = split.plan_split(batch=b, tokens=t, heads=h, value_dim=vd, num_sequences=n,
+                            longest=longest, sms=_sm_count() if on_gpu else 0,
+                            automatic=on_gpu and jax.device_count() == 1)
+    if plan is not None and on_gpu:
+        sizes = dict(B=1, T=b * t, H=h, K=kd, N=plan.num_segments, is_varlen=True,
+                     f16=q.dtype == jnp.float16, memory_bytes=_device_memory_bytes())
+        if (_ffi.cuda_refusal(backward=False, V=vd + kd, **sizes)
+                or _ffi.cuda_refusal(backward=True, V=vd, **sizes)):
+            plan = None
+    split.describe(plan, B=b, T=t, H=h, N=n, longest=longest)
+    return plan
 
 
 def _takes_cuda_decode(q, num_sequences: int) -> bool:

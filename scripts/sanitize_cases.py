@@ -61,3 +61,9 @@ pool = rng.standard_normal((6,) + arrays[7].shape[1:])
 test_cuda_decode._decode(arrays, attrs, pool, np.array([[0, 1, 7], [2, 3, -1], [4, 5, 1]]),
                          np.array([2, 5, -4]))
 print("sanitize cases done")
+
+# The sequence split: the forward with V + K value columns (the transitions), empty segments.
+os.environ["JAX_FLASHKDA_SEGMENT_TOKENS"] = "24"
+x, dtypes, static, do, dht = test_cuda_bwd.make_case(rng, H=2, gate_mode=2, seqlens=[0, 50, 7])
+test_cuda_bwd.cuda_grads(x, dtypes, static, do, dht)
+os.environ.pop("JAX_FLASHKDA_SEGMENT_TOKENS")

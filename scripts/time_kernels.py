@@ -4,8 +4,11 @@ sigmoid, bf16, D = 128, fp32 state). Side-by-side numbers with the peers come fr
 benchmarks/bench_gpu.py; this prints only our own milliseconds.
 
     python scripts/time_kernels.py [--shapes big long] [--warps auto,1,2,4,8] [--iters 30]
+                                   [--split auto,0,4096]
 
 JAX_FLASHKDA_FWD_WARPS selects the forward's warps per CTA; --warps times each in turn.
+JAX_FLASHKDA_SEGMENT_TOKENS forces the sequence split (0: never; docs/sequence_split.md);
+--split times each setting in turn, forward and forward+backward.
 """
 
 import argparse
@@ -18,7 +21,8 @@ import numpy as np
 
 from jax_flashkda import _ffi, kda
 
-SHAPES = {"big": (1, 8192, 96), "long": (1, 32768, 16), "h64": (1, 8192, 64), "b4": (4, 8192, 32)}
+SHAPES = {"big": (1, 8192, 96), "long": (1, 32768, 16), "h64": (1, 8192, 64), "b4": (4, 8192, 32),
+          "h12": (1, 32768, 12), "h8": (1, 65536, 8), "h4": (1, 131072, 4)}
 D = 128
 CFG = _ffi.CallConfig(scale=D ** -0.5, use_qk_l2norm=True, use_beta_sigmoid=True,
                       gate_mode=_ffi.GATE_SAFE, lower_bound=-5.0, state_v_first=False,
@@ -68,6 +72,8 @@ def main():
     ap.add_argument("--warps", default="auto")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--no-backward", action="store_true")
+    ap.add_argument("--split", default=None,
+                    help="comma-separated JAX_FLASHKDA_SEGMENT_TOKENS settings ('auto': unset)")
     a = ap.parse_args()
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}")
@@ -75,6 +81,9 @@ def main():
     for name in a.shapes:
         B, T, H = SHAPES[name]
         args, do = inputs(B, T, H)
+        if a.split is not None:
+            time_split(name, args, do, a.split.split(","), a.iters, a.no_backward)
+            continue
         for warps in a.warps.split(","):
             if warps == "auto":
                 os.environ.pop("JAX_FLASHKDA_FWD_WARPS", None)
@@ -101,6 +110,25 @@ def main():
               f"memory: XLA temp+outputs {xla_gib:.2f} GiB"
               + (f", process peak rise {peak:.2f} GiB" if first else ""))
         del args, do
+
+
+def time_split(name, args, do, settings, iters, no_backward):
+    """Forward (and forward+backward) per sequence-split setting; the setting is read when a
+    call is traced, so each gets freshly traced functions."""
+    for setting in settings:
+        if setting == "auto":
+            os.environ.pop("JAX_FLASHKDA_SEGMENT_TOKENS", None)
+        else:
+            os.environ["JAX_FLASHKDA_SEGMENT_TOKENS"] = setting
+        fwd = jax.jit(lambda *x: forward(*x))
+        med, best = median_min_ms(fwd, args, iters)
+        line = f"{name} split={setting}: fwd {med:.3f} ms (min {best:.3f})"
+        if not no_backward:
+            step = jax.jit(lambda *x: forward_backward(*x))
+            fb = median_min_ms(step, (args, do), iters)
+            line += f" | fwd+bwd {fb[0]:.3f} ms (min {fb[1]:.3f})"
+        print(line, flush=True)
+    os.environ.pop("JAX_FLASHKDA_SEGMENT_TOKENS", None)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,275 @@
+"""The sequence split (jax_flashkda/split.py, docs/sequence_split.md): a long sequence cut into
+segments run in parallel, then combined exactly. Forced through JAX_FLASHKDA_SEGMENT_TOKENS on
+the C++ CPU target (and, marked gpu, on the CUDA target), against the unsplit call and the
+float64 token recurrence: outputs, final states and every gradient, every gate mode, both state
+layouts, packed sequences with empty and one-token ones, segments shorter than a chunk, and
+non-finite input (the quarantine of docs/robustness.md §3 must not change)."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from inputs import GATE_MODES, float64_on_cpu, make_inputs, rel_err
+from jax_flashkda import kda, ops, split
+
+ENV = split.SEGMENT_TOKENS_ENV
+GRAD_NAMES = ("q", "k", "v", "g", "beta", "initial_state", "A_log", "dt_bias")
+cpu_target = pytest.mark.skipif(
+    not (jax.default_backend() == "cpu" and ops._cpu_target_ready()),
+    reason="needs the C++ CPU target on a CPU backend")
+
+
+def _call(args, kwargs, impl, dtype):
+    """(o, final, grads) of one call: grads of sum(o·wo) + sum(final·wf) with fixed random
+    weights, for every differentiable input."""
+    names = [n for n in GRAD_NAMES
+             if n in ("q", "k", "v", "g", "beta") or kwargs.get(n) is not None]
+    static = {n: x for n, x in kwargs.items() if n not in names}
+    primal = dict(zip(("q", "k", "v", "g", "beta"), args))
+    primal.update({n: kwargs[n] for n in names if n in kwargs})
+    other = jnp.float64 if dtype == jnp.float64 else jnp.float32
+    primal = {n: jnp.asarray(x, dtype if n in ("q", "k", "v") else other)
+              for n, x in primal.items()}
+    wrng = np.random.default_rng(7)
+
+    def forward(p):
+        kw = dict(static, **{n: p[n] for n in names if n not in ("q", "k", "v", "g", "beta")})
+        return kda(p["q"], p["k"], p["v"], p["g"], p["beta"], impl=impl, **kw)
+
+    o, final = jax.jit(forward)(primal)
+    wo = jnp.asarray(wrng.standard_normal(o.shape), jnp.float32)
+    wf = jnp.asarray(wrng.standard_normal(final.shape), jnp.float32)
+
+    def loss(p):
+        o, final = forward(p)
+        wide = jnp.promote_types(final.dtype, jnp.float32)
+        return jnp.sum(o.astype(wide) * wo) + jnp.sum(final.astype(wide) * wf)
+
+    grads = jax.jit(jax.grad(loss))(primal)
+    as64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    return as64(o), as64(final), {n: as64(g) for n, g in grads.items()}
+
+
+def run(monkeypatch, args, kwargs, segment_tokens, impl="ffi", dtype=jnp.float32):
+    monkeypatch.setenv(ENV, str(segment_tokens))
+    return _call(args, kwargs, impl, dtype)
+
+
+def oracle(args, kwargs):
+    with float64_on_cpu():
+        args64 = [np.asarray(a, np.float64) for a in args]
+        kw64 = {n: (np.asarray(x, np.float64) if isinstance(x, np.ndarray)
+                    and x.dtype.kind == "f" else x) for n, x in kwargs.items()}
+        return _call(args64, kw64, "recurrent", jnp.float64)
+
+
+def assert_close(got, want, tol, what):
+    o, f, g = got
+    o_ref, f_ref, g_ref = want
+    assert rel_err(o, o_ref) < tol, (what, "o", rel_err(o, o_ref))
+    assert rel_err(f, f_ref) < tol, (what, "final", rel_err(f, f_ref))
+    for n in g_ref:
+        assert rel_err(g[n], g_ref[n]) < tol, (what, n, rel_err(g[n], g_ref[n]))
+
+
+def poison_check(got):
+    o, f, g = got
+    for name, x in [("o", o), ("final", f)] + list(g.items()):
+        assert np.all(np.isfinite(x)), name
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan and the segments (any platform).
+
+SMS = 132
+
+
+@pytest.mark.parametrize("case, split_expected", [
+    ((1, 32768, 16, 1, 32768), True),
+    ((1, 32768, 12, 1, 32768), True),
+    ((1, 65536, 8, 1, 65536), True),
+    ((1, 131072, 4, 1, 131072), True),
+    ((1, 73728, 8, 9, 65536), True),    # one of 65536 with eight of 1024
+    ((1, 8192, 96, 1, 8192), False),    # the many-heads cases fill the GPU already
+    ((1, 8192, 64, 1, 8192), False),
+    ((4, 8192, 32, 4, 8192), False),
+    ((1, 8192, 96, 6, 8192), False),
+    ((64, 1, 32, 64, 1), False),        # decode
+])
+def test_planner(monkeypatch, case, split_expected):
+    monkeypatch.delenv(ENV, raising=False)
+    b, t, h, n, longest = case
+    plan = split.plan_split(batch=b, tokens=t, heads=h, value_dim=128, num_sequences=n,
+                            longest=longest, sms=SMS, automatic=True)
+    assert (plan is not None) == split_expected
+    if plan is not None:
+        assert plan.segment_tokens % 16 == 0 and plan.segment_tokens >= split.MIN_SEGMENT_TOKENS
+        assert longest >= 2 * plan.segment_tokens
+        # Short sequences of a packed batch stay whole.
+        assert plan.segment_tokens >= 1024
+    assert split.plan_split(batch=b, tokens=t, heads=h, value_dim=128, num_sequences=n,
+                            longest=longest, sms=SMS, automatic=False) is None
+
+
+def test_planner_is_forced_by_the_environment(monkeypatch):
+    sizes = dict(batch=1, tokens=8192, heads=96, value_dim=128, num_sequences=1, longest=8192,
+                 sms=SMS, automatic=True)
+    monkeypatch.setenv(ENV, "100")
+    assert split.plan_split(**sizes) == split.SplitPlan(100, 1 + 8192 // 100)
+    monkeypatch.setenv(ENV, "0")
+    assert split.plan_split(**dict(sizes, heads=4, tokens=131072, longest=131072)) is None
+    monkeypatch.setenv(ENV, "-3")
+    with pytest.raises(ValueError, match=ENV):
+        split.plan_split(**sizes)
+    monkeypatch.setenv(ENV, "many")
+    with pytest.raises(ValueError, match=ENV):
+        split.plan_split(**sizes)
+
+
+@pytest.mark.parametrize("lengths, L", [([10, 0, 25, 1, 0], 4), ([7], 7), ([8], 3), ([0, 0], 5)])
+def test_segments_tile_each_sequence(lengths, L):
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    plan = split.SplitPlan(L, len(lengths) + int(cu[-1]) // L)
+    seg = split._segments(jnp.asarray(cu), plan)
+    seg = type(seg)(**{f: np.asarray(getattr(seg, f)) for f in seg.__dataclass_fields__})
+    assert seg.cu[0] == 0 and seg.cu[-1] == cu[-1] and np.all(np.diff(seg.cu) >= 0)
+    assert np.all(np.diff(seg.cu) <= L)
+    for i, n in enumerate(lengths):
+        first, last = seg.first[i], seg.last[i]
+        assert seg.cu[first] == cu[i] and seg.cu[last + 1] == cu[i + 1]
+        assert last - first + 1 == max(1, -(-n // L))
+        assert seg.is_first[first] and seg.is_last[last]
+        assert np.all(seg.sequence[first:last + 1] == i)
+    used = sum(max(1, -(-n // L)) for n in lengths)
+    assert not seg.is_first[used:].any() and not seg.is_last[used:].any()
+
+
+def test_choice_is_in_the_debug_log(monkeypatch, caplog):
+    if not ops._cpu_target_ready():
+        pytest.skip("needs the C++ CPU target")
+    args, kwargs = make_inputs(np.random.default_rng(0), B=1, T=40, H=2, K=16, V=16)
+    monkeypatch.setenv(ENV, "16")
+    with caplog.at_level(logging.DEBUG, logger="jax_flashkda"):
+        kda(*map(jnp.asarray, args), impl="ffi", **kwargs)
+    assert "sequence split into segments of 16 tokens" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# The C++ CPU target, split against unsplit and the float64 oracle.
+
+@cpu_target
+@pytest.mark.parametrize("gate_mode", GATE_MODES)
+@pytest.mark.parametrize("state_v_first", [False, True])
+@pytest.mark.parametrize("seqlens", [None, [70, 0, 1, 93, 16]], ids=["batch", "varlen"])
+def test_cpu_split_matches_unsplit_and_oracle(monkeypatch, rng, gate_mode, state_v_first,
+                                              seqlens):
+    args, kwargs = make_inputs(rng, B=2, T=75, H=2, K=16, V=24, gate_mode=gate_mode,
+                               state_v_first=state_v_first, seqlens=seqlens)
+    whole = run(monkeypatch, args, kwargs, 0)
+    truth = oracle(args, kwargs)
+    assert_close(whole, truth, 2e-4, "unsplit vs oracle")
+    # 5: segments shorter than a chunk; 23: boundaries inside chunks; 64: on chunk edges.
+    for L in (5, 23, 64):
+        got = run(monkeypatch, args, kwargs, L)
+        poison_check(got)
+        assert_close(got, whole, 2e-5, f"split {L} vs unsplit")
+        assert_close(got, truth, 2e-4, f"split {L} vs oracle")
+
+
+@cpu_target
+def test_cpu_split_without_initial_state(monkeypatch, rng):
+    args, kwargs = make_inputs(rng, B=1, T=130, H=2, K=16, V=16, with_state=False)
+    kwargs["output_final_state"] = True
+    whole = run(monkeypatch, args, kwargs, 0)
+    got = run(monkeypatch, args, kwargs, 17)
+    assert_close(got, whole, 2e-5, "split vs unsplit")
+
+
+def _nan_pattern_and_values(got, want, what):
+    for name, x, y in [("o", got[0], want[0]), ("final", got[1], want[1])] + [
+            (n, got[2][n], want[2][n]) for n in want[2]]:
+        assert np.array_equal(np.isnan(x), np.isnan(y)), (what, name, "NaN pattern")
+        keep = ~np.isnan(y)
+        assert rel_err(x[keep], y[keep]) < 2e-5, (what, name, rel_err(x[keep], y[keep]))
+
+
+@cpu_target
+@pytest.mark.parametrize("field, value", [("v", np.nan), ("q", np.nan), ("beta", np.inf),
+                                          ("g", -np.inf), ("k", np.inf)])
+@pytest.mark.parametrize("where", ["early", "late"])
+def test_cpu_split_keeps_the_quarantine(monkeypatch, rng, field, value, where):
+    """A non-finite value in one segment must quarantine exactly what the unsplit call does, in
+    that segment and in every later one (outputs, final states, gradients)."""
+    args, kwargs = make_inputs(rng, B=1, T=0, H=2, K=16, V=16, seqlens=[90, 41, 60],
+                               gate_mode="log_decay")
+    args = [a.copy() for a in args]
+    i = ("q", "k", "v", "g", "beta").index(field)
+    t = 9 if where == "early" else 75  # first sequence: in its first or fourth segment of 20
+    if field == "v":
+        args[i][0, t, 1, 3] = value
+    elif field == "beta":
+        args[i][0, t, 0] = value
+    else:
+        args[i][0, t, 1, 5] = value
+    whole = run(monkeypatch, args, kwargs, 0)
+    got = run(monkeypatch, args, kwargs, 20)
+    _nan_pattern_and_values(got, whole, f"{field} at {t}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA target.
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate_mode", GATE_MODES)
+@pytest.mark.parametrize("state_v_first", [False, True])
+@pytest.mark.parametrize("seqlens", [None, [700, 0, 1, 333, 64]], ids=["batch", "varlen"])
+def test_cuda_split_matches_unsplit_and_oracle(monkeypatch, rng, gate_mode, state_v_first,
+                                               seqlens):
+    args, kwargs = make_inputs(rng, B=2, T=520, H=2, K=128, V=128, gate_mode=gate_mode,
+                               state_v_first=state_v_first, seqlens=seqlens)
+    whole = run(monkeypatch, args, kwargs, 0, impl="cuda", dtype=jnp.bfloat16)
+    truth = oracle([np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))
+                    if i < 3 else a for i, a in enumerate(args)], kwargs)
+    base = {n: rel_err(x, y) for n, x, y in
+            [("o", whole[0], truth[0]), ("final", whole[1], truth[1])]
+            + [(n, whole[2][n], truth[2][n]) for n in truth[2]]}
+    # 7: segments shorter than a 16-token chunk; 100: boundaries inside chunks; 256: on them.
+    for L in (7, 100, 256):
+        got = run(monkeypatch, args, kwargs, L, impl="cuda", dtype=jnp.bfloat16)
+        poison_check(got)
+        errs = {n: rel_err(x, y) for n, x, y in
+                [("o", got[0], truth[0]), ("final", got[1], truth[1])]
+                + [(n, got[2][n], truth[2][n]) for n in truth[2]]}
+        for n, e in errs.items():
+            # No worse than the unsplit kernel, within rounding of the same order.
+            assert e <= 1.5 * base[n] + 1e-4, (L, n, e, base[n])
+
+
+@pytest.mark.gpu
+def test_cuda_split_is_deterministic(monkeypatch, rng):
+    args, kwargs = make_inputs(rng, B=1, T=3000, H=2, K=128, V=128)
+    first = run(monkeypatch, args, kwargs, 512, impl="cuda", dtype=jnp.bfloat16)
+    again = run(monkeypatch, args, kwargs, 512, impl="cuda", dtype=jnp.bfloat16)
+    for x, y in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
+        assert np.array_equal(x, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("field", ["v", "q"])
+def test_cuda_split_keeps_the_quarantine(monkeypatch, rng, field):
+    args, kwargs = make_inputs(rng, B=1, T=0, H=2, K=128, V=128, seqlens=[900, 300])
+    args = [a.copy() for a in args]
+    i = ("q", "k", "v", "g", "beta").index(field)
+    args[i][0, 410, 1, 3] = np.nan
+    whole = run(monkeypatch, args, kwargs, 0, impl="cuda", dtype=jnp.bfloat16)
+    got = run(monkeypatch, args, kwargs, 200, impl="cuda", dtype=jnp.bfloat16)
+    for name, x, y in [("o", got[0], whole[0]), ("final", got[1], whole[1])] + [
+            (n, got[2][n], whole[2][n]) for n in whole[2]]:
+        assert np.array_equal(np.isnan(x), np.isnan(y)), (name, "NaN pattern")
+        keep = ~np.isnan(y)
+        assert rel_err(x[keep], y[keep]) < 2e-2, (name, rel_err(x[keep], y[keep]))
