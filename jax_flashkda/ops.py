@@ -584,7 +584,7 @@ def _kda_compiled(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, use_gat
     if plan is not None:
         if cu_seqlens is not None:
             cu = legal_offsets(cu, q.shape[1])
-        run = split.split_vjp(cfg, plan)
+        run = split.split_vjp(cfg, plan, _compiled_grads)
     else:
         run = _compiled_vjp(cfg, backward, use_decode)
     o, final_state = run(q, k, v, g, beta, A_log, dt_bias, h0, cu)
@@ -643,6 +643,16 @@ def _pure_vjp(cfg: _ffi.CallConfig, primals, cotangents):
     return vjp(cotangents)
 
 
+def _compiled_grads(cfg: _ffi.CallConfig, primals, cotangents):
+    """The target's own backward for primals (q, k, v, g, beta, A_log, dt_bias, h0, cu): the
+    gradients of the first eight."""
+    do, dht = cotangents
+    axes = varying_axes(*primals, do, dht)
+    outs = tuple(make_varying(x, axes) for x in _ffi.bwd_call(cfg)(*primals, do, dht))
+    dq, dk, dv, dg, dbeta, dA_log, ddt_bias, dh0 = outs
+    return (dq, dk, dv, dg, dbeta, dA_log.sum(0), ddt_bias.sum(0), dh0)
+
+
 # Inside shard_map every value's type records the mesh axes it varies over. The custom call's
 # results carry none, so the custom_vjp restores them: outputs vary wherever an input does, and
 # each gradient gets its primal's type, summed over the axes its primal is replicated on (the
@@ -677,7 +687,6 @@ def _compiled_vjp(cfg: _ffi.CallConfig, backward, use_decode: bool = False):
             return decode_op(*primals, no_pool, no_pool)
     else:
         fwd = _ffi.fwd_call(cfg)
-    bwd = _ffi.bwd_call(cfg)
 
     def forward(*primals):
         axes = varying_axes(*primals)
@@ -696,10 +705,7 @@ def _compiled_vjp(cfg: _ffi.CallConfig, backward, use_decode: bool = False):
                 "impl='auto' would take the chunked backward")
         platform = "cpu" if jax.default_backend() == "cpu" else "CUDA"
         if backward == "compiled" and _ffi.has_target(platform, _ffi.BWD_TARGET):
-            axes = varying_axes(*primals, do, dht)
-            outs = tuple(make_varying(x, axes) for x in bwd(*primals, do, dht))
-            dq, dk, dv, dg, dbeta, dA_log, ddt_bias, dh0 = outs
-            grads = (dq, dk, dv, dg, dbeta, dA_log.sum(0), ddt_bias.sum(0), dh0)
+            grads = _compiled_grads(cfg, primals, cotangents)
         else:
             grads = _pure_vjp(cfg, primals, (do, dht))
         grads = tuple(_typed_like(grad, primal) for grad, primal in zip(grads, primals))

@@ -43,35 +43,50 @@ _log = logging.getLogger("jax_flashkda")
 
 # JAX_FLASHKDA_SEGMENT_TOKENS: "0" never splits; a positive integer forces that segment length
 # (for tests and tuning, on any compiled target); unset, the planner decides.
+# JAX_FLASHKDA_SPLIT_BACKWARD: with a forced length, "0" keeps the backward whole (default 1).
 SEGMENT_TOKENS_ENV = "JAX_FLASHKDA_SEGMENT_TOKENS"
+SPLIT_BACKWARD_ENV = "JAX_FLASHKDA_SPLIT_BACKWARD"
 # The planner aims at this many warps per SM of the forward recurrence (one warp per 16 value
 # columns of each chain) and never cuts segments shorter than MIN_SEGMENT_TOKENS.
 WARPS_PER_SM = 6
-MIN_SEGMENT_TOKENS = 1024
+MIN_SEGMENT_TOKENS = 4096
+# Split the forward (the backward) only while the unsplit call keeps at most this many warps
+# per SM busy over its longest sequence. Measured on an H100 (2026-12-07, fused mode, bf16,
+# D = 128; benchmarks/results/split_h100.md): the split forward took 0.39x the unsplit time at
+# B1 T131072 H4 (32 busy warps on 132 SMs), 0.76x at T65536 H8 (64), 0.96x at T32768 H12
+# (96), 1.22x at T32768 H16 (128); the split backward won only at H4.
+FORWARD_MAX_BUSY_WARPS_PER_SM = 0.75
+BACKWARD_MAX_BUSY_WARPS_PER_SM = 0.25
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass(frozen=True)
 class SplitPlan:
     """segment_tokens: the longest segment; num_segments: the static segment count, an upper
-    bound on what the sequences need (the rest are empty segments at the end)."""
+    bound on what the sequences need (the rest are empty segments at the end); backward:
+    whether the backward is split too (else the unsplit backward runs on the whole call)."""
 
     segment_tokens: int
     num_segments: int
+    backward: bool = True
 
 
-def forced_segment_tokens() -> int | None:
-    """The environment's choice: None (let the planner decide), 0 (never split) or a length."""
-    raw = os.environ.get(SEGMENT_TOKENS_ENV)
+def _env_int(name: str) -> int | None:
+    raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return None
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"{SEGMENT_TOKENS_ENV} must be a non-negative integer, got {raw!r}")
+        value = -1
     if value < 0:
-        raise ValueError(f"{SEGMENT_TOKENS_ENV} must be a non-negative integer, got {raw!r}")
+        raise ValueError(f"{name} must be a non-negative integer, got {raw!r}")
     return value
+
+
+def forced_segment_tokens() -> int | None:
+    """The environment's choice: None (let the planner decide), 0 (never split) or a length."""
+    return _env_int(SEGMENT_TOKENS_ENV)
 
 
 def plan_split(*, batch: int, tokens: int, heads: int, value_dim: int, num_sequences: int,
@@ -80,27 +95,32 @@ def plan_split(*, batch: int, tokens: int, heads: int, value_dim: int, num_seque
     `num_sequences` sequences, the longest `longest` tokens long), and how.
 
     The environment's choice wins. Otherwise (only where `automatic`: one GPU that runs the
-    call whole) the segment length spreads the whole batch's tokens over about WARPS_PER_SM
-    warps per SM, and the call is split only when its longest sequence makes at least two such
-    segments: the many-heads cases already fill the GPU and are left alone.
+    call whole) the call is split when the unsplit one would keep few warps busy over its
+    longest sequence (FORWARD_MAX_BUSY_WARPS_PER_SM; the backward by its own bound) and that
+    sequence makes at least two segments; the segment length spreads the whole call's tokens
+    over about WARPS_PER_SM warps per SM. The many-heads cases fill the GPU already and are
+    left alone.
     """
     total = batch * tokens
     forced = forced_segment_tokens()
-    if forced == 0 or total == 0:
+    if forced == 0 or total == 0 or longest == 0:
         return None
     if forced is not None:
-        length = forced
+        length, backward = forced, _env_int(SPLIT_BACKWARD_ENV) != 0
     else:
         if not automatic:
             return None
         warps_per_token = heads * max(value_dim // 16, 1)
+        busy = warps_per_token * total / longest / max(sms, 1)
         length = math.ceil(total * warps_per_token / (WARPS_PER_SM * max(sms, 1)))
         length = max(MIN_SEGMENT_TOKENS, -(-length // 16) * 16)
-        if longest < 2 * length:
+        if busy > FORWARD_MAX_BUSY_WARPS_PER_SM or longest < 2 * length:
             return None
+        backward = busy <= BACKWARD_MAX_BUSY_WARPS_PER_SM
     if longest <= length:
         return None
-    return SplitPlan(segment_tokens=length, num_segments=num_sequences + total // length)
+    return SplitPlan(segment_tokens=length, num_segments=num_sequences + total // length,
+                     backward=backward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,9 +187,10 @@ def _flat(x):
 
 
 @functools.lru_cache(maxsize=None)
-def split_vjp(cfg: _ffi.CallConfig, plan: SplitPlan):
+def split_vjp(cfg: _ffi.CallConfig, plan: SplitPlan, whole_backward):
     """The split call, with the compiled calls' signature:
-    (q, k, v, g, beta, A_log, dt_bias, h0, cu) -> (o, final_state), differentiable."""
+    (q, k, v, g, beta, A_log, dt_bias, h0, cu) -> (o, final_state), differentiable.
+    whole_backward(cfg, primals, cotangents): the unsplit backward, for plans that keep it."""
     inner = dataclasses.replace(cfg, state_v_first=False, is_varlen=True)
     fwd = _ffi.fwd_call(inner)
     bwd = _ffi.bwd_call(inner)
@@ -214,9 +235,13 @@ def split_vjp(cfg: _ffi.CallConfig, plan: SplitPlan):
 
     def run_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu):
         o, final, (s_in, P, seg_final) = forward(q, k, v, g, beta, A_log, dt_bias, h0, cu)
+        if not plan.backward:
+            return (o, final), (q, k, v, g, beta, A_log, dt_bias, h0, cu)
         return (o, final), (q, k, v, g, beta, A_log, dt_bias, cu, s_in, P, seg_final)
 
     def run_bwd(residuals, cotangents):
+        if not plan.backward:
+            return tuple(whole_backward(cfg, residuals, cotangents)) + (None,)
         q, k, v, g, beta, A_log, dt_bias, cu, s_in, P, seg_final = residuals
         do, dht = cotangents
         shapes = [x.shape for x in (q, k, v, g, beta)]
@@ -267,5 +292,6 @@ def describe(plan: SplitPlan | None, **sizes) -> None:
     if plan is None:
         _log.debug("kda: no sequence split (%s)", where)
     else:
-        _log.debug("kda: sequence split into segments of %d tokens, %d segments (%s)",
-                   plan.segment_tokens, plan.num_segments, where)
+        _log.debug("kda: sequence split into segments of %d tokens, %d segments, backward %s "
+                   "(%s)", plan.segment_tokens, plan.num_segments,
+                   "split" if plan.backward else "whole", where)
