@@ -3,6 +3,8 @@
 // the CUDA runtime.
 #include <nanobind/nanobind.h>
 
+#include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -30,6 +32,8 @@ NB_MODULE(KDA_MODULE, m) {
     targets["jax_flashkda_bwd"] = nb::capsule(reinterpret_cast<void*>(KDA_HANDLER(jax_flashkda_bwd)));
 #if defined(KDA_TARGET_CUDA)
     targets["jax_flashkda_decode"] = nb::capsule(reinterpret_cast<void*>(jax_flashkda_decode_cuda));
+    targets["jax_flashkda_fwd_split"] =
+        nb::capsule(reinterpret_cast<void*>(jax_flashkda_fwd_split_cuda));
 #endif
     return targets;
   });
@@ -37,19 +41,25 @@ NB_MODULE(KDA_MODULE, m) {
   // What the CUDA target would refuse for a call of these sizes, asked at trace time so that
   // kda(impl="auto") takes another path and impl="cuda" raises instead of failing at run time:
   // the handler's and kernels' own checks, and a workspace larger than `memory_bytes`. None
-  // when the call fits.
+  // when the call fits. segment_tokens > 0: the split forward (jax_flashkda_fwd_split).
   m.def("cuda_refusal", [](bool backward, int64_t B, int64_t T, int64_t H, int64_t K, int64_t V,
-                           int64_t N, bool is_varlen, bool f16,
-                           int64_t memory_bytes) -> std::optional<std::string> {
+                           int64_t N, bool is_varlen, bool f16, int64_t memory_bytes,
+                           int64_t segment_tokens) -> std::optional<std::string> {
     if (const char* why = kda::index_range_unsupported(B, T, H, N)) return std::string(why);
     kda::BwdParams p;
     p.B = static_cast<int>(B), p.T = static_cast<int>(T), p.H = static_cast<int>(H);
     p.K = static_cast<int>(K), p.V = static_cast<int>(V), p.N = static_cast<int>(N);
     p.attrs.is_varlen = is_varlen;
     p.qkv_dtype = f16 ? kda::DType::kF16 : kda::DType::kBF16;
-    const char* why = backward ? kda::bwd_unsupported(p) : kda::fwd_unsupported(p);
+    const int seg = static_cast<int>(std::min<int64_t>(segment_tokens, INT32_MAX));
+    const bool split = !backward && segment_tokens > 0;
+    const char* why = backward ? kda::bwd_unsupported(p)
+                      : split  ? kda::fwd_split_unsupported(p, seg)
+                               : kda::fwd_unsupported(p);
     if (why) return std::string(why);
-    const size_t bytes = backward ? kda::bwd_workspace_bytes(p) : kda::fwd_workspace_bytes(p);
+    const size_t bytes = backward ? kda::bwd_workspace_bytes(p)
+                         : split  ? kda::fwd_split_workspace_bytes(p, seg)
+                                  : kda::fwd_workspace_bytes(p);
     if (memory_bytes > 0 && bytes > static_cast<size_t>(memory_bytes))
       return std::string(backward ? "the backward" : "the forward") + " needs " +
              std::to_string(bytes) + " bytes of workspace, more than the device's " +

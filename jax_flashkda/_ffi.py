@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 FWD_TARGET = "jax_flashkda_fwd"
 BWD_TARGET = "jax_flashkda_bwd"
 DECODE_TARGET = "jax_flashkda_decode"  # CUDA only
+FWD_SPLIT_TARGET = "jax_flashkda_fwd_split"  # CUDA only
 
 # gate_mode attribute values of the contract.
 GATE_LOG_DECAY, GATE_SOFTPLUS, GATE_SAFE = 0, 1, 2
@@ -68,6 +69,18 @@ class DecodeConfig:
     def attributes(self):
         return dict(self.call.attributes(), use_state_indices=self.index_rank > 0,
                     use_num_accepted=self.num_accepted)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitConfig:
+    """The static part of a split forward call (docs/sequence_split.md): the forward's
+    attributes and the longest segment in tokens."""
+
+    call: CallConfig
+    segment_tokens: int
+
+    def attributes(self):
+        return dict(self.call.attributes(), segment_tokens=np.int32(self.segment_tokens))
 
 
 # ---------------------------------------------------------------------------------------
@@ -114,11 +127,14 @@ def has_target(platform: str, target: str) -> bool:
 
 
 def cuda_refusal(*, backward: bool, B: int, T: int, H: int, K: int, V: int, N: int,
-                 is_varlen: bool, f16: bool, memory_bytes: int) -> str | None:
+                 is_varlen: bool, f16: bool, memory_bytes: int,
+                 segment_tokens: int = 0) -> str | None:
     """What the CUDA target would refuse for a call of these sizes (the extension's own checks,
-    and a workspace above `memory_bytes` when that is > 0); None when it fits."""
+    and a workspace above `memory_bytes` when that is > 0); None when it fits. A forward with
+    segment_tokens > 0 is the split forward's."""
     module = importlib.import_module("jax_flashkda._kda_cuda")
-    return module.cuda_refusal(backward, B, T, H, K, V, N, is_varlen, f16, memory_bytes)
+    return module.cuda_refusal(backward, B, T, H, K, V, N, is_varlen, f16, memory_bytes,
+                               segment_tokens)
 
 
 # ---------------------------------------------------------------------------------------
@@ -133,13 +149,17 @@ def _num_sequences(cfg: CallConfig, q, cu_seqlens) -> int:
     return cu_seqlens.shape[0] - 1 if cfg.is_varlen else q.shape[0]
 
 
-def _fwd_raw(cfg: CallConfig, q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens):
+def _fwd_raw(cfg: CallConfig | SplitConfig, q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens):
+    """The forward, or with a SplitConfig the split forward (same operands and results)."""
+    call_cfg, target = ((cfg.call, FWD_SPLIT_TARGET) if isinstance(cfg, SplitConfig)
+                        else (cfg, FWD_TARGET))
     b, t, h, kd = q.shape
     vd = v.shape[-1]
-    n = _num_sequences(cfg, q, cu_seqlens)
-    results = (jax.ShapeDtypeStruct((b, t, h, vd), v.dtype), _state_struct(cfg, n, h, kd, vd))
+    n = _num_sequences(call_cfg, q, cu_seqlens)
+    results = (jax.ShapeDtypeStruct((b, t, h, vd), v.dtype),
+               _state_struct(call_cfg, n, h, kd, vd))
     # Never batched here: the custom_vmap above folds mapped axes into the head axis.
-    call = jax.ffi.ffi_call(FWD_TARGET, results, vmap_method="sequential")
+    call = jax.ffi.ffi_call(target, results, vmap_method="sequential")
     return call(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, **cfg.attributes())
 
 
@@ -317,6 +337,13 @@ def _head_folding(op, in_head_axes, out_head_axes):
 def fwd_call(cfg: CallConfig):
     """(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens) -> (o, final_state)."""
     op = _partitioned(cfg, _fwd_raw, _fwd_rule(cfg), whole_batch=cfg.is_varlen)
+    return _head_folding(op, _FWD_HEAD_AXES, _FWD_OUT_HEAD_AXES)
+
+
+@functools.lru_cache(maxsize=None)
+def fwd_split_call(scfg: SplitConfig):
+    """The split forward (CUDA only): the forward's signature and partitioning."""
+    op = _partitioned(scfg, _fwd_raw, _fwd_rule(scfg.call), whole_batch=scfg.call.is_varlen)
     return _head_folding(op, _FWD_HEAD_AXES, _FWD_OUT_HEAD_AXES)
 
 

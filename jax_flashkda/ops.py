@@ -581,7 +581,9 @@ def _kda_compiled(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, use_gat
     plan = None
     if not use_decode and backward == "compiled":
         plan = _split_plan(q, v, cu_seqlens, n)
-    if plan is not None:
+    if plan is not None and _fused_split(plan):
+        run = _compiled_vjp(cfg, backward, segment_tokens=plan.segment_tokens)
+    elif plan is not None:
         if cu_seqlens is not None:
             cu = legal_offsets(cu, q.shape[1])
         run = split.split_vjp(cfg, plan, _compiled_grads)
@@ -589,6 +591,14 @@ def _kda_compiled(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, use_gat
         run = _compiled_vjp(cfg, backward, use_decode)
     o, final_state = run(q, k, v, g, beta, A_log, dt_bias, h0, cu)
     return o.astype(out_dtype), final_state
+
+
+def _fused_split(plan) -> bool:
+    """The CUDA target's split forward (one call: prep once, the transitions, the combine and
+    the outputs on device) serves plans whose backward stays whole; a split backward needs the
+    segments' states, which split.split_vjp keeps."""
+    return (not plan.backward and jax.default_backend() != "cpu"
+            and _ffi.has_target("CUDA", _ffi.FWD_SPLIT_TARGET))
 
 
 def _sm_count() -> int:
@@ -609,10 +619,18 @@ def _split_plan(q, v, cu_seqlens, n):
                             longest=longest, sms=_sm_count() if on_gpu else 0,
                             automatic=on_gpu and jax.device_count() == 1)
     if plan is not None and on_gpu:
-        sizes = dict(B=1, T=b * t, H=h, K=kd, N=plan.num_segments, is_varlen=True,
-                     f16=q.dtype == jnp.float16, memory_bytes=_device_memory_bytes())
-        if (_ffi.cuda_refusal(backward=False, V=vd + kd, **sizes)
-                or _ffi.cuda_refusal(backward=True, V=vd, **sizes)):
+        memory = _device_memory_bytes()
+        f16 = q.dtype == jnp.float16
+        if _fused_split(plan):
+            refusal = _ffi.cuda_refusal(
+                backward=False, B=b, T=t, H=h, K=kd, V=vd, N=n, is_varlen=cu_seqlens is not None,
+                f16=f16, memory_bytes=memory, segment_tokens=plan.segment_tokens)
+        else:
+            sizes = dict(B=1, T=b * t, H=h, K=kd, N=plan.num_segments, is_varlen=True,
+                         f16=f16, memory_bytes=memory)
+            refusal = (_ffi.cuda_refusal(backward=False, V=vd + kd, **sizes)
+                       or _ffi.cuda_refusal(backward=True, V=vd, **sizes))
+        if refusal:
             plan = None
     split.describe(plan, B=b, T=t, H=h, N=n, longest=longest)
     return plan
@@ -674,12 +692,16 @@ class _RefusedBackward:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_vjp(cfg: _ffi.CallConfig, backward, use_decode: bool = False):
+def _compiled_vjp(cfg: _ffi.CallConfig, backward, use_decode: bool = False,
+                  segment_tokens: int = 0):
     """backward: "compiled" (the target's own), "pure" (autodiff of the chunked path, where the
     CUDA backward refuses the call's sizes and impl='auto'), or a _RefusedBackward. use_decode:
     the forward runs the CUDA decode kernel (the state updated in place of h0's buffer where
-    XLA can give it, e.g. a donated or dead h0)."""
-    if use_decode:
+    XLA can give it, e.g. a donated or dead h0). segment_tokens > 0: the forward is the CUDA
+    split forward (docs/sequence_split.md); the backward is the whole call's."""
+    if segment_tokens:
+        fwd = _ffi.fwd_split_call(_ffi.SplitConfig(cfg, segment_tokens))
+    elif use_decode:
         decode_op = _ffi.decode_call(_ffi.DecodeConfig(cfg))
 
         def fwd(*primals):

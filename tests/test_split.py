@@ -256,7 +256,10 @@ def test_cuda_split_matches_unsplit_and_oracle(monkeypatch, rng, gate_mode, stat
             [("o", whole[0], truth[0]), ("final", whole[1], truth[1])]
             + [(n, whole[2][n], truth[2][n]) for n in truth[2]]}
     # 7: segments shorter than a 16-token chunk; 100: boundaries inside chunks; 64: on them.
-    for L in (7, 100, 64):
+    # The backward split too ("1": split.split_vjp around the plain calls) or whole ("0": the
+    # CUDA split forward, one call).
+    for L, split_backward in ((7, "0"), (100, "0"), (64, "1"), (7, "1")):
+        monkeypatch.setenv(split.SPLIT_BACKWARD_ENV, split_backward)
         got = run(monkeypatch, args, kwargs, L, impl="cuda", dtype=jnp.bfloat16)
         poison_check(got)
         errs = {n: rel_err(x, y) for n, x, y in
@@ -264,11 +267,13 @@ def test_cuda_split_matches_unsplit_and_oracle(monkeypatch, rng, gate_mode, stat
                 + [(n, got[2][n], truth[2][n]) for n in truth[2]]}
         for n, e in errs.items():
             # No worse than the unsplit kernel, within rounding of the same order.
-            assert e <= 1.5 * base[n] + 1e-4, (L, n, e, base[n])
+            assert e <= 1.5 * base[n] + 1e-4, (L, split_backward, n, e, base[n])
 
 
 @pytest.mark.gpu
-def test_cuda_split_is_deterministic(monkeypatch, rng):
+@pytest.mark.parametrize("split_backward", ["0", "1"])
+def test_cuda_split_is_deterministic(monkeypatch, rng, split_backward):
+    monkeypatch.setenv(split.SPLIT_BACKWARD_ENV, split_backward)
     args, kwargs = make_inputs(rng, B=1, T=3000, H=2, K=128, V=128)
     first = run(monkeypatch, args, kwargs, 512, impl="cuda", dtype=jnp.bfloat16)
     again = run(monkeypatch, args, kwargs, 512, impl="cuda", dtype=jnp.bfloat16)
@@ -278,7 +283,9 @@ def test_cuda_split_is_deterministic(monkeypatch, rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("field", ["v", "q"])
-def test_cuda_split_keeps_the_quarantine(monkeypatch, rng, field):
+@pytest.mark.parametrize("split_backward", ["0", "1"])
+def test_cuda_split_keeps_the_quarantine(monkeypatch, rng, field, split_backward):
+    monkeypatch.setenv(split.SPLIT_BACKWARD_ENV, split_backward)
     args, kwargs = make_inputs(rng, B=1, T=0, H=2, K=128, V=128, seqlens=[900, 300])
     args = [a.copy() for a in args]
     i = ("q", "k", "v", "g", "beta").index(field)

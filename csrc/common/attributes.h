@@ -43,4 +43,11 @@ struct DecodeAttributes {
   bool use_num_accepted = false;   // num_accepted_tokens picks the read slot (state_indices [N,S])
 };
 
+// The split forward's attributes (jax_flashkda_fwd_split, CUDA only): the seven, then the
+// longest segment in tokens (docs/sequence_split.md).
+struct SplitAttributes {
+  Attributes common;
+  int32_t segment_tokens = 0;
+};
+
 }  // namespace jax_flashkda

@@ -37,6 +37,9 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_flashkda::Attributes, KDA_ATTRIBUTE_ME
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_flashkda::DecodeAttributes, KDA_ATTRIBUTE_MEMBERS,
                                       StructMember<bool>("use_state_indices"),
                                       StructMember<bool>("use_num_accepted"));
+// The split forward's dictionary: the seven and segment_tokens (_ffi.py SplitConfig).
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_flashkda::SplitAttributes, KDA_ATTRIBUTE_MEMBERS,
+                                      StructMember<int32_t>("segment_tokens"));
 // The decoder fills the struct by aggregate initialisation in the order listed above.
 static_assert(offsetof(jax_flashkda::Attributes, scale) <
                       offsetof(jax_flashkda::Attributes, lower_bound) &&
@@ -75,6 +78,13 @@ static_assert(offsetof(jax_flashkda::DecodeAttributes, common) <
       .Ret<::xla::ffi::AnyBuffer>() /* o */                        \
       .Ret<::xla::ffi::AnyBuffer>() /* final_state */              \
       .Attrs<::jax_flashkda::Attributes>()
+
+// The split forward (CUDA only, docs/sequence_split.md): the forward's operands and results.
+#define KDA_FWD_SPLIT_SIGNATURE(binding)                           \
+  KDA_CONTRACT_INPUTS(binding)                                     \
+      .Ret<::xla::ffi::AnyBuffer>() /* o */                        \
+      .Ret<::xla::ffi::AnyBuffer>() /* final_state */              \
+      .Attrs<::jax_flashkda::SplitAttributes>()
 
 #define KDA_BWD_SIGNATURE(binding)                                 \
   KDA_CONTRACT_INPUTS(binding)                                     \

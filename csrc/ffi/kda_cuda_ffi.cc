@@ -23,12 +23,14 @@ namespace contract = jax_flashkda::contract;
 using jax_flashkda::Attributes;
 using jax_flashkda::DecodeAttributes;
 using jax_flashkda::DType;
+using jax_flashkda::SplitAttributes;
 
 namespace {
 
 const std::string kFwd = "jax_flashkda_fwd (CUDA)";
 const std::string kBwd = "jax_flashkda_bwd (CUDA)";
 const std::string kDecode = "jax_flashkda_decode (CUDA)";
+const std::string kFwdSplit = "jax_flashkda_fwd_split (CUDA)";
 
 // What the CUDA target reads beyond the contract (after contract::check_inputs): q, k, v in
 // bf16 or f16, sizes its 32-bit indices hold; then the launch parameters all three calls share.
@@ -230,6 +232,36 @@ ffi::Error fwd_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
   return launch(kFwd, p, staging, scratch, stream, kda::fwd_workspace_bytes, kda::fwd);
 }
 
+// The forward with the sequence split: the forward's checks, then segment_tokens.
+ffi::Error fwd_split_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
+                          ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer g,
+                          ffi::AnyBuffer beta, ffi::AnyBuffer A_log, ffi::AnyBuffer dt_bias,
+                          ffi::AnyBuffer initial_state, ffi::AnyBuffer cu_seqlens,
+                          ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> final_state,
+                          SplitAttributes attrs) {
+  const contract::Inputs in{q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens};
+  const int seg_tokens = attrs.segment_tokens;
+
+  contract::Sizes s;
+  kda::FwdParams p;
+  KDA_RETURN_IF_ERROR(contract::check_inputs(kFwdSplit, in, attrs.common, s));
+  KDA_RETURN_IF_ERROR(cuda_params(kFwdSplit, in, s, attrs.common, p));
+  KDA_RETURN_IF_ERROR(contract::check_forward(kFwdSplit, s, in, *o, *final_state));
+  if (const char* why = kda::fwd_split_unsupported(p, seg_tokens))
+    return unimplemented(kFwdSplit, why);
+
+  Staging staging(kFwdSplit, scratch, stream);
+  KDA_RETURN_IF_ERROR(stage_inputs(staging, in, p));
+  KDA_RETURN_IF_ERROR(staging.output(*o, p.o));
+  KDA_RETURN_IF_ERROR(staging.output(*final_state, p.final_state));
+  return launch(
+      kFwdSplit, p, staging, scratch, stream,
+      [seg_tokens](const kda::FwdParams& p) { return kda::fwd_split_workspace_bytes(p, seg_tokens); },
+      [seg_tokens](const kda::FwdParams& p, void* ws, cudaStream_t st) {
+        return kda::fwd_split(p, seg_tokens, ws, st);
+      });
+}
+
 ffi::Error bwd_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
                     ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer g, ffi::AnyBuffer beta,
                     ffi::AnyBuffer A_log, ffi::AnyBuffer dt_bias, ffi::AnyBuffer initial_state,
@@ -362,6 +394,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flashkda_fwd_cuda, fwd_impl,
                               KDA_FWD_SIGNATURE(ffi::Ffi::Bind()
                                                     .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                                     .Ctx<ffi::ScratchAllocator>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flashkda_fwd_split_cuda, fwd_split_impl,
+                              KDA_FWD_SPLIT_SIGNATURE(ffi::Ffi::Bind()
+                                                          .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                                          .Ctx<ffi::ScratchAllocator>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flashkda_bwd_cuda, bwd_impl,
                               KDA_BWD_SIGNATURE(ffi::Ffi::Bind()
                                                     .Ctx<ffi::PlatformStream<cudaStream_t>>()

@@ -7,3 +7,4 @@
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flashkda_fwd_cuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flashkda_bwd_cuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flashkda_decode_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flashkda_fwd_split_cuda);

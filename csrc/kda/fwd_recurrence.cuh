@@ -3,6 +3,11 @@
 // accumulator layout doubles as the bf16 A/B operand layout and S never leaves registers.
 // Per chunk:  Vnᵀ = Vᵀ(Tβ)ᵀ + Sᵀ(−W)ᵀ,  Oᵀ = SᵀQ̃ᵀ + VnᵀAqkᵀ,  Sᵀ = Sᵀ·Diag(e^{Γ_C}) + VnᵀK̃,
 // from the chunk records the prep wrote (prep.cuh), prefetched several chunks ahead (StepRing).
+//
+// kTransition (the sequence split's first pass, fwd_split.cuh): p.V counts the state's columns,
+// v_cols real value columns followed by K transition columns. The real ones start from zero and
+// read v; the transition columns start from the identity and see zero values, so that the final
+// state is [Z | P] (docs/sequence_split.md). No outputs are written.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -39,10 +44,10 @@ struct RecurrenceSmem {
   static constexpr int kBytes = kBar + 2 * kStages * 8;  // "full" and "empty" barriers
 };
 
-template <int K, int NW, typename Tin>
+template <int K, int NW, typename Tin, bool kTransition = false>
 __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
                                                                  const uint8_t* __restrict__ ws,
-                                                                 int slots) {
+                                                                 int slots, int v_cols) {
   using L = RecurrenceSmem<K, NW, Tin>;
   using R = Rec<K>;
   constexpr int BV = L::BV, KP = R::kPitch, VP = L::VP, kStages = L::kStages;
@@ -57,6 +62,10 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
   const int nch = (sq.len + kChunk - 1) / kChunk;
   const uint8_t* rec0 = ws + (static_cast<size_t>(h) * slots + sq.slot0) * R::kBytes;
   const Tin* vsrc = static_cast<const Tin*>(p.v);
+  // This warp's first state column; a transition column has no v (warp-uniform).
+  const int col0 = vb * BV + warp * 16;
+  const bool reads_v = !kTransition || col0 < v_cols;
+  const int v_pitch = kTransition ? v_cols : p.V;
 
   // Warp 0 fetches chunk c's record with one bulk copy. Each warp fetches its own 16 value
   // columns of the chunk's 16 rows of V with one cp.async per lane: issuing the 16 row copies
@@ -65,24 +74,30 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
     ring.fetch_record(c, rec0 + static_cast<size_t>(c) * R::kBytes, 0, R::kBytes, lane);
   };
   auto fetch_v = [&](int c) {
+    if (!reads_v) return;
     ptx::warp_tile16_cp_async(
         reinterpret_cast<Tin*>(ring.stage(c) + L::kV) + warp * 16, VP,
-        vsrc + (static_cast<size_t>(sq.row0 + c * kChunk) * p.H + h) * p.V + vb * BV + warp * 16,
-        static_cast<size_t>(p.H) * p.V, sq.len - c * kChunk, lane);
+        vsrc + (static_cast<size_t>(sq.row0 + c * kChunk) * p.H + h) * v_pitch + col0,
+        static_cast<size_t>(p.H) * v_pitch, sq.len - c * kChunk, lane);
   };
   ring.start(nch, warp, fetch_record, fetch_v);
 
   // Initial state, transposed into the accumulator layout.
   float s[K / 8][4];
   const size_t st_base = (static_cast<size_t>(n) * p.H + h) * K * p.V;
-  const int v_lo = vb * BV + warp * 16 + g;
+  const int v_lo = col0 + g;
   auto st_index = [&](int nt, int j) {
     return state_index<K>(p, st_base, v_lo + (j >> 1) * 8, nt * 8 + t * 2 + (j & 1));
   };
 #pragma unroll
   for (int nt = 0; nt < K / 8; ++nt)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) s[nt][j] = p.initial_state[st_index(nt, j)];
+    for (int j = 0; j < 4; ++j) {
+      if constexpr (kTransition)
+        s[nt][j] = v_lo + (j >> 1) * 8 - v_cols == nt * 8 + t * 2 + (j & 1) ? 1.f : 0.f;
+      else
+        s[nt][j] = p.initial_state[st_index(nt, j)];
+    }
 
   Tin* ostage = reinterpret_cast<Tin*>(smem + L::kOut) + warp * kChunk * L::kOutPitch;
   Tin* out = static_cast<Tin*>(p.o);
@@ -97,8 +112,8 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
 
     // Two accumulator sets halve the dependent mma chain of the K reduction.
     float vn[2][4] = {}, ot[2][4] = {}, vn1[2][4] = {}, ot1[2][4] = {};
-    bool v_bad;  // a non-finite v in this lane's fragment (quarantine.cuh)
-    {
+    bool v_bad = false;  // a non-finite v in this lane's fragment (quarantine.cuh)
+    if (reads_v) {
       uint32_t av[4], bt[4];
       ptx::ldsm_x4_trans(av, vs + brow * VP + warp * 16 + bcol);
       v_bad = sanitize_v_fragment<Tin>(av);
@@ -112,13 +127,16 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
       float (&oa)[2][4] = (ks & 1) ? ot1 : ot;
       uint32_t a[4];
       state_operand<K>(s, ks, a);
-      uint32_t bw[4], bq[4];
+      uint32_t bw[4];
       ptx::ldsm_x4(bw, record.w + brow * KP + ks * 16 + bcol);
-      ptx::ldsm_x4(bq, record.q + brow * KP + ks * 16 + bcol);
       ptx::mma16816<__nv_bfloat16>(va[0], a, bw[0], bw[1]);
       ptx::mma16816<__nv_bfloat16>(va[1], a, bw[2], bw[3]);
-      ptx::mma16816<__nv_bfloat16>(oa[0], a, bq[0], bq[1]);
-      ptx::mma16816<__nv_bfloat16>(oa[1], a, bq[2], bq[3]);
+      if constexpr (!kTransition) {
+        uint32_t bq[4];
+        ptx::ldsm_x4(bq, record.q + brow * KP + ks * 16 + bcol);
+        ptx::mma16816<__nv_bfloat16>(oa[0], a, bq[0], bq[1]);
+        ptx::mma16816<__nv_bfloat16>(oa[1], a, bq[2], bq[3]);
+      }
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -129,7 +147,7 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
       }
     uint32_t avn[4];
     rows_operand(vn, avn);
-    {
+    if constexpr (!kTransition) {
       uint32_t ba[4];
       ptx::ldsm_x4(ba, record.aqk + brow * kChunk + bcol);
       ptx::mma16816<__nv_bfloat16>(ot[0], avn, ba[0], ba[1]);
@@ -152,29 +170,35 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
           if (vq.first[j >> 1] < kChunk) s[nt][j] = __int_as_float(0x7fffffff);
     }
 
-    // Oᵀ tile → [token][value] in shared memory → one 16-byte store per lane.
+    if constexpr (kTransition) {
+      __syncwarp();
+      ring.release(c, lane);
+    } else {
+      // Oᵀ tile → [token][value] in shared memory → one 16-byte store per lane.
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+      for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int tok = nt * 8 + t * 2 + (j & 1), v = g + (j >> 1) * 8;
-        if constexpr (std::is_same_v<Tin, __half>)
-          ostage[tok * L::kOutPitch + v] = __float2half_rn(ot[nt][j]);
-        else
-          ostage[tok * L::kOutPitch + v] = __float2bfloat16_rn(ot[nt][j]);
+        for (int j = 0; j < 4; ++j) {
+          const int tok = nt * 8 + t * 2 + (j & 1), v = g + (j >> 1) * 8;
+          if constexpr (std::is_same_v<Tin, __half>)
+            ostage[tok * L::kOutPitch + v] = __float2half_rn(ot[nt][j]);
+          else
+            ostage[tok * L::kOutPitch + v] = __float2bfloat16_rn(ot[nt][j]);
+        }
+      __syncwarp();
+      ring.release(c, lane);
+      {
+        const int tok = lane >> 1, half = lane & 1;
+        const int gt = c * kChunk + tok;
+        if (gt < sq.len) {
+          const uint4 val =
+              *reinterpret_cast<const uint4*>(ostage + tok * L::kOutPitch + half * 8);
+          *reinterpret_cast<uint4*>(out + (static_cast<size_t>(sq.row0 + gt) * p.H + h) * p.V +
+                                    vb * BV + warp * 16 + half * 8) = val;
+        }
       }
-    __syncwarp();
-    ring.release(c, lane);
-    {
-      const int tok = lane >> 1, half = lane & 1;
-      const int gt = c * kChunk + tok;
-      if (gt < sq.len) {
-        const uint4 val = *reinterpret_cast<const uint4*>(ostage + tok * L::kOutPitch + half * 8);
-        *reinterpret_cast<uint4*>(out + (static_cast<size_t>(sq.row0 + gt) * p.H + h) * p.V +
-                                  vb * BV + warp * 16 + half * 8) = val;
-      }
+      __syncwarp();
     }
-    __syncwarp();
   }
 
 #pragma unroll
@@ -182,6 +206,7 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
 #pragma unroll
     for (int j = 0; j < 4; ++j) p.final_state[st_index(nt, j)] = s[nt][j];
 
+  if constexpr (kTransition) return;
   // Tokens before the first or after the last varlen sequence belong to none: their output is
   // zero (docs/robustness.md §1). The first and last sequences' CTAs write them.
   auto zero_tokens = [&](long long from, long long to) {

@@ -14,6 +14,7 @@
 
 #include "kda/chunks.cuh"
 #include "kda/fwd_recurrence.cuh"
+#include "kda/fwd_split.cuh"
 #include "kda/prep.cuh"
 
 namespace kda {
@@ -30,13 +31,14 @@ cudaError_t launch_fwd_prep(const FwdParams& p, uint8_t* ws, int slots, int sms,
              : launch_prep<K, false, Tin, B, false>(p, ws, nullptr, nullptr, slots, sms, stream);
 }
 
-template <int K, int NW, typename Tin>
-cudaError_t launch_recurrence(const FwdParams& p, const uint8_t* ws, int slots,
+// kTransition: p.V state columns, the first v_cols of them real (fwd_recurrence.cuh).
+template <int K, int NW, typename Tin, bool kTransition>
+cudaError_t launch_recurrence(const FwdParams& p, const uint8_t* ws, int slots, int v_cols,
                               cudaStream_t stream) {
   using L = RecurrenceSmem<K, NW, Tin>;
-  auto kernel = kda_recurrence_kernel<K, NW, Tin>;
+  auto kernel = kda_recurrence_kernel<K, NW, Tin, kTransition>;
   KDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes));
-  kernel<<<dim3(p.V / L::BV, p.H, p.N), NW * 32, L::kBytes, stream>>>(p, ws, slots);
+  kernel<<<dim3(p.V / L::BV, p.H, p.N), NW * 32, L::kBytes, stream>>>(p, ws, slots, v_cols);
   return cudaGetLastError();
 }
 
@@ -57,14 +59,14 @@ int pick_warps(const FwdParams& p, int sms) {
   return 1;
 }
 
-template <int K, typename Tin>
+template <int K, typename Tin, bool kTransition = false>
 cudaError_t launch_recurrence_nw(const FwdParams& p, const uint8_t* ws, int slots, int sms,
-                                 cudaStream_t stream) {
+                                 cudaStream_t stream, int v_cols = 0) {
   switch (pick_warps(p, sms)) {
-    case 8: return launch_recurrence<K, 8, Tin>(p, ws, slots, stream);
-    case 4: return launch_recurrence<K, 4, Tin>(p, ws, slots, stream);
-    case 2: return launch_recurrence<K, 2, Tin>(p, ws, slots, stream);
-    default: return launch_recurrence<K, 1, Tin>(p, ws, slots, stream);
+    case 8: return launch_recurrence<K, 8, Tin, kTransition>(p, ws, slots, v_cols, stream);
+    case 4: return launch_recurrence<K, 4, Tin, kTransition>(p, ws, slots, v_cols, stream);
+    case 2: return launch_recurrence<K, 2, Tin, kTransition>(p, ws, slots, v_cols, stream);
+    default: return launch_recurrence<K, 1, Tin, kTransition>(p, ws, slots, v_cols, stream);
   }
 }
 
@@ -78,11 +80,123 @@ cudaError_t fwd_k(const FwdParams& p, uint8_t* ws, cudaStream_t stream) {
     KDA_TRY((f16 ? launch_fwd_prep<K, __half>(p, ws, slots, sms, stream)
                  : launch_fwd_prep<K, __nv_bfloat16>(p, ws, slots, sms, stream)));
   if (p.N == 0 || p.H == 0) return cudaSuccess;
-  return f16 ? launch_recurrence_nw<K, __half>(p, ws, slots, sms, stream)
-             : launch_recurrence_nw<K, __nv_bfloat16>(p, ws, slots, sms, stream);
+  return f16 ? launch_recurrence_nw<K, __half>(p, ws, slots, sms, stream, p.V)
+             : launch_recurrence_nw<K, __nv_bfloat16>(p, ws, slots, sms, stream, p.V);
+}
+
+// The sequence split (docs/sequence_split.md): the call's tokens as one packed batch of
+// segments, and the workspace regions of fwd_split, 256-byte aligned.
+int split_segments(const FwdParams& p, int seg_tokens) {
+  return static_cast<int>(p.N + static_cast<long long>(p.B) * p.T / seg_tokens);
+}
+
+FwdParams segment_view(const FwdParams& p, int segments, const int32_t* seg_cu) {
+  FwdParams s = p;
+  s.T = p.B * p.T;
+  s.B = 1;
+  s.N = segments;
+  s.cu_seqlens = seg_cu;
+  s.attrs.is_varlen = true;
+  s.attrs.state_v_first = false;
+  return s;
+}
+
+struct SplitLayout {
+  size_t rec, seg_cu, first, last, ends, s_in, seg_final, total;
+  SplitLayout(const FwdParams& p, int seg_tokens) {
+    const int segments = split_segments(p, seg_tokens);
+    const FwdParams s = segment_view(p, segments, nullptr);
+    const size_t states = static_cast<size_t>(segments) * p.H * p.K;
+    size_t off = 0;
+    auto take = [&](size_t bytes) {
+      const size_t at = off;
+      off += (bytes + 255) & ~size_t{255};
+      return at;
+    };
+    rec = take(static_cast<size_t>(chunk_slots(s)) * p.H * rec_bytes(p.K));
+    seg_cu = take((segments + 1) * sizeof(int32_t));
+    first = take(p.N * sizeof(int32_t));
+    last = take(p.N * sizeof(int32_t));
+    ends = take(states * (p.V + p.K) * sizeof(float));
+    s_in = take(states * p.V * sizeof(float));
+    seg_final = take(states * p.V * sizeof(float));
+    total = off;
+  }
+};
+
+// 1. the segments; 2. prep over them, once; 3. the transitions [Z | P] (recurrence with V + K
+// columns, no outputs); 4. each segment's incoming state; 5. the recurrence from those, writing
+// o; 6. each sequence's final state from its last segment's.
+template <int K, typename Tin>
+cudaError_t fwd_split_k(const FwdParams& p, int seg_tokens, uint8_t* ws, cudaStream_t stream) {
+  const SplitLayout lay(p, seg_tokens);
+  const int segments = split_segments(p, seg_tokens);
+  auto* seg_cu = reinterpret_cast<int32_t*>(ws + lay.seg_cu);
+  auto* first = reinterpret_cast<int32_t*>(ws + lay.first);
+  auto* last = reinterpret_cast<int32_t*>(ws + lay.last);
+  auto* ends = reinterpret_cast<float*>(ws + lay.ends);
+  auto* s_in = reinterpret_cast<float*>(ws + lay.s_in);
+  auto* seg_final = reinterpret_cast<float*>(ws + lay.seg_final);
+  int sms = 0;
+  KDA_TRY(sm_count(sms));
+
+  kda_split_segments_kernel<<<1, kSegmentThreads, 0, stream>>>(p, seg_tokens, segments, seg_cu,
+                                                               first, last);
+  KDA_TRY(cudaGetLastError());
+  FwdParams s = segment_view(p, segments, seg_cu);
+  const int slots = chunk_slots(s);
+  KDA_TRY((launch_fwd_prep<K, Tin>(s, ws + lay.rec, slots, sms, stream)));
+
+  FwdParams t = s;
+  t.V = p.V + K;
+  t.initial_state = nullptr;
+  t.o = nullptr;
+  t.final_state = ends;
+  KDA_TRY((launch_recurrence_nw<K, Tin, true>(t, ws + lay.rec, slots, sms, stream, p.V)));
+
+  using C = CombineSmem<K>;
+  KDA_TRY(cudaFuncSetAttribute(kda_split_combine_kernel<K>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, C::kBytes));
+  kda_split_combine_kernel<K><<<dim3(p.V / 16, p.H, p.N), K, C::kBytes, stream>>>(
+      p, ends, first, last, s_in);
+  KDA_TRY(cudaGetLastError());
+
+  s.initial_state = s_in;
+  s.final_state = seg_final;
+  KDA_TRY((launch_recurrence_nw<K, Tin>(s, ws + lay.rec, slots, sms, stream)));
+
+  kda_split_finals_kernel<K><<<dim3(p.H, p.N), 256, 0, stream>>>(p, seg_final, last,
+                                                                 p.final_state);
+  return cudaGetLastError();
 }
 
 }  // namespace
+
+const char* fwd_split_unsupported(const FwdParams& p, int seg_tokens) {
+  if (const char* why = fwd_unsupported(p)) return why;
+  if (seg_tokens < 1) return "segment_tokens must be positive";
+  if (p.V + p.K > 512) return "the sequence split needs V + K <= 512";
+  if (p.N > 65535) return "the sequence split supports at most 65535 sequences";
+  if (split_segments(p, seg_tokens) > 65535)
+    return "the sequence split supports at most 65535 segments (a longer segment_tokens)";
+  return nullptr;
+}
+
+size_t fwd_split_workspace_bytes(const FwdParams& p, int seg_tokens) {
+  return SplitLayout(p, seg_tokens).total;
+}
+
+cudaError_t fwd_split(const FwdParams& p, int seg_tokens, void* workspace, cudaStream_t stream) {
+  if (fwd_split_unsupported(p, seg_tokens)) return cudaErrorInvalidValue;
+  if (p.N == 0 || p.H == 0 || static_cast<long long>(p.B) * p.T == 0) return fwd(p, workspace, stream);
+  uint8_t* ws = static_cast<uint8_t*>(workspace);
+  const bool f16 = p.qkv_dtype == DType::kF16;
+  if (p.K == 64)
+    return f16 ? fwd_split_k<64, __half>(p, seg_tokens, ws, stream)
+               : fwd_split_k<64, __nv_bfloat16>(p, seg_tokens, ws, stream);
+  return f16 ? fwd_split_k<128, __half>(p, seg_tokens, ws, stream)
+             : fwd_split_k<128, __nv_bfloat16>(p, seg_tokens, ws, stream);
+}
 
 const char* fwd_unsupported(const FwdParams& p) {
   if (p.qkv_dtype != DType::kBF16 && p.qkv_dtype != DType::kF16)

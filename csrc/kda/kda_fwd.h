@@ -59,4 +59,10 @@ size_t fwd_workspace_bytes(const FwdParams& p);
 // Enqueues the forward on `stream`; no allocation, no synchronisation.
 cudaError_t fwd(const FwdParams& p, void* workspace, cudaStream_t stream);
 
+// The same forward with every sequence cut into segments of at most `seg_tokens` tokens that run
+// in parallel, combined exactly (docs/sequence_split.md): same operands, same results.
+const char* fwd_split_unsupported(const FwdParams& p, int seg_tokens);
+size_t fwd_split_workspace_bytes(const FwdParams& p, int seg_tokens);
+cudaError_t fwd_split(const FwdParams& p, int seg_tokens, void* workspace, cudaStream_t stream);
+
 }  // namespace kda
