@@ -1,6 +1,7 @@
 """Small forward and backward calls for compute-sanitizer: each kernel family once.
 
     compute-sanitizer --tool memcheck --kernel-name regex=kda_ python scripts/sanitize_cases.py
+    ... python scripts/sanitize_cases.py split     # the sequence split's cases alone
 """
 
 import os
@@ -15,6 +16,22 @@ import test_cuda_bwd  # noqa: E402
 import test_cuda_fwd  # noqa: E402
 
 rng = np.random.default_rng(0)
+
+
+def split_cases():
+    os.environ["JAX_FLASHKDA_SEGMENT_TOKENS"] = "24"
+    for split_backward, v_first in (("0", True), ("1", False)):
+        os.environ["JAX_FLASHKDA_SPLIT_BACKWARD"] = split_backward
+        x, dtypes, static, do, dht = test_cuda_bwd.make_case(rng, H=2, gate_mode=2,
+                                                             seqlens=[0, 50, 7], v_first=v_first)
+        test_cuda_bwd.cuda_grads(x, dtypes, static, do, dht)
+    os.environ.pop("JAX_FLASHKDA_SEGMENT_TOKENS")
+    os.environ.pop("JAX_FLASHKDA_SPLIT_BACKWARD")
+
+
+if sys.argv[1:] == ["split"]:
+    split_cases()
+    sys.exit(0)
 for warps, kw in [("1", dict(gate_mode=2)), ("4", dict(gate_mode=0, extreme=True)),
                   ("2", dict(gate_mode=1, seqlens=[0, 19, 33], tail=5)),
                   ("8", dict(gate_mode=2, K=64, V=128)), ("1", dict(gate_mode=2, T=1))]:
@@ -62,8 +79,6 @@ test_cuda_decode._decode(arrays, attrs, pool, np.array([[0, 1, 7], [2, 3, -1], [
                          np.array([2, 5, -4]))
 print("sanitize cases done")
 
-# The sequence split: the forward with V + K value columns (the transitions), empty segments.
-os.environ["JAX_FLASHKDA_SEGMENT_TOKENS"] = "24"
-x, dtypes, static, do, dht = test_cuda_bwd.make_case(rng, H=2, gate_mode=2, seqlens=[0, 50, 7])
-test_cuda_bwd.cuda_grads(x, dtypes, static, do, dht)
-os.environ.pop("JAX_FLASHKDA_SEGMENT_TOKENS")
+# The sequence split (docs/sequence_split.md), empty segments included: the CUDA split forward
+# (its transition recurrence, combine and gather), then the split around the plain calls.
+split_cases()
