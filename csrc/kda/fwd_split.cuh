@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(K) kda_split_combine_kernel(FwdParams p,
                                                              const int32_t* __restrict__ last,
                                                              float* __restrict__ s_in) {
   using L = CombineSmem<K>;
-  extern __shared__ float combine_smem[];
+  extern __shared__ __align__(16) float combine_smem[];
   float* Ps = combine_smem;
   float* Ss = combine_smem + K * L::kPitch;
   const int c0 = blockIdx.x * 16, h = blockIdx.y, i = blockIdx.z, k = threadIdx.x;
