@@ -211,54 +211,53 @@ ffi::Error unimplemented(const std::string& who, const char* why) {
   return ffi::Error(ffi::ErrorCode::kUnimplemented, who + ": " + why);
 }
 
+// The forward and the split forward: decode, check (unsupported: the kernels' own refusal, as
+// kda::fwd_unsupported), stage, launch.
+template <typename Unsupported, typename WorkspaceBytes, typename Launch>
+ffi::Error forward(const std::string& who, cudaStream_t stream, ffi::ScratchAllocator& scratch,
+                   const contract::Inputs& in, ffi::AnyBuffer& o, ffi::AnyBuffer& final_state,
+                   const Attributes& attrs, Unsupported unsupported,
+                   WorkspaceBytes workspace_bytes, Launch run) {
+  contract::Sizes s;
+  kda::FwdParams p;
+  KDA_RETURN_IF_ERROR(contract::check_inputs(who, in, attrs, s));
+  KDA_RETURN_IF_ERROR(cuda_params(who, in, s, attrs, p));
+  KDA_RETURN_IF_ERROR(contract::check_forward(who, s, in, o, final_state));
+  if (const char* why = unsupported(p)) return unimplemented(who, why);
+
+  Staging staging(who, scratch, stream);
+  KDA_RETURN_IF_ERROR(stage_inputs(staging, in, p));
+  KDA_RETURN_IF_ERROR(staging.output(o, p.o));
+  KDA_RETURN_IF_ERROR(staging.output(final_state, p.final_state));
+  return launch(who, p, staging, scratch, stream, workspace_bytes, run);
+}
+
 ffi::Error fwd_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
                     ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer g, ffi::AnyBuffer beta,
                     ffi::AnyBuffer A_log, ffi::AnyBuffer dt_bias, ffi::AnyBuffer initial_state,
                     ffi::AnyBuffer cu_seqlens, ffi::Result<ffi::AnyBuffer> o,
                     ffi::Result<ffi::AnyBuffer> final_state, Attributes attrs) {
-  const contract::Inputs in{q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens};
-
-  contract::Sizes s;
-  kda::FwdParams p;
-  KDA_RETURN_IF_ERROR(contract::check_inputs(kFwd, in, attrs, s));
-  KDA_RETURN_IF_ERROR(cuda_params(kFwd, in, s, attrs, p));
-  KDA_RETURN_IF_ERROR(contract::check_forward(kFwd, s, in, *o, *final_state));
-  if (const char* why = kda::fwd_unsupported(p)) return unimplemented(kFwd, why);
-
-  Staging staging(kFwd, scratch, stream);
-  KDA_RETURN_IF_ERROR(stage_inputs(staging, in, p));
-  KDA_RETURN_IF_ERROR(staging.output(*o, p.o));
-  KDA_RETURN_IF_ERROR(staging.output(*final_state, p.final_state));
-  return launch(kFwd, p, staging, scratch, stream, kda::fwd_workspace_bytes, kda::fwd);
+  return forward(kFwd, stream, scratch,
+                 {q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens}, *o, *final_state,
+                 attrs, kda::fwd_unsupported, kda::fwd_workspace_bytes, kda::fwd);
 }
 
-// The forward with the sequence split: the forward's checks, then segment_tokens.
+// The forward with the sequence split (docs/sequence_split.md): the forward's operands, results
+// and checks, then segment_tokens.
 ffi::Error fwd_split_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
                           ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer g,
                           ffi::AnyBuffer beta, ffi::AnyBuffer A_log, ffi::AnyBuffer dt_bias,
                           ffi::AnyBuffer initial_state, ffi::AnyBuffer cu_seqlens,
                           ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> final_state,
                           SplitAttributes attrs) {
-  const contract::Inputs in{q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens};
-  const int seg_tokens = attrs.segment_tokens;
-
-  contract::Sizes s;
-  kda::FwdParams p;
-  KDA_RETURN_IF_ERROR(contract::check_inputs(kFwdSplit, in, attrs.common, s));
-  KDA_RETURN_IF_ERROR(cuda_params(kFwdSplit, in, s, attrs.common, p));
-  KDA_RETURN_IF_ERROR(contract::check_forward(kFwdSplit, s, in, *o, *final_state));
-  if (const char* why = kda::fwd_split_unsupported(p, seg_tokens))
-    return unimplemented(kFwdSplit, why);
-
-  Staging staging(kFwdSplit, scratch, stream);
-  KDA_RETURN_IF_ERROR(stage_inputs(staging, in, p));
-  KDA_RETURN_IF_ERROR(staging.output(*o, p.o));
-  KDA_RETURN_IF_ERROR(staging.output(*final_state, p.final_state));
-  return launch(
-      kFwdSplit, p, staging, scratch, stream,
-      [seg_tokens](const kda::FwdParams& p) { return kda::fwd_split_workspace_bytes(p, seg_tokens); },
-      [seg_tokens](const kda::FwdParams& p, void* ws, cudaStream_t st) {
-        return kda::fwd_split(p, seg_tokens, ws, st);
+  const int seg = attrs.segment_tokens;
+  return forward(
+      kFwdSplit, stream, scratch, {q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens},
+      *o, *final_state, attrs.common,
+      [seg](const kda::FwdParams& p) { return kda::fwd_split_unsupported(p, seg); },
+      [seg](const kda::FwdParams& p) { return kda::fwd_split_workspace_bytes(p, seg); },
+      [seg](const kda::FwdParams& p, void* ws, cudaStream_t st) {
+        return kda::fwd_split(p, seg, ws, st);
       });
 }
 
