@@ -4,7 +4,7 @@
 # The log (ptxas register and spill report included) goes to $1.
 set -o pipefail
 log=${1:-/tmp/kda_build.log}
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 PY=$(command -v python3)
 cmake -S . -B build/gpu -G Ninja -DJAX_FLASHKDA_CUDA=ON -DCMAKE_BUILD_TYPE=Release \
   -DPython_EXECUTABLE="$PY" >"$log" 2>&1 &&

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the scripts that run on the GPU machine: strict pipes, unbuffered Python, logs
 # under $OUT, the repository root as the working directory, the GPUs named in the log, and the
 # wheels carried in the git-excluded .whl/ (fla-core, ...: that machine has no network)
