@@ -15,7 +15,7 @@ import sys
 
 OURS = "jax_flashkda"
 ORDER = ["floor", "jax_flashkda", "flashkda", "fla", "jla", "jax_chunked", "jax_flashkda_chunk",
-         "fla_fused_recurrent"]
+         "fla_fused_recurrent", "jax_flashkda_unsplit", "jax_flashkda_forced_split_4096"]
 
 
 def table(rows, mode):
@@ -115,8 +115,20 @@ def main(path):
         # Each case is side by side within one run; different runs are different processes
         # (and machines of the same GPU model), so compare across cases with care.
         parts += ["Runs: " + "; ".join(f"run {k}: {', '.join(v)}" for k, v in runs.items()), ""]
+    # A case measured in several runs gets a table per run (times of different processes and
+    # machines are never put side by side).
+    repeated = sum(len(cases) for cases in runs.values()) > len({c for v in runs.values() for c in v})
     for mode in dict.fromkeys(r["mode"] for r in rows):
-        parts += [f"## {mode}", "", table(rows, mode), ""]
+        if not repeated:
+            parts += [f"## {mode}", "", table(rows, mode), ""]
+            continue
+        for run in runs:
+            of_run = [r for r in rows if r.get("run", 1) == run]
+            if any(r["mode"] == mode for r in of_run):
+                parts += [f"## {mode}, run {run}", "", table(of_run, mode), ""]
+    notes = dict.fromkeys((r.get("run", 1), r.get("commit"), r["note"]) for r in rows if "note" in r)
+    for run, commit, note in notes:
+        parts += [f"Run {run}" + (f" ({commit})" if commit else "") + f": {note}", ""]
     mem = [r for r in rows if "extra_gib" in r]
     if mem:
         parts += ["## extra device memory of forward+backward", "",

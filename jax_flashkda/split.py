@@ -52,10 +52,12 @@ WARPS_PER_SM = 6
 MIN_SEGMENT_TOKENS = 4096
 # Split the forward (the backward) only while the unsplit call keeps at most this many warps
 # per SM busy over its longest sequence. Measured on an H100 (2026-12-07, fused mode, bf16,
-# D = 128; benchmarks/results/split_h100.md): the split forward took 0.39x the unsplit time at
-# B1 T131072 H4 (32 busy warps on 132 SMs), 0.76x at T65536 H8 (64), 0.96x at T32768 H12
-# (96), 1.22x at T32768 H16 (128); the split backward won only at H4.
-FORWARD_MAX_BUSY_WARPS_PER_SM = 0.75
+# D = 128; benchmarks/results/split_h100.md), the CUDA split forward took 0.55x the unsplit
+# time at B1 T65536 H8 (64 busy warps on 132 SMs), 0.39x at T131072 H4 (32) and 0.79x at
+# T32768 H16 (128, 4096-token segments), all with a combine kernel slower than today's; a split
+# backward (two passes of the backward) paid only at H4: 11.46 against 15.45 ms forward and
+# backward, and lost at H8 and above, where the parallel gradient kernel dominates.
+FORWARD_MAX_BUSY_WARPS_PER_SM = 1.0
 BACKWARD_MAX_BUSY_WARPS_PER_SM = 0.25
 _HIGHEST = jax.lax.Precision.HIGHEST
 
