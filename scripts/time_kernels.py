@@ -7,7 +7,8 @@ benchmarks/bench_gpu.py; this prints only our own milliseconds.
                                    [--split auto,0,4096]
 
 JAX_FLASHKDA_FWD_WARPS selects the forward's warps per CTA; --warps times each in turn.
-JAX_FLASHKDA_SEGMENT_TOKENS forces the sequence split (0: never; docs/sequence_split.md);
+JAX_FLASHKDA_SEGMENT_TOKENS sets the sequence split (0: never, auto: the planner, or a length;
+docs/sequence_split.md);
 --split times each setting in turn, forward and forward+backward.
 """
 
@@ -73,7 +74,7 @@ def main():
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--split", default=None,
-                    help="comma-separated JAX_FLASHKDA_SEGMENT_TOKENS settings ('auto': unset)")
+                    help="comma-separated JAX_FLASHKDA_SEGMENT_TOKENS settings: 0, auto, a length")
     a = ap.parse_args()
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}")
@@ -116,10 +117,7 @@ def time_split(name, args, do, settings, iters, no_backward):
     """Forward (and forward+backward) per sequence-split setting; the setting is read when a
     call is traced, so each gets freshly traced functions."""
     for setting in settings:
-        if setting == "auto":
-            os.environ.pop("JAX_FLASHKDA_SEGMENT_TOKENS", None)
-        else:
-            os.environ["JAX_FLASHKDA_SEGMENT_TOKENS"] = setting
+        os.environ["JAX_FLASHKDA_SEGMENT_TOKENS"] = setting
         fwd = jax.jit(lambda *x: forward(*x))
         med, best = median_min_ms(fwd, args, iters)
         line = f"{name} split={setting}: fwd {med:.3f} ms (min {best:.3f})"

@@ -105,7 +105,7 @@ SMS = 132
     ((64, 1, 32, 64, 1), None),                    # decode
 ])
 def test_planner(monkeypatch, case, expected):
-    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setenv(ENV, "auto")
     b, t, h, n, longest = case
     sizes = dict(batch=b, tokens=t, heads=h, value_dim=128, num_sequences=n, longest=longest,
                  sms=SMS)
@@ -127,8 +127,14 @@ def test_planner_is_forced_by_the_environment(monkeypatch):
     monkeypatch.setenv(split.SPLIT_BACKWARD_ENV, "0")
     assert split.plan_split(**sizes) == split.SplitPlan(100, 1 + 8192 // 100, backward=False)
     monkeypatch.delenv(split.SPLIT_BACKWARD_ENV)
-    monkeypatch.setenv(ENV, "0")
-    assert split.plan_split(**dict(sizes, heads=4, tokens=131072, longest=131072)) is None
+    few_heads = dict(sizes, heads=4, tokens=131072, longest=131072)
+    monkeypatch.setenv(ENV, "auto")
+    assert split.plan_split(**few_heads) is not None
+    for off in ("0", ""):
+        monkeypatch.setenv(ENV, off)
+        assert split.plan_split(**few_heads) is None
+    monkeypatch.delenv(ENV)
+    assert split.plan_split(**few_heads) is None
     monkeypatch.setenv(ENV, "-3")
     with pytest.raises(ValueError, match=ENV):
         split.plan_split(**sizes)
