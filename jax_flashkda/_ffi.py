@@ -350,9 +350,17 @@ def fwd_split_call(scfg: SplitConfig):
 @functools.lru_cache(maxsize=None)
 def bwd_call(cfg: CallConfig):
     """(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, do, dht) ->
-    (dq, dk, dv, dg, dbeta, dA_log[B,H], ddt_bias[B,H,K], dh0)."""
+    (dq, dk, dv, dg, dbeta, dA_log[H], ddt_bias[H,K], dh0)."""
     op = _partitioned(cfg, _bwd_raw, _bwd_rule(cfg), whole_batch=cfg.is_varlen)
-    return _head_folding(op, _BWD_HEAD_AXES, _BWD_OUT_HEAD_AXES)
+    folded = _head_folding(op, _BWD_HEAD_AXES, _BWD_OUT_HEAD_AXES)
+
+    def call(*args):
+        # The target writes dA_log and ddt_bias per batch row, so that a call split over the
+        # batch axis needs no reduction inside; the gradients are their sums.
+        dq, dk, dv, dg, dbeta, dA_log, ddt_bias, dh0 = folded(*args)
+        return dq, dk, dv, dg, dbeta, dA_log.sum(0), ddt_bias.sum(0), dh0
+
+    return call
 
 
 @functools.lru_cache(maxsize=None)

@@ -287,7 +287,7 @@ def split_vjp(cfg: _ffi.CallConfig, plan: SplitPlan, whole_backward):
         if cfg.state_v_first:
             dh0 = jnp.swapaxes(dh0, -1, -2)
         grads = tuple(x.reshape(s) for x, s in zip((dq, dk, dv, dg, dbeta), shapes))
-        return grads + (dA_log.sum(0), ddt_bias.sum(0), dh0, None)
+        return grads + (dA_log, ddt_bias, dh0, None)
 
     run = jax.custom_vjp(lambda *primals: forward(*primals)[:2])
     run.defvjp(run_fwd, run_bwd)
