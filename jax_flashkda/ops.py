@@ -19,7 +19,6 @@ IMPLS = ("auto", "cuda", "ffi", "chunked", "recurrent")
 _FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
 # What the Hopper kernels take; anything else runs elsewhere (auto) or is refused (cuda).
 CUDA_INPUT_DTYPES = (jnp.bfloat16, jnp.float16)
-CUDA_HEAD_DIMS = (128,)
 # Up to this many tokens per sequence the CUDA target runs the decode kernel (one token at a
 # time, the state in registers) instead of the chunk kernels; for packed sequences, up to this
 # many on average. Measured crossover: benchmarks/results/ (decode rows).
@@ -348,7 +347,7 @@ def _hopper_device():
 
 
 def cuda_unavailable_reason(q_dtype=jnp.bfloat16, k_dim=128, v_dim=128) -> str | None:
-    """None when the CUDA kernels can run a call with these properties, else why not."""
+    """None when the CUDA forward can run a call with these properties, else why not."""
     _, reason = _hopper_device()
     if reason:
         return reason
@@ -359,12 +358,21 @@ def cuda_unavailable_reason(q_dtype=jnp.bfloat16, k_dim=128, v_dim=128) -> str |
         return "the CUDA extension has no forward target"
     if not any(q_dtype == d for d in CUDA_INPUT_DTYPES):
         return f"the CUDA kernels take bfloat16 or float16 q/k/v, got {jnp.dtype(q_dtype)}"
-    if k_dim not in CUDA_HEAD_DIMS or v_dim not in CUDA_HEAD_DIMS:
-        return (f"the CUDA kernels support K = V in {CUDA_HEAD_DIMS}, got K={k_dim}, "
-                f"V={v_dim}")
-    if k_dim != v_dim:
-        return f"the CUDA kernels need K == V, got K={k_dim}, V={v_dim}"
-    return None
+    # The head dims: the extension's own checks (kda::fwd_unsupported), asked for one token.
+    # The backward's (K = V = 128 today) are asked per call: where it refuses, impl='auto'
+    # takes the chunked backward after the CUDA forward.
+    return _ffi.cuda_refusal(backward=False, B=1, T=1, H=1, K=k_dim, V=v_dim, N=1,
+                             is_varlen=False, f16=q_dtype == jnp.float16, memory_bytes=0)
+
+
+def cuda_head_dims(backward: bool = False) -> tuple[int, ...]:
+    """The head dims K = V that the CUDA target's forward (or backward) takes, by the
+    extension's own checks; () where the CUDA extension is not loaded."""
+    if _ffi.load_error("CUDA"):
+        return ()
+    return tuple(d for d in (32, 64, 128, 256)
+                 if _ffi.cuda_refusal(backward=backward, B=1, T=1, H=1, K=d, V=d, N=1,
+                                      is_varlen=False, f16=False, memory_bytes=0) is None)
 
 
 def _device_memory_bytes() -> int:
