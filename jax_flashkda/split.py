@@ -103,11 +103,11 @@ def plan_split(*, batch: int, tokens: int, heads: int, value_dim: int, num_seque
     `num_sequences` sequences, the longest `longest` tokens long), and how.
 
     The environment decides whether to split at all (SEGMENT_TOKENS_ENV): a forced length wins;
-    with "auto" (and only where `automatic`: one GPU that runs the call whole) the call is split when the unsplit one would keep few warps busy over its
-    longest sequence (FORWARD_MAX_BUSY_WARPS_PER_SM; the backward by its own bound) and that
-    sequence makes at least two segments; the segment length spreads the whole call's tokens
-    over about WARPS_PER_SM warps per SM. The many-heads cases fill the GPU already and are
-    left alone.
+    with "auto" (and only where `automatic`: one GPU that runs the call whole) the call is split
+    when the unsplit one would keep few warps busy over its longest sequence
+    (FORWARD_MAX_BUSY_WARPS_PER_SM; the backward by its own bound) and that sequence makes at
+    least two segments; the segment length spreads the whole call's tokens over about
+    WARPS_PER_SM warps per SM. The many-heads cases fill the GPU already and are left alone.
     """
     total = batch * tokens
     forced = forced_segment_tokens()
@@ -255,7 +255,6 @@ def split_vjp(cfg: _ffi.CallConfig, plan: SplitPlan, whole_backward):
         shapes = [x.shape for x in (q, k, v, g, beta)]
         seg = segments_of(q, cu)
         q, k, v, g, beta, do = map(_flat, (q, k, v, g, beta, do))
-        S = plan.num_segments
         dht = layout_in(dht).astype(jnp.float32)
         # Columns that died before a segment began (not those of the caller's initial
         # state, which the unsplit call would take as they are): zeroed in S_in and marked
@@ -263,13 +262,15 @@ def split_vjp(cfg: _ffi.CallConfig, plan: SplitPlan, whole_backward):
         dead = _dead_columns(s_in) & ~seg.is_first[:, None, None]
         all_dead = jnp.all(dead, axis=-1)
         s_in = jnp.where(dead[:, :, None, :], 0.0, s_in)
-        at = jnp.minimum(seg.cu[:-1], q.shape[1] - 1)
-        nonempty = (seg.cu[1:] > seg.cu[:-1])[:, None]
-        nan = jnp.asarray(jnp.nan, v.dtype)
-        v = v.at[0, at].set(jnp.where((dead & ~all_dead[..., None] & nonempty[..., None]),
-                                      nan, v[0, at]))
-        beta = beta.at[0, at].set(jnp.where(all_dead & nonempty,
-                                            jnp.asarray(jnp.nan, beta.dtype), beta[0, at]))
+        # An empty segment shares its start with the next one (or lies past the tokens): its
+        # write is dropped, so that no two writes meet at one token.
+        t = q.shape[1]
+        at = jnp.where(seg.cu[1:] > seg.cu[:-1], seg.cu[:-1], t)
+        first_v, first_beta = v[0, jnp.minimum(at, t - 1)], beta[0, jnp.minimum(at, t - 1)]
+        v = v.at[0, at].set(jnp.where(dead & ~all_dead[..., None], jnp.nan, first_v)
+                            .astype(v.dtype), mode="drop")
+        beta = beta.at[0, at].set(jnp.where(all_dead, jnp.nan, first_beta).astype(beta.dtype),
+                                  mode="drop")
         # The end cotangents: the caller's at each sequence's last segment (less the columns
         # quarantined by then), the next segment's initial-state gradient elsewhere.
         dht_seg = jnp.where(_dead_columns(seg_final)[:, :, None, :], 0.0, dht[seg.sequence])

@@ -229,17 +229,20 @@ def _nan_pattern_and_values(got, want, what):
 def test_cpu_split_keeps_the_quarantine(monkeypatch, rng, field, value, where):
     """A non-finite value in one segment must quarantine exactly what the unsplit call does, in
     that segment and in every later one (outputs, final states, gradients)."""
-    args, kwargs = make_inputs(rng, B=1, T=0, H=2, K=16, V=16, seqlens=[90, 41, 60],
+    # Segments of 20: the last sequence ends in a one-token segment at the last token, where
+    # the empty segments after it start too.
+    args, kwargs = make_inputs(rng, B=1, T=0, H=2, K=16, V=16, seqlens=[81, 0, 41, 61],
                                gate_mode="log_decay")
     args = [a.copy() for a in args]
     i = ("q", "k", "v", "g", "beta").index(field)
-    t = 9 if where == "early" else 75  # first sequence: in its first or fourth segment of 20
-    if field == "v":
-        args[i][0, t, 1, 3] = value
-    elif field == "beta":
-        args[i][0, t, 0] = value
-    else:
-        args[i][0, t, 1, 5] = value
+    # In the first sequence's first or fourth segment, and in the last sequence's first.
+    for t in (9 if where == "early" else 75, 127):
+        if field == "v":
+            args[i][0, t, 1, 3] = value
+        elif field == "beta":
+            args[i][0, t, 0] = value
+        else:
+            args[i][0, t, 1, 5] = value
     whole = run(monkeypatch, args, kwargs, 0)
     got = run(monkeypatch, args, kwargs, 20)
     _nan_pattern_and_values(got, whole, f"{field} at {t}")
