@@ -4,6 +4,8 @@ One process, one GPU, the same inputs for everyone. Peers that are not installed
 skipped with a note. Writes rows {"case", "impl", "mode", "ms", "gpu", "date"} as json.
 
     python benchmarks/bench_gpu.py --modes fwd fwd_bwd --out benchmarks/results/gpu.json
+    python benchmarks/bench_gpu.py --modes fwd fwd_bwd --split auto \
+        --cases B1_T32768_H16 B1_T32768_H12 B1_T65536_H8 B1_T131072_H4 varlen_65536_8x1024_H8
 
 Mode: fused (l2norm + safe gate lower_bound=-5 + beta sigmoid), bf16, D=128, fp32 state in
 and out. jla (jax-linear-attention) has no fused gate: it gets the activated log-decay and
@@ -34,7 +36,14 @@ CASES = {
     "varlen6_H96": dict(seqlens=[1300, 547, 2048, 963, 271, 3063], H=96),
     "B4_T8192_H32": dict(B=4, T=8192, H=32),
     "B1_T32768_H16": dict(B=1, T=32768, H=16),
+    # Few heads, long sequences (docs/sequence_split.md).
+    "B1_T32768_H12": dict(B=1, T=32768, H=12),
+    "B1_T65536_H8": dict(B=1, T=65536, H=8),
+    "B1_T131072_H4": dict(B=1, T=131072, H=4),
+    "varlen_65536_8x1024_H8": dict(seqlens=[65536] + [1024] * 8, H=8),
 }
+DEFAULT_CASES = ["B1_T8192_H96", "B1_T8192_H64", "varlen6_H96", "B4_T8192_H32",
+                 "B1_T32768_H16"]
 D = 128
 LOWER_BOUND = -5.0
 
@@ -237,16 +246,21 @@ def peer_jla(x, cu):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--modes", nargs="+", default=["fwd"], choices=["fwd", "fwd_bwd"])
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=list(CASES))
+    parser.add_argument("--split", choices=["off", "auto"], default="off",
+                        help="the sequence split for jax_flashkda (JAX_FLASHKDA_SEGMENT_TOKENS): "
+                             "off, or auto (the planner); recorded in each row")
     impls = ["jax_flashkda", "flashkda", "fla", "jla", "jax_chunked"]
     # The floor is computed for every case; it is not an implementation to pick.
     parser.add_argument("--impls", nargs="+", default=impls, choices=impls)
     parser.add_argument("--out", default="benchmarks/results/gpu.json")
     parser.add_argument("--cuda-peak-of", choices=list(CASES), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.cuda_peak_of:
+    if args.cuda_peak_of:  # the child of cuda_peak_gib: its parent's environment as it is
         print_cuda_peak(args.cuda_peak_of)
         return
+    # Read when a call is traced; the memory-figure children inherit it.
+    os.environ["JAX_FLASHKDA_SEGMENT_TOKENS"] = "auto" if args.split == "auto" else "0"
 
     cuda_peaks = {}
     if "jax_flashkda" in args.impls and "fwd_bwd" in args.modes:
@@ -294,7 +308,7 @@ def main():
                     print(f"{case:16s} {mode:8s} {impl:14s} failed: {type(e).__name__}: "
                           f"{str(e)[:160]}", flush=True)
                     continue
-                extra = {}
+                extra = {"split": args.split} if impl == "jax_flashkda" else {}
                 if mode == "fwd_bwd" and extra_gib is not None:
                     extra["extra_gib"] = round(extra_gib(), 3)
                 record(case, impl, mode, ms, **extra)
