@@ -11,13 +11,13 @@ gradients in exactly one place: `test_pure_jax.numpy_truth` (test_reference_matc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inputs import float64_on_cpu
 from jax_flashkda.reference import kda_recurrent, kda_recurrent_states
 
 INPUTS = ("q", "k", "v", "g", "beta")
@@ -25,6 +25,14 @@ PARAMS = ("A_log", "dt_bias", "initial_state")
 GRAD_NAMES = INPUTS + PARAMS
 # kda keyword arguments that are not arrays of the recurrence.
 _DROPPED = ("output_final_state", "impl", "state_indices", "num_accepted_tokens")
+
+
+@contextlib.contextmanager
+def _float64_on_cpu():
+    """float64 and the CPU for the oracle, as a scoped override (nests inside the tests' own
+    enable_x64 without changing the global setting on the way out)."""
+    with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
+        yield
 
 
 def _static(kwargs):
@@ -68,7 +76,7 @@ def oracle(args, kwargs, cotangents=None, states=False):
     """
     params = tuple(n for n in PARAMS if kwargs.get(n) is not None)
     cu = kwargs.get("cu_seqlens")
-    with float64_on_cpu():
+    with _float64_on_cpu():
         x = dict(zip(INPUTS, map(_f64, args)), **{n: _f64(kwargs[n]) for n in params})
         cu_arg = jnp.zeros((1,), jnp.int32) if cu is None else jnp.asarray(np.asarray(cu),
                                                                            jnp.int32)
