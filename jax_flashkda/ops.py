@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -408,12 +409,41 @@ def _cuda_reason(q, v, cu_seqlens) -> str | None:
             or _cuda_call_refusal(q, v, cu_seqlens, backward=False))
 
 
+# Overrides the CUDA target reads from the environment (for tests and tuning). The kernels
+# would ignore a value they cannot use and run their own choice; they are checked here, before
+# any call that runs on the CUDA target, so that a bad one raises instead.
+FWD_WARPS_ENV = "JAX_FLASHKDA_FWD_WARPS"      # the forward's warps per CTA: 1, 2, 4 or 8
+DECODE_ROWS_ENV = "JAX_FLASHKDA_DECODE_ROWS"  # the decode kernel's key rows per lane: 32 or 64
+
+
+def check_cuda_overrides(v_dim: int) -> None:
+    """Raises ValueError, naming the variable, when JAX_FLASHKDA_FWD_WARPS is set to anything
+    but 1, 2, 4 or 8 dividing V / 16 (the forward's warps per CTA split V / 16 warps), or
+    JAX_FLASHKDA_DECODE_ROWS to anything but 32 or 64. Unset or empty: the kernels choose."""
+    raw = os.environ.get(FWD_WARPS_ENV, "").strip()
+    if raw:
+        if raw not in ("1", "2", "4", "8"):
+            raise ValueError(f"{FWD_WARPS_ENV} must be 1, 2, 4 or 8, got {raw!r}")
+        if v_dim % 16 or (v_dim // 16) % int(raw):
+            raise ValueError(
+                f"{FWD_WARPS_ENV}={raw} must divide V / 16 (one warp per 16 value columns), "
+                f"got V={v_dim}")
+    raw = os.environ.get(DECODE_ROWS_ENV, "").strip()
+    if raw and raw not in ("32", "64"):
+        raise ValueError(f"{DECODE_ROWS_ENV} must be 32 or 64, got {raw!r}")
+
+
+def _on_cuda(v):
+    check_cuda_overrides(v.shape[-1])
+    return "cuda"
+
+
 def _choose_impl(impl, q, v, cu_seqlens):
     if impl == "cuda":
         reason = _cuda_reason(q, v, cu_seqlens)
         if reason:
             raise ValueError(f"kda: impl='cuda' cannot run this call: {reason}")
-        return "cuda"
+        return _on_cuda(v)
     if impl == "ffi":
         if jax.default_backend() == "cpu":
             if not _cpu_target_ready():
@@ -423,10 +453,10 @@ def _choose_impl(impl, q, v, cu_seqlens):
         reason = _cuda_reason(q, v, cu_seqlens)
         if reason:
             raise ValueError(f"kda: impl='ffi' cannot run this call: {reason}")
-        return "cuda"
+        return _on_cuda(v)
     if impl == "auto":
         if _cuda_reason(q, v, cu_seqlens) is None:
-            return "cuda"
+            return _on_cuda(v)
         # On CPU the C++ target: 238 ms against 646-675 ms for the chunked path at
         # forward+backward B1 T4096 H4 D128 on a 2-core machine (benchmarks/results/cpu.md).
         if jax.default_backend() == "cpu" and q.dtype != jnp.float64 and _cpu_target_ready():

@@ -1,9 +1,6 @@
-"""The CPU FFI target, called directly through `jax.ffi.ffi_call`, against float64 oracles.
-
-The oracle is a NumPy token-by-token recurrence, forward and backward, in float64. Its
-hand-written backward is itself checked against `jax.vjp` of a float64 jax.numpy recurrence
-(autodiff, an independent derivation) on small shapes; the target is then compared with the
-fast NumPy oracle everywhere.
+"""The CPU FFI target, called directly through `jax.ffi.ffi_call`, against the suite's float64
+oracle (tests/oracle.py: the package's token recurrence in float64, gradients by autodiff;
+itself checked against an independent NumPy loop in test_pure_jax.py).
 """
 
 from __future__ import annotations
@@ -18,7 +15,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from inputs import float64_on_cpu, rel_err
+from inputs import rel_err
+from oracle import oracle
 
 FWD, BWD = "jax_flashkda_fwd", "jax_flashkda_bwd"
 
@@ -80,117 +78,41 @@ def ffi_bwd(x, do, dfinal, cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# Oracles. Both work on the state in [K, V] order; callers transpose for state_v_first.
+# The oracle: the suite's float64 recurrence (tests/oracle.py), per batch row, so that dA_log
+# and ddt_bias come per row as the target returns them.
 
 
-def _spans(cfg, B, T):
-    if cfg["cu"] is None:
-        return [(b, 0, T) for b in range(B)]
-    cu = cfg["cu"]
-    return [(0, cu[n], cu[n + 1]) for n in range(len(cu) - 1)]
-
-
-def _sigmoid(x):
-    return 1 / (1 + np.exp(-x))
-
-
-def np_oracle(x, cfg, do=None, dfinal=None):
-    """o, final state and, when do is given, the gradients (same order as the bwd results;
-    dA_log and ddt_bias per batch row). The state is in [K, V] order."""
-    f = {n: np.asarray(x[n], np.float64) for n in x}
-    B, T, H, K = f["q"].shape
-    V = f["v"].shape[-1]
-    o = np.zeros((B, T, H, V))
-    final = np.zeros(f["h0"].shape)
-    grads = [np.zeros(f[n].shape) for n in ("q", "k", "v", "g", "beta")]
-    grads += [np.zeros((B, H)), np.zeros((B, H, K)), np.zeros(f["h0"].shape)]
-    dq, dk, dv, dg, dbeta, dA, dbias, dh0 = grads
-    a = np.exp(f["A_log"])
-    for n, (row, begin, end) in enumerate(_spans(cfg, B, T)):
-        for h in range(H):
-            S = f["h0"][n, h].copy()
-            tape = []
-            for t in range(begin, end):
-                q, k, v, g, beta = (f[m][row, t, h] for m in ("q", "k", "v", "g", "beta"))
-                rq = 1 / np.sqrt(q @ q + 1e-6) if cfg["l2norm"] else 1.0
-                rk = 1 / np.sqrt(k @ k + 1e-6) if cfg["l2norm"] else 1.0
-                q, k = q * rq, k * rk
-                if cfg["sigmoid"]:
-                    beta = _sigmoid(beta)
-                xg = g + f["dt_bias"][h]
-                if cfg["gate_mode"] == 1:
-                    g = -a[h] * np.logaddexp(0.0, xg)
-                elif cfg["gate_mode"] == 2:
-                    g = cfg["lower_bound"] * _sigmoid(a[h] * xg)
-                Sp = np.exp(g)[:, None] * S
-                u = v - Sp.T @ k
-                S = Sp + beta * np.outer(k, u)
-                o[row, t, h] = cfg["scale"] * S.T @ q
-                tape.append((t, q, k, g, xg, beta, rq, rk, Sp, u, S))
-            final[n, h] = S
-            if do is None:
-                continue
-            dS = np.asarray(dfinal, np.float64)[n, h].copy()
-            for t, q, k, g, xg, beta, rq, rk, Sp, u, S in reversed(tape):
-                d_o = np.asarray(do[row, t, h], np.float64)
-                dS = dS + cfg["scale"] * np.outer(q, d_o)
-                dq_t = cfg["scale"] * S @ d_o
-                w = dS.T @ k
-                dk_t = beta * (dS @ u - Sp @ w)
-                db_t = w @ u
-                dv[row, t, h] = beta * w
-                dSp = dS - beta * np.outer(k, w)
-                dg_t = np.sum(Sp * dSp, axis=1)
-                dS = np.exp(g)[:, None] * dSp
-                if cfg["l2norm"]:
-                    dq_t = rq * (dq_t - (q @ dq_t) * q)
-                    dk_t = rk * (dk_t - (k @ dk_t) * k)
-                if cfg["sigmoid"]:
-                    db_t = db_t * beta * (1 - beta)
-                if cfg["gate_mode"] == 1:
-                    dA[row, h] += dg_t @ g
-                    dg_t = -dg_t * a[h] * _sigmoid(xg)
-                    dbias[row, h] += dg_t
-                elif cfg["gate_mode"] == 2:
-                    s = _sigmoid(a[h] * xg)
-                    dg_t = dg_t * cfg["lower_bound"] * s * (1 - s) * a[h]
-                    dA[row, h] += dg_t @ xg
-                    dbias[row, h] += dg_t
-                dq[row, t, h], dk[row, t, h], dg[row, t, h], dbeta[row, t, h] = dq_t, dk_t, dg_t, db_t
-            dh0[n, h] = dS
+def kernel_oracle(x, cfg, do, dfinal):
+    """o, final state and the gradients in the bwd results' order (dA_log [B, H] and ddt_bias
+    [B, H, K] per batch row), float64, in the target's layouts."""
+    gate = cfg["gate_mode"] > 0
+    kw = dict(scale=cfg["scale"], use_qk_l2norm_in_kernel=cfg["l2norm"],
+              use_beta_sigmoid_in_kernel=cfg["sigmoid"], state_v_first=cfg["v_first"],
+              use_gate_in_kernel=gate,
+              lower_bound=cfg["lower_bound"] if cfg["gate_mode"] == 2 else None,
+              A_log=x["A_log"] if gate else None, dt_bias=x["dt_bias"] if gate else None)
+    args = [x[n] for n in ("q", "k", "v", "g", "beta")]
+    B, _, H, K = x["q"].shape
+    if cfg["cu"] is not None:
+        rows = [(slice(0, 1), slice(None))]
+        kw["cu_seqlens"] = np.asarray(cfg["cu"], np.int32)
+    else:
+        rows = [(slice(b, b + 1), slice(b, b + 1)) for b in range(B)]
+    o = np.zeros(x["v"].shape)
+    final = np.zeros(x["h0"].shape)
+    grads = [np.zeros(x[n].shape) for n in ("q", "k", "v", "g", "beta")]
+    grads += [np.zeros((B, H)), np.zeros((B, H, K)), np.zeros(x["h0"].shape)]
+    for b, (row, seqs) in enumerate(rows):
+        o_b, final_b, g_b = oracle(
+            [a[row] for a in args], dict(kw, initial_state=x["h0"][seqs]),
+            (np.asarray(do)[row], np.asarray(dfinal)[seqs]))
+        o[row], final[seqs] = o_b, final_b
+        for i, n in enumerate(("q", "k", "v", "g", "beta")):
+            grads[i][row] = g_b[n]
+        if gate:
+            grads[5][b], grads[6][b] = g_b["A_log"], g_b["dt_bias"]
+        grads[7][seqs] = g_b["initial_state"]
     return o, final, grads
-
-
-def jax_reference(q, k, v, g, beta, A_rows, bias_rows, h0, *, cfg):
-    """float64 recurrence; A_rows [B,H] and bias_rows [B,H,K] give each batch row its own copy
-    so that autodiff yields the per-row gradients the target returns."""
-    B, T, H, K = q.shape
-    o = jnp.zeros(v.shape, v.dtype)
-    finals = []
-    for n, (row, begin, end) in enumerate(_spans(cfg, B, T)):
-        qs, ks, vs, gs, bs = (z[row, begin:end] for z in (q, k, v, g, beta))
-        if cfg["l2norm"]:
-            qs = qs / jnp.sqrt(jnp.sum(qs * qs, -1, keepdims=True) + 1e-6)
-            ks = ks / jnp.sqrt(jnp.sum(ks * ks, -1, keepdims=True) + 1e-6)
-        if cfg["sigmoid"]:
-            bs = jax.nn.sigmoid(bs)
-        a = jnp.exp(A_rows[row])[:, None]
-        if cfg["gate_mode"] == 1:
-            gs = -a * jax.nn.softplus(gs + bias_rows[row])
-        elif cfg["gate_mode"] == 2:
-            gs = cfg["lower_bound"] * jax.nn.sigmoid(a * (gs + bias_rows[row]))
-
-        def step(S, tok):
-            qt, kt, vt, gt, bt = tok
-            S = jnp.exp(gt)[..., None] * S
-            u = vt - jnp.einsum("hkv,hk->hv", S, kt)
-            S = S + bt[:, None, None] * kt[..., None] * u[:, None, :]
-            return S, cfg["scale"] * jnp.einsum("hkv,hk->hv", S, qt)
-
-        S, os_ = jax.lax.scan(step, h0[n], (qs, ks, vs, gs, bs))
-        o = o.at[row, begin:end].set(os_)
-        finals.append(S)
-    return o, jnp.stack(finals)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,10 +147,6 @@ def make_inputs(rng, cfg, B, T, H, K, V, dtype=np.float32, gate_dtype=None):
         dt_bias=rng.standard_normal((H, K)).astype(np.float32),
         h0=rng.standard_normal(state_shape).astype(np.float32),
     )
-
-
-def _kv_state(s, cfg):
-    return np.swapaxes(s, -1, -2) if cfg["v_first"] else s
 
 
 def config(gate_mode=0, l2norm=False, sigmoid=False, v_first=False, cu=None, lower_bound=-5.0,
@@ -285,14 +203,12 @@ def test_forward_backward_against_float64(case):
     assert o.dtype == x["v"].dtype and final.dtype == np.float32
     do = rng.standard_normal(o.shape).astype(x["v"].dtype)
     dfinal = rng.standard_normal(final.shape).astype(np.float32)
-    o_ref, final_ref, ref = np_oracle(
-        {**x, "h0": _kv_state(x["h0"], cfg)}, cfg, do, _kv_state(dfinal, cfg))
+    o_ref, final_ref, ref = kernel_oracle(x, cfg, do, dfinal)
     assert np.all(np.isfinite(np.asarray(o, np.float64))), msg
     assert rel_err(o, o_ref) < tol, (rel_err(o, o_ref), msg)
-    assert rel_err(_kv_state(final, cfg), final_ref) < 1e-4, msg
+    assert rel_err(final, final_ref) < 1e-4, msg
 
     grads = ffi_bwd(x, do, dfinal, cfg)
-    ref[7] = _kv_state(ref[7], cfg)
     names = ["dq", "dk", "dv", "dg", "dbeta", "dA_log", "ddt_bias", "dinitial_state"]
     for gname, got, want in zip(names, grads, ref):
         assert got.dtype == (x[gname[1:]].dtype if gname[1:] in x else np.float32), gname
@@ -314,39 +230,6 @@ def test_forward_backward_against_float64(case):
             assert np.all(np.asarray(got)[:, last:] == 0)
 
 
-@pytest.mark.parametrize("cfg", [
-    config(0, False, False, extreme_gate=True),
-    config(1, True, True, cu=[0, 3, 3, 9]),
-    config(2, True, True, lower_bound=-3.0),
-], ids=["log_decay", "softplus_varlen", "safe_gate"])
-def test_numpy_oracle_backward_matches_autodiff(cfg):
-    rng = np.random.default_rng(SESSION_SEED + cfg["gate_mode"])
-    B = 1 if cfg["cu"] is not None else 2
-    B, T, H, K, V = B, 9, 2, 8, 6
-    x = make_inputs(rng, cfg, B, T, H, K, V, np.float64)
-    do = rng.standard_normal((B, T, H, V))
-    dfinal = rng.standard_normal(x["h0"].shape)
-    o_np, final_np, grads_np = np_oracle(x, cfg, do, dfinal)
-    with float64_on_cpu():
-        A_rows = np.broadcast_to(x["A_log"].astype(np.float64), (B, H))
-        bias_rows = np.broadcast_to(x["dt_bias"].astype(np.float64), (B, H, K))
-        primals = [jnp.asarray(np.asarray(a, np.float64)) for a in (
-            x["q"], x["k"], x["v"], x["g"], x["beta"], A_rows, bias_rows, x["h0"])]
-
-        @jax.jit
-        def reference_and_grads(primals, cot):
-            out, vjp = jax.vjp(functools.partial(jax_reference, cfg=cfg), *primals)
-            return out, vjp(cot)
-
-        (o, final), grads = reference_and_grads(primals, (jnp.asarray(do), jnp.asarray(dfinal)))
-    assert rel_err(o_np, o) < 1e-12 and rel_err(final_np, final) < 1e-12
-    for got, want in zip(grads_np, grads):
-        if np.any(np.asarray(want) != 0):
-            assert rel_err(got, want) < 1e-10
-        else:
-            assert np.all(got == 0)
-
-
 def test_empty_sequence_passes_state_through():
     cfg = config(2, True, True, cu=[0, 0, 4, 4])
     rng = np.random.default_rng(SESSION_SEED + 1)
@@ -359,21 +242,26 @@ def test_empty_sequence_passes_state_through():
     np.testing.assert_array_equal(dh0[[0, 2]], dfinal[[0, 2]])
 
 
-def _expect_error(fn, *words):
+def _expect_error(fn, message):
+    """The call fails with `message` after the call and target's name."""
     with pytest.raises(Exception) as info:
         jax.block_until_ready(fn())
-    for w in words:
-        assert w in str(info.value), str(info.value)
+    assert f": {message}" in str(info.value), str(info.value)
 
 
 def test_invalid_operands_are_reported_by_name():
     cfg = config(1, True, True)
     rng = np.random.default_rng(SESSION_SEED + 2)
     x = make_inputs(rng, cfg, 1, 6, 2, 16, 8)
-    _expect_error(lambda: ffi_fwd({**x, "A_log": x["A_log"].astype(np.float16)}, cfg), "A_log")
-    _expect_error(lambda: ffi_fwd({**x, "beta": x["beta"][..., :1]}, cfg), "beta must")
-    _expect_error(lambda: ffi_fwd({**x, "k": x["k"].astype(np.float16)}, cfg), "k must")
-    _expect_error(lambda: ffi_fwd({**x, "h0": x["h0"][:, :, :8]}, cfg), "initial_state")
-    _expect_error(lambda: ffi_fwd(x, dict(cfg, gate_mode=3)), "gate_mode")
+    _expect_error(lambda: ffi_fwd({**x, "A_log": x["A_log"].astype(np.float16)}, cfg), "jax_flashkda_fwd (cpu): A_log must have dtype float32")
+    _expect_error(lambda: ffi_fwd({**x, "beta": x["beta"][..., :1]}, cfg),
+                  "jax_flashkda_fwd (cpu): beta must have shape [1,6,2], got [1,6,1]")
+    _expect_error(lambda: ffi_fwd({**x, "k": x["k"].astype(np.float16)}, cfg),
+                  "jax_flashkda_fwd (cpu): k must have the dtype of q")
+    _expect_error(lambda: ffi_fwd({**x, "h0": x["h0"][:, :, :8]}, cfg),
+                  "jax_flashkda_fwd (cpu): initial_state must have shape [1,2,16,8], got [1,2,8,8]")
+    _expect_error(lambda: ffi_fwd(x, dict(cfg, gate_mode=3)),
+                  "jax_flashkda_fwd (cpu): gate_mode must be 0, 1 or 2, got 3")
     do = np.ones((1, 6, 2, 8), np.float16)
-    _expect_error(lambda: ffi_bwd(x, do, np.zeros(x["h0"].shape, np.float32), cfg), "do must")
+    _expect_error(lambda: ffi_bwd(x, do, np.zeros(x["h0"].shape, np.float32), cfg),
+                  "jax_flashkda_bwd (cpu): do must have the dtype of v")

@@ -1,5 +1,5 @@
 """The Hopper CUDA backward (`jax_flashkda_bwd`, platform CUDA) through the public op:
-`jax.grad` of `kda(..., impl="cuda")` against `jax.grad` of the float64 token recurrence."""
+`jax.grad` of `kda(..., impl="cuda")` against the suite's float64 oracle (tests/oracle.py)."""
 
 import os
 
@@ -9,7 +9,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from inputs import float64_on_cpu, random_kernel_inputs, rel_err
+from inputs import random_kernel_inputs, rel_err
+from oracle import oracle
 from jax_flashkda import _ffi, kda
 
 pytestmark = pytest.mark.gpu
@@ -67,11 +68,10 @@ def cuda_grads(x, dtypes, static, do, dht):
 
 
 def reference_grads(x, static, do, dht):
-    with float64_on_cpu():
-        args = {n: jnp.asarray(a, jnp.float64) for n, a in x.items()}
-        f = jax.jit(jax.grad(_loss(tuple(x), static, "recurrent", jnp.float64)))
-        g = f(args, jnp.asarray(do), jnp.asarray(dht))
-        return {n: np.asarray(a) for n, a in g.items()}
+    """The suite's float64 oracle (tests/oracle.py): the gradients of every input of x."""
+    kw = dict(static, initial_state=x["h0"], **{n: x[n] for n in ("A_log", "dt_bias") if n in x})
+    _, _, grads = oracle([x[n] for n in ("q", "k", "v", "g", "beta")], kw, (do, dht))
+    return {("h0" if n == "initial_state" else n): g for n, g in grads.items()}
 
 
 def report_errors(label, line):

@@ -1,5 +1,5 @@
 """The Hopper CUDA forward (`jax_flashkda_fwd`, platform CUDA) called directly through
-`jax.ffi.ffi_call`, against an independent float64 token loop."""
+`jax.ffi.ffi_call`, against the suite's float64 oracle (tests/oracle.py)."""
 
 import numpy as np
 import pytest
@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from inputs import random_kernel_inputs, rel_err
+from oracle import oracle
 
 pytestmark = pytest.mark.gpu
 
@@ -46,43 +47,15 @@ def cuda_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu, *, scale, l2norm, beta_si
 
 def reference(q, k, v, g, beta, A_log, dt_bias, h0, cu, *, scale, l2norm, beta_sigmoid,
               gate_mode, lower_bound, v_first, varlen):
-    """Token-by-token recurrence in float64 (numpy), per sequence; state [N,H,K,V]."""
-    q, k, v, g, beta = (np.asarray(x, np.float64) for x in (q, k, v, g, beta))
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    if gate_mode:
-        a = np.exp(np.asarray(A_log, np.float64))[:, None]
-        x = g + np.asarray(dt_bias, np.float64)
-        if gate_mode == 1:
-            g = -a * np.logaddexp(0.0, x)
-        else:
-            g = lower_bound / (1.0 + np.exp(-a * x))
-    if l2norm:
-        q = q / np.sqrt((q * q).sum(-1, keepdims=True) + 1e-6)
-        k = k / np.sqrt((k * k).sum(-1, keepdims=True) + 1e-6)
-    if beta_sigmoid:
-        beta = 1.0 / (1.0 + np.exp(-beta))
-    S0 = np.asarray(h0, np.float64)
-    if v_first:
-        S0 = S0.swapaxes(-1, -2)
-    if varlen:
-        cu = np.asarray(cu)
-        spans = [(0, int(cu[i]), int(cu[i + 1])) for i in range(len(cu) - 1)]
-    else:
-        spans = [(b, 0, T) for b in range(B)]
-    o = np.zeros((B, T, H, V))
-    ST = np.zeros_like(S0)
-    for n, (b, t0, t1) in enumerate(spans):
-        S = S0[n].copy()  # [H,K,V]
-        for t in range(t0, t1):
-            S = np.exp(g[b, t])[:, :, None] * S
-            u = v[b, t] - np.einsum("hkv,hk->hv", S, k[b, t])
-            S = S + beta[b, t][:, None, None] * k[b, t][:, :, None] * u[:, None, :]
-            o[b, t] = scale * np.einsum("hkv,hk->hv", S, q[b, t])
-        ST[n] = S
-    if v_first:
-        ST = ST.swapaxes(-1, -2)
-    return o, ST
+    """The suite's float64 oracle (tests/oracle.py) for one raw call: o and the final state in
+    the call's layout."""
+    gate = gate_mode > 0
+    kw = dict(scale=scale, use_qk_l2norm_in_kernel=l2norm, use_beta_sigmoid_in_kernel=beta_sigmoid,
+              state_v_first=v_first, use_gate_in_kernel=gate,
+              lower_bound=lower_bound if gate_mode == 2 else None,
+              A_log=A_log if gate else None, dt_bias=dt_bias if gate else None,
+              initial_state=h0, cu_seqlens=cu if varlen else None)
+    return oracle((q, k, v, g, beta), kw)
 
 
 def make_case(rng, *, B=1, T=40, H=2, K=128, V=128, dtype=jnp.bfloat16, gate_mode=2,
@@ -169,10 +142,14 @@ def test_dtypes(rng, dtype, g_dtype, beta_dtype):
     check(*make_case(rng, B=1, T=37, H=2, dtype=dtype, g_dtype=g_dtype, beta_dtype=beta_dtype))
 
 
-@pytest.mark.parametrize("warps", ["1", "2", "4", "8"])
-@pytest.mark.parametrize("kv", [64, 128])
+# JAX_FLASHKDA_FWD_WARPS must divide V / 16: 8 warps need V = 128 (at V = 64 the kernel would
+# ignore it and run its own choice; kda refuses it, see test_api.py).
+@pytest.mark.parametrize("warps,kv", [(w, kv) for kv in (64, 128) for w in ("1", "2", "4", "8")
+                                      if (kv // 16) % int(w) == 0])
 def test_value_blocks_and_head_dims(rng, monkeypatch, warps, kv):
+    from jax_flashkda.ops import check_cuda_overrides
     monkeypatch.setenv("JAX_FLASHKDA_FWD_WARPS", warps)
+    check_cuda_overrides(kv)  # the override is one the kernel takes, not a silent fallback
     check(*make_case(rng, B=2, T=70, H=3, K=kv, V=kv, gate_mode=int(warps) % 3))
 
 
@@ -191,8 +168,13 @@ def test_deterministic(rng):
 def test_bad_input_is_an_error_not_a_crash(rng):
     arrays, attrs = make_case(rng, T=20, K=128, V=128)
     q = arrays[0].astype(jnp.float32)
-    with pytest.raises(Exception, match="q"):
+    with pytest.raises(Exception, match=r"jax_flashkda_fwd \(CUDA\): k must have the dtype of q"):
         jax.block_until_ready(cuda_fwd(q, *arrays[1:], **attrs))
+    qkv32 = tuple(a.astype(jnp.float32) for a in arrays[:3])
+    with pytest.raises(Exception, match=r"jax_flashkda_fwd \(CUDA\): q must be bfloat16 or "
+                                        "float16 on the CUDA target"):
+        jax.block_until_ready(cuda_fwd(*qkv32, *arrays[3:], **attrs))
     arrays96, attrs96 = make_case(rng, T=20, K=96, V=96)
-    with pytest.raises(Exception, match="K = 64 or 128"):
+    with pytest.raises(Exception, match=r"jax_flashkda_fwd \(CUDA\): the CUDA target supports "
+                                        "K = 64 or 128 only"):
         jax.block_until_ready(cuda_fwd(*arrays96, **attrs96))

@@ -1,6 +1,7 @@
 """State pools and speculative decoding (docs/decode.md): `kda` with `state_indices` and
-`num_accepted_tokens`, against a float64 NumPy loop that follows the document literally
-(read each sequence's slot, run the token recurrence, write the states back in order).
+`num_accepted_tokens`, against the suite's float64 pool oracle (tests/oracle.py), which follows
+the document literally (read each sequence's slot, run the token recurrence, write the states
+back in order).
 
 Every case is jitted with the indices as traced arguments, so the on-device rules are what
 is tested; the trace-time checks of concrete indices have their own tests. CPU only.
@@ -14,74 +15,13 @@ import numpy as np
 import pytest
 
 from inputs import float64_on_cpu, make_inputs, rel_err
+from oracle import pool_oracle
 from jax_flashkda import kda
 from jax_flashkda.ops import _cpu_target_ready
 
 H, K, V = 2, 16, 16
 TOL = 2e-5
 ARRAYS = ("initial_state", "A_log", "dt_bias", "cu_seqlens")
-
-
-# ----------------------------------------------------------------------------------------
-# The truth: docs/decode.md in float64 NumPy.
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def truth(args, kw, state_indices, num_accepted_tokens=None):
-    """o and the updated pool (caller's layout) by the definition, token by token."""
-    q, k, v, g, beta = (np.asarray(a, np.float64) for a in args)
-    if kw.get("use_qk_l2norm_in_kernel"):
-        q = q / np.sqrt(np.sum(q * q, -1, keepdims=True) + 1e-6)
-        k = k / np.sqrt(np.sum(k * k, -1, keepdims=True) + 1e-6)
-    if kw.get("use_beta_sigmoid_in_kernel"):
-        beta = _sigmoid(beta)
-    if kw.get("use_gate_in_kernel"):
-        a = np.exp(np.asarray(kw["A_log"], np.float64))[:, None]
-        x = g + np.asarray(kw["dt_bias"], np.float64)
-        lb = kw.get("lower_bound")
-        g = lb * _sigmoid(a * x) if lb is not None else -a * np.logaddexp(0.0, x)
-    g = np.maximum(g, -128.0)
-    v_first = kw.get("state_v_first", False)
-    pool = np.asarray(kw["initial_state"], np.float64)
-    if v_first:
-        pool = np.swapaxes(pool, -1, -2)
-    P = pool.shape[0]
-    B, T = q.shape[:2]
-    scale = q.shape[-1] ** -0.5
-    if kw.get("cu_seqlens") is None:
-        spans = [(n, 0, T) for n in range(B)]
-    else:
-        cu = [int(c) for c in kw["cu_seqlens"]]
-        spans = [(0, s, e) for s, e in zip(cu[:-1], cu[1:])]
-    idx = np.asarray(state_indices).astype(np.int64)
-    o = np.zeros(v.shape)
-    writes = []
-    for n, (row, start, end) in enumerate(spans):
-        if idx.ndim == 1:
-            read = idx[n]
-        else:
-            a_n = 1 if num_accepted_tokens is None else int(num_accepted_tokens[n])
-            read = idx[n, min(max(a_n, 1), idx.shape[1]) - 1]
-        if not 0 <= read < P:
-            continue                       # padding: o = 0, writes nothing
-        state = pool[read].copy()          # [H, K, V]
-        for t, tok in enumerate(range(start, end)):
-            for h in range(q.shape[2]):
-                s = np.exp(g[row, tok, h])[:, None] * state[h]
-                kt = k[row, tok, h]
-                s = s + beta[row, tok, h] * np.outer(kt, v[row, tok, h] - kt @ s)
-                state[h] = s
-                o[row, tok, h] = scale * (q[row, tok, h] @ s)
-            if idx.ndim == 2 and t < idx.shape[1] and 0 <= idx[n, t] < P:
-                writes.append((idx[n, t], state.copy()))
-        if idx.ndim == 1:
-            writes.append((read, state))
-    new = pool.copy()
-    for slot, state in writes:
-        new[slot] = state
-    return o, (np.swapaxes(new, -1, -2) if v_first else new)
 
 
 # ----------------------------------------------------------------------------------------
@@ -100,9 +40,9 @@ def run(args, kw, state_indices, num_accepted_tokens=None, impl="auto"):
 
 
 def check(args, kw, idx, acc=None, impl="auto", written=None):
-    """kda against the truth; slots outside `written` keep their values bit for bit."""
+    """kda against the oracle; slots outside `written` keep their values bit for bit."""
     o, pool = run(args, kw, idx, acc, impl)
-    o_ref, pool_ref = truth(args, kw, idx, acc)
+    o_ref, pool_ref = pool_oracle(args, kw, idx, acc)
     assert o.shape == args[2].shape and o.dtype == args[2].dtype
     assert pool.shape == kw["initial_state"].shape and pool.dtype == jnp.float32
     assert rel_err(o, o_ref) < TOL, rel_err(o, o_ref)
@@ -157,7 +97,7 @@ def test_state_after_every_token(rng, T, gate, v_first, accepted):
     acc = None if accepted is None else np.array(accepted, np.int32)
     _, pool = check(args, kw, slots, acc, written=slots[:, :T][slots[:, :T] >= 0])
     # a_n = 0 reads idx[n, 0]: slot idx[n, 0] is the first token's state from idx[n, 0]'s old
-    # value, which check() has compared with the truth.
+    # value, which check() has compared with the oracle.
     assert pool.shape[0] == P
 
 
@@ -213,7 +153,7 @@ def test_traced_illegal_offsets_are_made_legal(rng):
     legal = dict(kw)
     kw["cu_seqlens"] = np.array([0, 5, 3, 8], np.int32)
     o, pool = run(args, kw, idx)
-    o_ref, pool_ref = truth(args, legal, idx)
+    o_ref, pool_ref = pool_oracle(args, legal, idx)
     assert rel_err(o, o_ref) < TOL and rel_err(pool, pool_ref) < TOL
 
 
@@ -226,7 +166,7 @@ def test_non_finite_value_quarantines_its_column_and_slot(rng):
     args[2][0, 2, 1, 3] = np.nan                   # sequence 0, token 2, head 1, column 3
     idx = np.array([[0, 1, 2, 3], [4, 5, 6, 7]], np.int32)
     o, pool = run(args, kw, idx)
-    o_ref, pool_ref = truth(clean, kw, idx)
+    o_ref, pool_ref = pool_oracle(clean, kw, idx)
     o, pool = np.array(o), np.array(pool)
     assert np.isnan(o[0, 2:, 1, 3]).all() and np.isnan(pool[2:4, 1, :, 3]).all()
     o[0, 2:, 1, 3] = o_ref[0, 2:, 1, 3]
@@ -351,22 +291,24 @@ def _base(rng, **overrides):
      "with state_indices kda returns the updated pool; pass output_final_state=True"),
     (dict(initial_state=None), ValueError, "state_indices needs initial_state"),
     (dict(state_indices=np.array([0, 4], np.int32)), ValueError,
-     r"state_indices must be < P = 4"),
+     r"state_indices must be < P = 4 \(the pool's rows\) or negative \(a padding slot\), got 4"),
     (dict(state_indices=np.array([0.0, 1.0], np.float32)), TypeError,
-     "state_indices must be an integer array"),
+     "state_indices must be an integer array, got float32"),
     (dict(state_indices=np.zeros((2, 2, 1), np.int32)), ValueError,
-     "state_indices must have rank 1"),
+     r"state_indices must have rank 1 \(\[N\]\) or 2 \(\[N, S\]\), got shape \(2, 2, 1\)"),
     (dict(state_indices=np.array([0, 1, 2], np.int32)), ValueError,
-     r"state_indices must have N = 2 rows"),
+     r"state_indices must have N = 2 rows \(N = B\), got shape \(3,\)"),
     (dict(state_indices=np.zeros((2, 1), np.int32)), ValueError,
-     r"2-D state_indices \[N, S\] without cu_seqlens need S >= T = 2"),
+     r"2-D state_indices \[N, S\] without cu_seqlens need S >= T = 2 \(a slot per token\), "
+     r"got shape \(2, 1\)"),
     (dict(num_accepted_tokens=np.array([1, 1], np.int32)), ValueError,
-     "num_accepted_tokens is only used with 2-D state_indices"),
+     r"num_accepted_tokens is only used with 2-D state_indices \[N, S\]; state_indices has "
+     r"shape \(2,\)"),
     (dict(state_indices=np.zeros((2, 3), np.int32), num_accepted_tokens=np.array([1], np.int32)),
-     ValueError, "num_accepted_tokens must have shape"),
+     ValueError, r"num_accepted_tokens must have shape \(2,\) \(\[N\], N = B\), got \(1,\)"),
     (dict(state_indices=np.zeros((2, 3), np.int32),
           num_accepted_tokens=np.array([1.0, 2.0], np.float32)),
-     TypeError, "num_accepted_tokens must be an integer array"),
+     TypeError, "num_accepted_tokens must be an integer array, got float32"),
     (dict(initial_state=np.zeros((4, 3, K, V), np.float32)), ValueError,
      r"initial_state must have shape \(4, 2, 16, 16\) \(\[P, H, K, V\], a state pool"),
 ])
@@ -380,7 +322,8 @@ def test_errors_name_the_argument(rng, overrides, error, match):
 def test_num_accepted_tokens_without_state_indices(rng):
     args, kw = _base(rng)
     kw["initial_state"] = kw["initial_state"][:2]
-    with pytest.raises(ValueError, match="num_accepted_tokens is only used with 2-D"):
+    with pytest.raises(ValueError, match=r"num_accepted_tokens is only used with 2-D state_indices \[N, S\] "
+                       r"\(speculative decoding\); state_indices is None"):
         kda(*args, **kw, num_accepted_tokens=np.array([1, 1], np.int32))
 
 

@@ -1,7 +1,9 @@
-"""The pure-JAX paths (reference recurrence and chunked) against an independent NumPy truth.
+"""The pure-JAX paths: the reference recurrence against an independent NumPy truth, the chunked
+path against the suite's float64 oracle (tests/oracle.py, which is that reference in float64).
 
-The truth is a float64 token loop written here, forward and backward (the token-form gradients
-of docs/math.md §3, including the preprocessing), so autodiff of both JAX paths is checked against
+`numpy_truth` is the suite's one independent check of the reference: a float64 token loop
+written here, forward and backward (the token-form gradients of docs/math.md §3, including the
+preprocessing), so that autodiff of the recurrence every other test trusts is checked against
 hand-derived gradients, not against itself. Errors are norm-wise: ‖x − ref‖ / ‖ref‖.
 """
 
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 
 from inputs import rel_err
+from oracle import oracle
 from jax_flashkda.chunked import kda_chunked
 from jax_flashkda.reference import kda_recurrent
 
@@ -94,7 +97,10 @@ def _spans(c: Case):
 
 
 def numpy_truth(c: Case, x, cot, scale):
-    """Forward and backward in float64. Returns o, final state (requested layout), grads."""
+    """Forward and backward in float64. Returns o, final state (requested layout), grads.
+
+    The one independent NumPy check of jax_flashkda.reference (the suite's oracle): used only
+    by the tests of kda_recurrent here; every other test compares with tests/oracle.py."""
     q0, k0, v, graw, braw = x["q"], x["k"], x["v"], x["g"], x["beta"]
     a = np.exp(x["A_log"])[None, None, :, None]
     if c.l2norm:
@@ -207,12 +213,30 @@ def run_jax(impl, c: Case, x, cot, scale, dtype, jit_cu=False):
     return np.asarray(o, np.float64), np.asarray(s, np.float64), grads
 
 
+def case_oracle(c: Case, x, cot, scale):
+    """The suite's float64 oracle for a Case: o, final state, gradients (zeros for the gate
+    parameters when the gate is off), as numpy_truth returns them."""
+    gate = c.gate != "plain"
+    kw = dict(scale=scale, use_qk_l2norm_in_kernel=c.l2norm, use_gate_in_kernel=gate,
+              use_beta_sigmoid_in_kernel=c.beta_sigmoid, lower_bound=c.lower_bound,
+              state_v_first=c.v_first, initial_state=x["initial_state"],
+              A_log=x["A_log"] if gate else None, dt_bias=x["dt_bias"] if gate else None,
+              cu_seqlens=None if c.cu is None else np.asarray(c.cu, np.int32))
+    o, s, d = oracle([x[n] for n in ("q", "k", "v", "g", "beta")], kw, (cot["o"], cot["s"]))
+    d.setdefault("A_log", np.zeros_like(x["A_log"]))
+    d.setdefault("dt_bias", np.zeros_like(x["dt_bias"]))
+    return o, s, d
+
+
 def check(c: Case, impl, dtype, tol_o, tol_grad, jit_cu=False):
+    """impl against the truth: the independent NumPy loop for the reference recurrence, the
+    suite's oracle for the chunked path."""
     x, cot = make_inputs(c)
     if not c.init:
         x["initial_state"] = np.zeros_like(x["initial_state"])
     scale = c.K ** -0.5
-    o_ref, s_ref, d_ref = numpy_truth(c, x, cot, scale)
+    truth = numpy_truth if impl is kda_recurrent else case_oracle
+    o_ref, s_ref, d_ref = truth(c, x, cot, scale)
     o, s, grads = run_jax(impl, c, x, cot, scale, dtype, jit_cu)
     assert o.shape == o_ref.shape and s.shape == s_ref.shape
     errors = {"o": rel_err(o, o_ref), "final_state": rel_err(s, s_ref)}
@@ -284,7 +308,7 @@ def test_bf16_inputs():
     # The truth sees exactly the bf16-rounded inputs.
     for n in ("q", "k", "v", "g", "beta"):
         x[n] = np.asarray(jnp.asarray(x[n], jnp.bfloat16), np.float64)
-    o_ref, s_ref, _ = numpy_truth(c, x, cot, c.K ** -0.5)
+    o_ref, s_ref, _ = case_oracle(c, x, cot, c.K ** -0.5)
     for impl in (kda_recurrent, kda_chunked):
         o, s, grads = run_jax(impl, c, x, cot, c.K ** -0.5, jnp.bfloat16)
         assert grads["q"].dtype == jnp.bfloat16

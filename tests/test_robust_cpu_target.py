@@ -6,7 +6,7 @@ v).
 Every expectation comes from clean input: the same call with the legal offsets, the clean run,
 the clean run cut before the first non-finite token, the clean run with a quarantined value
 column's v and cotangents zeroed from its first non-finite v on, the same call with a finite
-stand-in for a legal infinity, or the float64 NumPy truth of test_cpu_target.py.
+stand-in for a legal infinity, or the suite's float64 oracle (tests/oracle.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 from inputs import make_inputs, rel_err
 from jax_flashkda import kda
 from jax_flashkda import ops
-from test_cpu_target import np_oracle
+from oracle import oracle
 
 pytestmark = pytest.mark.skipif(
     not (jax.default_backend() == "cpu" and ops._cpu_target_ready()),
@@ -82,25 +82,16 @@ def cotangents(rng, x, cu=None):
 
 
 def truth(x, static, do, dfinal, cu=None):
-    """float64 NumPy truth (test_cpu_target.np_oracle) in the target's layout: o, final state
-    and the gradients, dA_log and ddt_bias summed over batch rows as kda returns them."""
-    kw = dict(static)
-    mode = (0 if not kw.get("use_gate_in_kernel")
-            else 1 if kw.get("lower_bound") is None else 2)
-    K = x["q"].shape[-1]
-    cfg = dict(gate_mode=mode, l2norm=kw["use_qk_l2norm_in_kernel"],
-               sigmoid=kw["use_beta_sigmoid_in_kernel"], scale=K ** -0.5,
-               lower_bound=kw.get("lower_bound"), cu=None if cu is None else list(cu))
-    v_first = kw["state_v_first"]
-    swap = (lambda s: np.swapaxes(s, -1, -2)) if v_first else (lambda s: s)
-    H = x["q"].shape[2]
-    xs = dict(x, h0=swap(x["initial_state"]), A_log=x.get("A_log", np.zeros(H)),
-              dt_bias=x.get("dt_bias", np.zeros((H, K))))
-    with np.errstate(over="ignore"):  # exp(+-huge) = inf or 0 is what the truth means there
-        o, final, grads = np_oracle(xs, cfg, do, swap(dfinal))
-    g = dict(zip(FIELDS, grads[:5]), A_log=grads[5].sum(0), dt_bias=grads[6].sum(0),
-             initial_state=swap(grads[7]))
-    return o, swap(final), g
+    """The suite's float64 oracle (tests/oracle.py) in the target's layout: o, final state and
+    the gradients, dA_log and ddt_bias summed over batch rows as kda returns them (zeros where
+    the call has no gate parameters)."""
+    kw = dict(static, **{n: x[n] for n in ("A_log", "dt_bias", "initial_state") if n in x})
+    kw["cu_seqlens"] = None if cu is None else np.asarray(cu)
+    o, final, grads = oracle([x[n] for n in FIELDS], kw, (do, dfinal))
+    H, K = x["q"].shape[2:]
+    grads.setdefault("A_log", np.zeros(H))
+    grads.setdefault("dt_bias", np.zeros((H, K)))
+    return o, final, grads
 
 
 def legal(cu, T):
