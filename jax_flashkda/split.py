@@ -114,7 +114,10 @@ def plan_split(*, batch: int, tokens: int, heads: int, value_dim: int, num_seque
     if forced == 0 or total == 0 or longest == 0:
         return None
     if forced is not None:
-        length, backward = forced, _env_int(SPLIT_BACKWARD_ENV) != 0
+        split_backward = _env_int(SPLIT_BACKWARD_ENV, "0 or 1")
+        if split_backward not in (None, 0, 1):
+            raise ValueError(f"{SPLIT_BACKWARD_ENV} must be 0 or 1, got {split_backward}")
+        length, backward = forced, split_backward != 0
     else:
         if not automatic:
             return None

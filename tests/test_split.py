@@ -126,6 +126,10 @@ def test_planner_is_forced_by_the_environment(monkeypatch):
     assert split.plan_split(**sizes) == split.SplitPlan(100, 1 + 8192 // 100, backward=True)
     monkeypatch.setenv(split.SPLIT_BACKWARD_ENV, "0")
     assert split.plan_split(**sizes) == split.SplitPlan(100, 1 + 8192 // 100, backward=False)
+    for bad in ("2", "yes"):
+        monkeypatch.setenv(split.SPLIT_BACKWARD_ENV, bad)
+        with pytest.raises(ValueError, match=f"{split.SPLIT_BACKWARD_ENV} must be 0 or 1"):
+            split.plan_split(**sizes)
     monkeypatch.delenv(split.SPLIT_BACKWARD_ENV)
     few_heads = dict(sizes, heads=4, tokens=131072, longest=131072)
     monkeypatch.setenv(ENV, "auto")
