@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from inputs import random_kernel_inputs, rel_err
 from oracle import oracle
-from jax_flashkda import _ffi, kda
+from jax_flashkda import _ffi, kda, ops
 
 pytestmark = pytest.mark.gpu
 
@@ -161,6 +161,13 @@ def test_extreme_decays(rng, gate_mode):
 def test_dtypes(rng, dtype, g_dtype, beta_dtype):
     check(make_case(rng, T=37, H=2, dtype=dtype, g_dtype=g_dtype, beta_dtype=beta_dtype),
           f"dtypes {jnp.dtype(dtype).name}/{jnp.dtype(g_dtype).name}/{jnp.dtype(beta_dtype).name}")
+
+
+@pytest.mark.parametrize("chains", ops.BWD_CHAINS)
+def test_every_chain_launch_configuration(rng, monkeypatch, chains):
+    """The automatic choice takes one of the four per shape; each is forced once here."""
+    monkeypatch.setenv(ops.BWD_CHAINS_ENV, chains)
+    check(make_case(rng, T=70, H=2, gate_mode=2, seqlens=[0, 33, 37]), f"chains {chains}")
 
 
 def test_long_sequence(rng):

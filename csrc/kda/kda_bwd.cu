@@ -15,6 +15,8 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "kda/bwd_chains.cuh"
 #include "kda/bwd_grad.cuh"
@@ -96,6 +98,8 @@ cudaError_t launch_chains(const BwdParams& p, const uint8_t* recs, __nv_bfloat16
 
 // Four warps per CTA share each record fetch; where that leaves under ~70% of the SMs a CTA
 // (few heads and sequences, long ones), two warps per CTA spread the chains over twice the SMs.
+// JAX_FLASHKDA_BWD_CHAINS (4x12x1, 4x3x3, 2x12x1 or 2x4x3: warps, stages, CTAs per SM) forces
+// one of the four, for the tests; jax_flashkda/ops.py refuses any other value before a call.
 template <typename Tr, typename Tin>
 cudaError_t launch_chains_any(const BwdParams& p, const uint8_t* recs, __nv_bfloat16* states,
                               __nv_bfloat16* dstates, __nv_bfloat16* vn, __nv_bfloat16* dvn,
@@ -104,13 +108,22 @@ cudaError_t launch_chains_any(const BwdParams& p, const uint8_t* recs, __nv_bflo
   const long long chains4 = static_cast<long long>(Tr::V / 64) * p.H * 2 * p.N;
   int sms = 0;
   KDA_TRY(sm_count(sms));
-  if (chains4 * 10 >= 7LL * sms)
-    return chains4 <= sms
+  bool wide = chains4 * 10 >= 7LL * sms;  // four warps per CTA
+  bool deep = wide ? chains4 <= sms : 2 * chains4 <= sms;  // 12 stages, one CTA per SM
+  if (const char* env = std::getenv("JAX_FLASHKDA_BWD_CHAINS")) {
+    const std::string forced(env);
+    if (forced == "4x12x1" || forced == "4x3x3" || forced == "2x12x1" || forced == "2x4x3") {
+      wide = forced[0] == '4';
+      deep = forced.find("x12x") != std::string::npos;
+    }
+  }
+  if (wide)
+    return deep
                ? launch_chains<Tr, 4, 12, 1, Tin>(p, recs, states, dstates, vn, dvn, dead_rows,
                                               dead_cols, slots, stream)
                : launch_chains<Tr, 4, 3, 3, Tin>(p, recs, states, dstates, vn, dvn, dead_rows,
                                              dead_cols, slots, stream);
-  return 2 * chains4 <= sms
+  return deep
              ? launch_chains<Tr, 2, 12, 1, Tin>(p, recs, states, dstates, vn, dvn, dead_rows,
                                             dead_cols, slots, stream)
              : launch_chains<Tr, 2, 4, 3, Tin>(p, recs, states, dstates, vn, dvn, dead_rows,
