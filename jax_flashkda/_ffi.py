@@ -334,16 +334,11 @@ def _head_folding(op, in_head_axes, out_head_axes):
 
 
 @functools.lru_cache(maxsize=None)
-def fwd_call(cfg: CallConfig):
-    """(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens) -> (o, final_state)."""
-    op = _partitioned(cfg, _fwd_raw, _fwd_rule(cfg), whole_batch=cfg.is_varlen)
-    return _head_folding(op, _FWD_HEAD_AXES, _FWD_OUT_HEAD_AXES)
-
-
-@functools.lru_cache(maxsize=None)
-def fwd_split_call(scfg: SplitConfig):
-    """The split forward (CUDA only): the forward's signature and partitioning."""
-    op = _partitioned(scfg, _fwd_raw, _fwd_rule(scfg.call), whole_batch=scfg.call.is_varlen)
+def fwd_call(cfg: CallConfig | SplitConfig):
+    """(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens) -> (o, final_state); with a
+    SplitConfig, the CUDA split forward (the same call, docs/sequence_split.md)."""
+    call_cfg = cfg.call if isinstance(cfg, SplitConfig) else cfg
+    op = _partitioned(cfg, _fwd_raw, _fwd_rule(call_cfg), whole_batch=call_cfg.is_varlen)
     return _head_folding(op, _FWD_HEAD_AXES, _FWD_OUT_HEAD_AXES)
 
 

@@ -359,11 +359,10 @@ def cuda_unavailable_reason(q_dtype=jnp.bfloat16, k_dim=128, v_dim=128) -> str |
         return "the CUDA extension has no forward target"
     if not any(q_dtype == d for d in CUDA_INPUT_DTYPES):
         return f"the CUDA kernels take bfloat16 or float16 q/k/v, got {jnp.dtype(q_dtype)}"
-    # The head dims: the extension's own checks (kda::fwd_unsupported), asked for one token.
-    # The backward's (K = V = 128 today) are asked per call: where it refuses, impl='auto'
-    # takes the chunked backward after the CUDA forward.
-    return _ffi.cuda_refusal(backward=False, B=1, T=1, H=1, K=k_dim, V=v_dim, N=1,
-                             is_varlen=False, f16=q_dtype == jnp.float16, memory_bytes=0)
+    # The head dims: the extension's own checks (kda::fwd_unsupported). The backward's
+    # (K = V = 128 today) are asked per call: where it refuses, impl='auto' takes the chunked
+    # backward after the CUDA forward.
+    return _head_dims_refusal(False, k_dim, v_dim, q_dtype == jnp.float16)
 
 
 def cuda_head_dims(backward: bool = False) -> tuple[int, ...]:
@@ -371,9 +370,13 @@ def cuda_head_dims(backward: bool = False) -> tuple[int, ...]:
     extension's own checks; () where the CUDA extension is not loaded."""
     if _ffi.load_error("CUDA"):
         return ()
-    return tuple(d for d in (32, 64, 128, 256)
-                 if _ffi.cuda_refusal(backward=backward, B=1, T=1, H=1, K=d, V=d, N=1,
-                                      is_varlen=False, f16=False, memory_bytes=0) is None)
+    return tuple(d for d in (32, 64, 128, 256) if _head_dims_refusal(backward, d, d) is None)
+
+
+def _head_dims_refusal(backward: bool, k_dim: int, v_dim: int, f16: bool = False) -> str | None:
+    """What the CUDA target says of these head dims, asked for a one-token call."""
+    return _ffi.cuda_refusal(backward=backward, B=1, T=1, H=1, K=k_dim, V=v_dim, N=1,
+                             is_varlen=False, f16=f16, memory_bytes=0)
 
 
 def _device_memory_bytes() -> int:
@@ -617,8 +620,6 @@ def _kda_compiled(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, use_gat
           else initial_state.astype(jnp.float32))
     cu = cu_seqlens if cu_seqlens is not None else jnp.zeros((1,), jnp.int32)
     use_decode = jax.default_backend() != "cpu" and _takes_cuda_decode(q, n)
-    if use_decode and cu_seqlens is not None:
-        cu = legal_offsets(cu, q.shape[1])  # the decode kernel only clamps them
     if backward_refusal and not cuda_backward_fallback:
         backward = _RefusedBackward(backward_refusal)
     else:
@@ -626,12 +627,14 @@ def _kda_compiled(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, use_gat
     plan = None
     if not use_decode and backward == "compiled":
         plan = _split_plan(q, v, cu_seqlens, n)
-    if plan is not None and _fused_split(plan):
-        run = _compiled_vjp(cfg, backward, segment_tokens=plan.segment_tokens)
-    elif plan is not None:
-        if cu_seqlens is not None:
-            cu = legal_offsets(cu, q.shape[1])
+    composed_split = plan is not None and not _fused_split(plan)
+    if cu_seqlens is not None and (use_decode or composed_split):
+        # The decode kernel only clamps offsets; split.py cuts them into segments.
+        cu = legal_offsets(cu, q.shape[1])
+    if composed_split:
         run = split.split_vjp(cfg, plan, _compiled_grads)
+    elif plan is not None:
+        run = _compiled_vjp(cfg, backward, segment_tokens=plan.segment_tokens)
     else:
         run = _compiled_vjp(cfg, backward, use_decode)
     o, final_state = run(q, k, v, g, beta, A_log, dt_bias, h0, cu)
@@ -744,7 +747,7 @@ def _compiled_vjp(cfg: _ffi.CallConfig, backward, use_decode: bool = False,
     XLA can give it, e.g. a donated or dead h0). segment_tokens > 0: the forward is the CUDA
     split forward (docs/sequence_split.md); the backward is the whole call's."""
     if segment_tokens:
-        fwd = _ffi.fwd_split_call(_ffi.SplitConfig(cfg, segment_tokens))
+        fwd = _ffi.fwd_call(_ffi.SplitConfig(cfg, segment_tokens))
     elif use_decode:
         decode_op = _ffi.decode_call(_ffi.DecodeConfig(cfg))
 

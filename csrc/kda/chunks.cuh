@@ -33,6 +33,17 @@ inline int chunk_slots(const FwdParams& p) {
   return p.attrs.is_varlen ? p.T / kChunk + p.N + 1 : p.B * ((p.T + kChunk - 1) / kChunk);
 }
 
+// Carves a workspace into regions, each starting 256-byte aligned: take(bytes) is the offset
+// of the next region; `end` the bytes taken so far.
+struct WorkspaceCursor {
+  size_t end = 0;
+  size_t take(size_t bytes) {
+    const size_t at = end;
+    end += (bytes + 255) & ~size_t{255};
+    return at;
+  }
+};
+
 // Multiprocessors of the current device, the one XLA launches on (asked on every call: a process
 // may hold GPUs of different sizes).
 inline cudaError_t sm_count(int& n) {

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "kda/chunks.cuh"
 #include "kda/kda_fwd.h"
 
 namespace kda {
@@ -82,9 +83,7 @@ __global__ void __launch_bounds__(K) kda_split_combine_kernel(FwdParams p,
   float s[16];
   const size_t h0 = (static_cast<size_t>(i) * p.H + h) * K * V;
 #pragma unroll
-  for (int c = 0; c < 16; ++c)
-    s[c] = p.initial_state[h0 + (p.attrs.state_v_first ? static_cast<size_t>(c0 + c) * K + k
-                                                        : static_cast<size_t>(k) * V + c0 + c)];
+  for (int c = 0; c < 16; ++c) s[c] = p.initial_state[state_index<K>(p, h0, c0 + c, k)];
   const int j_end = last[i];
   for (int j = first[i];; ++j) {
     float* out = s_in + ((static_cast<size_t>(j) * p.H + h) * K + k) * V + c0;
@@ -141,11 +140,9 @@ __global__ void __launch_bounds__(256) kda_split_finals_kernel(FwdParams p,
                                                               float* __restrict__ final_state) {
   const int h = blockIdx.x, i = blockIdx.y, V = p.V;
   const float* src = seg_final + (static_cast<size_t>(last[i]) * p.H + h) * K * V;
-  float* dst = final_state + (static_cast<size_t>(i) * p.H + h) * K * V;
-  for (int e = threadIdx.x; e < K * V; e += blockDim.x) {
-    const int key = e / V, v = e % V;
-    dst[p.attrs.state_v_first ? static_cast<size_t>(v) * K + key : static_cast<size_t>(e)] = src[e];
-  }
+  const size_t dst = (static_cast<size_t>(i) * p.H + h) * K * V;
+  for (int e = threadIdx.x; e < K * V; e += blockDim.x)
+    final_state[state_index<K>(p, dst, e % V, e / V)] = src[e];
 }
 
 }  // namespace kda

@@ -29,37 +29,30 @@
 namespace kda {
 namespace {
 
-size_t align256(size_t x) { return (x + 255) & ~size_t{255}; }
-
 // Byte offsets of the workspace regions; per (head, slot) each.
 template <typename Tr>
 struct WsLayout {
   size_t rec, aux, states, dstates, vn, dvn, pdt, pda, dead_rows, dead_cols, dead_v, total;
   explicit WsLayout(const FwdParams& p) {
     const size_t hs = static_cast<size_t>(chunk_slots(p)) * p.H;
-    size_t off = 0;
-    auto take = [&](size_t bytes) {
-      const size_t at = off;
-      off += align256(bytes);
-      return at;
-    };
+    WorkspaceCursor ws;
     constexpr size_t K = Tr::K, V = Tr::V;
-    rec = take(hs * Tr::R::kBytes);
-    aux = take(hs * sizeof(PrepAux));
-    states = take(hs * V * K * 2);   // Sᵀ_c [V][K] bf16
-    dstates = take(hs * V * K * 2);  // dS'ᵀ_c [V][K] bf16
-    vn = take(hs * kC * V * 2);      // Vn [16][V] bf16
-    dvn = take(hs * kC * V * 2);     // dVn [16][V] bf16
-    pdt = take(hs * K * 4);          // ddt_bias partials [K] f32
-    pda = take(hs * 4);              // dA_log partials f32
+    rec = ws.take(hs * Tr::R::kBytes);
+    aux = ws.take(hs * sizeof(PrepAux));
+    states = ws.take(hs * V * K * 2);   // Sᵀ_c [V][K] bf16
+    dstates = ws.take(hs * V * K * 2);  // dS'ᵀ_c [V][K] bf16
+    vn = ws.take(hs * kC * V * 2);      // Vn [16][V] bf16
+    dvn = ws.take(hs * kC * V * 2);     // dVn [16][V] bf16
+    pdt = ws.take(hs * K * 4);          // ddt_bias partials [K] f32
+    pda = ws.take(hs * 4);              // dA_log partials f32
     // docs/robustness.md §3, per (sequence, head): the first row with a non-finite q, k, β or
     // log-decay; then per value column the first with a non-finite v; then the first of those
     // over the head's columns (so that a clean head reads one int, not V). Adjacent: one memset.
     const size_t nh = static_cast<size_t>(p.N) * p.H;
-    dead_rows = take(nh * 4 + nh * V * 4 + nh * 4);
+    dead_rows = ws.take(nh * 4 + nh * V * 4 + nh * 4);
     dead_cols = dead_rows + nh * 4;
     dead_v = dead_cols + nh * V * 4;
-    total = off;
+    total = ws.end;
   }
 };
 

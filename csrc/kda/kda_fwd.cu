@@ -85,7 +85,7 @@ cudaError_t fwd_k(const FwdParams& p, uint8_t* ws, cudaStream_t stream) {
 }
 
 // The sequence split (docs/sequence_split.md): the call's tokens as one packed batch of
-// segments, and the workspace regions of fwd_split, 256-byte aligned.
+// segments, and the workspace regions of fwd_split.
 int split_segments(const FwdParams& p, int seg_tokens) {
   return static_cast<int>(p.N + static_cast<long long>(p.B) * p.T / seg_tokens);
 }
@@ -107,20 +107,15 @@ struct SplitLayout {
     const int segments = split_segments(p, seg_tokens);
     const FwdParams s = segment_view(p, segments, nullptr);
     const size_t states = static_cast<size_t>(segments) * p.H * p.K;
-    size_t off = 0;
-    auto take = [&](size_t bytes) {
-      const size_t at = off;
-      off += (bytes + 255) & ~size_t{255};
-      return at;
-    };
-    rec = take(static_cast<size_t>(chunk_slots(s)) * p.H * rec_bytes(p.K));
-    seg_cu = take((segments + 1) * sizeof(int32_t));
-    first = take(p.N * sizeof(int32_t));
-    last = take(p.N * sizeof(int32_t));
-    ends = take(states * (p.V + p.K) * sizeof(float));
-    s_in = take(states * p.V * sizeof(float));
-    seg_final = take(states * p.V * sizeof(float));
-    total = off;
+    WorkspaceCursor ws;
+    rec = ws.take(static_cast<size_t>(chunk_slots(s)) * p.H * rec_bytes(p.K));
+    seg_cu = ws.take((segments + 1) * sizeof(int32_t));
+    first = ws.take(p.N * sizeof(int32_t));
+    last = ws.take(p.N * sizeof(int32_t));
+    ends = ws.take(states * (p.V + p.K) * sizeof(float));
+    s_in = ws.take(states * p.V * sizeof(float));
+    seg_final = ws.take(states * p.V * sizeof(float));
+    total = ws.end;
   }
 };
 
