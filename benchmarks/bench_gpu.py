@@ -247,9 +247,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--modes", nargs="+", default=["fwd"], choices=["fwd", "fwd_bwd"])
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=list(CASES))
-    parser.add_argument("--split", choices=["off", "auto"], default="off",
+    parser.add_argument("--split", choices=["off", "auto"], default="auto",
                         help="the sequence split for jax_flashkda (JAX_FLASHKDA_SEGMENT_TOKENS): "
-                             "off, or auto (the planner); recorded in each row")
+                             "auto (the planner, the default) or off; recorded in each row")
     impls = ["jax_flashkda", "flashkda", "fla", "jla", "jax_chunked"]
     # The floor is computed for every case; it is not an implementation to pick.
     parser.add_argument("--impls", nargs="+", default=impls, choices=impls)

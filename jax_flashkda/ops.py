@@ -656,8 +656,8 @@ def _sm_count() -> int:
 def _split_plan(q, v, cu_seqlens, n):
     """The sequence split's plan for a compiled call (docs/sequence_split.md), or None. The
     planner runs by itself only for the CUDA target on a one-GPU process (on a mesh the split
-    would gather what is sharded), and only with JAX_FLASHKDA_SEGMENT_TOKENS=auto; a length
-    there forces it on any compiled target."""
+    would gather what is sharded), unless JAX_FLASHKDA_SEGMENT_TOKENS=0; a length there forces
+    it on any compiled target."""
     b, t, h, kd = q.shape
     vd = v.shape[-1]
     on_gpu = jax.default_backend() != "cpu"

@@ -41,10 +41,9 @@ from jax_flashkda import _ffi
 
 _log = logging.getLogger("jax_flashkda")
 
-# JAX_FLASHKDA_SEGMENT_TOKENS: "auto" lets the planner decide (the CUDA target on one GPU); a
-# positive integer forces that segment length (for tests and tuning, on any compiled target);
-# unset or "0", no split. Opt-in until the CUDA split's tests have passed on a GPU: it was
-# timed there (2026-12-07) but its correctness checks did not finish in the device time.
+# JAX_FLASHKDA_SEGMENT_TOKENS: unset or "auto" lets the planner decide (the CUDA target on one
+# GPU); a positive integer forces that segment length (for tests and tuning, on any compiled
+# target); "0", no split.
 # JAX_FLASHKDA_SPLIT_BACKWARD: with a forced length, "0" keeps the backward whole (default 1).
 SEGMENT_TOKENS_ENV = "JAX_FLASHKDA_SEGMENT_TOKENS"
 SPLIT_BACKWARD_ENV = "JAX_FLASHKDA_SPLIT_BACKWARD"
@@ -89,10 +88,10 @@ def _env_int(name: str, expected: str = "a non-negative integer") -> int | None:
 
 
 def forced_segment_tokens() -> int | None:
-    """The environment's choice: None ("auto": let the planner decide), 0 (unset or "0": never
+    """The environment's choice: None (unset or "auto": let the planner decide), 0 ("0": never
     split) or a length."""
     raw = os.environ.get(SEGMENT_TOKENS_ENV, "").strip()
-    if raw == "auto":
+    if raw in ("", "auto"):
         return None
     return _env_int(SEGMENT_TOKENS_ENV, "'auto' or a non-negative integer") or 0
 

@@ -134,11 +134,15 @@ def test_planner_is_forced_by_the_environment(monkeypatch):
     few_heads = dict(sizes, heads=4, tokens=131072, longest=131072)
     monkeypatch.setenv(ENV, "auto")
     assert split.plan_split(**few_heads) is not None
-    for off in ("0", ""):
-        monkeypatch.setenv(ENV, off)
-        assert split.plan_split(**few_heads) is None
-    monkeypatch.delenv(ENV)
+    monkeypatch.setenv(ENV, "0")
     assert split.plan_split(**few_heads) is None
+    for default in ("", None):                     # unset or empty: the planner decides
+        if default is None:
+            monkeypatch.delenv(ENV)
+        else:
+            monkeypatch.setenv(ENV, default)
+        assert split.plan_split(**few_heads) is not None
+        assert split.plan_split(**sizes) is None
     monkeypatch.setenv(ENV, "-3")
     with pytest.raises(ValueError, match=ENV):
         split.plan_split(**sizes)
