@@ -406,6 +406,14 @@ def _cpu_target_ready() -> bool:
     return (_ffi.has_target("cpu", _ffi.FWD_TARGET) and _ffi.has_target("cpu", _ffi.BWD_TARGET))
 
 
+def _cuda_target_refusal(q, v, cu_seqlens, backward: bool) -> str | None:
+    """What the CUDA target would refuse of this call wherever it runs (dtypes, head dims,
+    sizes), whatever the process's devices are."""
+    if not any(q.dtype == d for d in CUDA_INPUT_DTYPES):
+        return f"the CUDA kernels take bfloat16 or float16 q/k/v, got {q.dtype}"
+    return _cuda_call_refusal(q, v, cu_seqlens, backward)
+
+
 def _cuda_reason(q, v, cu_seqlens) -> str | None:
     """None when the CUDA forward can run this call, else why not."""
     return (cuda_unavailable_reason(q.dtype, q.shape[-1], v.shape[-1])
@@ -552,11 +560,16 @@ def _pool_vjp(dcfg: _ffi.DecodeConfig, pure_kwargs):
             A_log=A_log if gate else None, dt_bias=dt_bias if gate else None,
             cu_seqlens=cu if dcfg.call.is_varlen else None, path="auto", **pure_kwargs)
 
+    def pure_forward(q, k, v, g, beta, A_log, dt_bias, pool, cu, indices, accepted):
+        o, pool = pure((q, k, v, g, beta, A_log, dt_bias, pool), cu, indices, accepted)
+        return o.astype(v.dtype), pool.astype(jnp.float32)
+
     @jax.custom_vjp
-    def run(q, k, v, g, beta, A_log, dt_bias, pool, cu, indices, accepted):
-        axes = varying_axes(q, k, v, g, beta, A_log, dt_bias, pool, cu, indices, accepted)
-        outs = op(q, k, v, g, beta, A_log, dt_bias, pool, cu, indices, accepted)
-        return tuple(make_varying(out, axes) for out in outs)
+    def run(*args):
+        axes = varying_axes(*args)
+        # Lowered for the CPU (of a GPU process, or exported for both), the pure definition.
+        return _per_platform(args, cuda=op, other=pure_forward,
+                             finish=lambda outs: tuple(make_varying(o, axes) for o in outs))
 
     def run_fwd(*args):
         return run(*args), args
@@ -604,9 +617,13 @@ def _kda_compiled(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, use_gat
     float64 inputs are computed in fp32 and o is returned in v's dtype, as documented."""
     b, _, h, kd = q.shape
     out_dtype = v.dtype
-    backward_refusal = None
-    if jax.default_backend() != "cpu":
-        backward_refusal = _cuda_call_refusal(q, v, cu_seqlens, backward=True)
+    # What the CUDA target would refuse, asked wherever its extension is loaded: the computation
+    # may be lowered for CUDA (jax.export) even in a CPU process, and a CPU one in a GPU process.
+    forward_refusal = backward_refusal = None
+    if _ffi.load_error("CUDA") is None:
+        forward_refusal = _cuda_target_refusal(q, v, cu_seqlens, backward=False)
+        backward_refusal = forward_refusal or _cuda_target_refusal(q, v, cu_seqlens,
+                                                                   backward=True)
     vd = v.shape[-1]
     cfg, A_log, dt_bias = _compiled_operands(q, scale, use_qk_l2norm, use_gate, use_beta_sigmoid,
                                              A_log, dt_bias, lower_bound, state_v_first,
@@ -619,24 +636,27 @@ def _kda_compiled(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, use_gat
     h0 = (jnp.zeros(state_shape, jnp.float32) if initial_state is None
           else initial_state.astype(jnp.float32))
     cu = cu_seqlens if cu_seqlens is not None else jnp.zeros((1,), jnp.int32)
-    use_decode = jax.default_backend() != "cpu" and _takes_cuda_decode(q, n)
-    if backward_refusal and not cuda_backward_fallback:
+    cuda_forward = ("pure" if forward_refusal
+                    else "decode" if _takes_cuda_decode(q, n) else "compiled")
+    if backward_refusal and not cuda_backward_fallback and jax.default_backend() != "cpu":
         backward = _RefusedBackward(backward_refusal)
     else:
         backward = "pure" if backward_refusal else "compiled"
     plan = None
-    if not use_decode and backward == "compiled":
+    # In a GPU process the split serves calls the CUDA target takes whole; in a CPU process
+    # only a forced one runs (composed from the plain calls, see _fused_split).
+    if jax.default_backend() == "cpu" or (cuda_forward == "compiled" and backward == "compiled"):
         plan = _split_plan(q, v, cu_seqlens, n)
     composed_split = plan is not None and not _fused_split(plan)
-    if cu_seqlens is not None and (use_decode or composed_split):
+    if cu_seqlens is not None and (cuda_forward == "decode" or composed_split):
         # The decode kernel only clamps offsets; split.py cuts them into segments.
         cu = legal_offsets(cu, q.shape[1])
     if composed_split:
         run = split.split_vjp(cfg, plan, _compiled_grads)
     elif plan is not None:
-        run = _compiled_vjp(cfg, backward, segment_tokens=plan.segment_tokens)
+        run = _compiled_vjp(cfg, backward, "split", plan.segment_tokens)
     else:
-        run = _compiled_vjp(cfg, backward, use_decode)
+        run = _compiled_vjp(cfg, backward, cuda_forward)
     o, final_state = run(q, k, v, g, beta, A_log, dt_bias, h0, cu)
     return o.astype(out_dtype), final_state
 
@@ -644,7 +664,9 @@ def _kda_compiled(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, use_gat
 def _fused_split(plan) -> bool:
     """The CUDA target's split forward (one call: prep once, the transitions, the combine and
     the outputs on device) serves plans whose backward stays whole; a split backward needs the
-    segments' states, which split.split_vjp keeps."""
+    segments' states, which split.split_vjp keeps. Only in a GPU process (the planner's): a
+    split forced on a CPU process runs composed from the plain calls, on whatever platform the
+    computation is lowered for (how the CPU tests exercise it)."""
     return (not plan.backward and jax.default_backend() != "cpu"
             and _ffi.has_target("CUDA", _ffi.FWD_SPLIT_TARGET))
 
@@ -692,21 +714,38 @@ def _takes_cuda_decode(q, num_sequences: int) -> bool:
             and q.shape[0] * q.shape[1] <= CUDA_DECODE_MAX_TOKENS * max(num_sequences, 1))
 
 
+def _per_platform(args, *, cuda, other, finish):
+    """finish(cuda(*args)) where the computation is lowered for CUDA, finish(other(*args))
+    elsewhere. Chosen by the platform the computation is lowered for
+    (jax.lax.platform_dependent: the other branches are dropped at lowering), not by the
+    process's default backend: a computation placed on the CPU of a GPU process, or exported
+    for both platforms, gets the CPU's code. `finish` gives both branches' results the same
+    types (inside shard_map, the mesh axes they vary over), as the branches must have. Traced
+    once where the two are the same function."""
+    def branch(f):
+        return lambda *a: finish(f(*a))
+
+    if cuda is other:
+        return branch(other)(*args)
+    return jax.lax.platform_dependent(*args, cuda=branch(cuda), default=branch(other))
+
+
+def _chunked_forward(cfg: _ffi.CallConfig, q, k, v, g, beta, A_log, dt_bias, h0, cu):
+    """The compiled call's (o, final state), computed by the chunked path."""
+    o, final_state = kda_chunked(
+        q, k, v, g, beta, scale=cfg.scale, initial_state=h0,
+        use_qk_l2norm_in_kernel=cfg.use_qk_l2norm,
+        use_gate_in_kernel=cfg.gate_mode != _ffi.GATE_LOG_DECAY,
+        use_beta_sigmoid_in_kernel=cfg.use_beta_sigmoid, A_log=A_log, dt_bias=dt_bias,
+        lower_bound=cfg.lower_bound if cfg.gate_mode == _ffi.GATE_SAFE else None,
+        state_v_first=cfg.state_v_first, cu_seqlens=cu if cfg.is_varlen else None)
+    return o.astype(v.dtype), final_state.astype(jnp.float32)
+
+
 def _pure_vjp(cfg: _ffi.CallConfig, primals, cotangents):
     """Gradients by autodiff of the chunked path: the backward where no compiled one exists."""
-    q, k, v, g, beta, A_log, dt_bias, h0, cu = primals
-    lower_bound = cfg.lower_bound if cfg.gate_mode == _ffi.GATE_SAFE else None
-
-    def forward(q, k, v, g, beta, A_log, dt_bias, h0):
-        return kda_chunked(
-            q, k, v, g, beta, scale=cfg.scale, initial_state=h0,
-            use_qk_l2norm_in_kernel=cfg.use_qk_l2norm,
-            use_gate_in_kernel=cfg.gate_mode != _ffi.GATE_LOG_DECAY,
-            use_beta_sigmoid_in_kernel=cfg.use_beta_sigmoid,
-            A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound,
-            state_v_first=cfg.state_v_first, cu_seqlens=cu if cfg.is_varlen else None)
-
-    _, vjp = jax.vjp(forward, q, k, v, g, beta, A_log, dt_bias, h0)
+    cu = primals[-1]
+    _, vjp = jax.vjp(lambda *x: _chunked_forward(cfg, *x, cu), *primals[:-1])
     return vjp(cotangents)
 
 
@@ -739,27 +778,34 @@ class _RefusedBackward:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_vjp(cfg: _ffi.CallConfig, backward, use_decode: bool = False,
+def _compiled_vjp(cfg: _ffi.CallConfig, backward, cuda_forward: str = "compiled",
                   segment_tokens: int = 0):
-    """backward: "compiled" (the target's own), "pure" (autodiff of the chunked path, where the
-    CUDA backward refuses the call's sizes and impl='auto'), or a _RefusedBackward. use_decode:
-    the forward runs the CUDA decode kernel (the state updated in place of h0's buffer where
-    XLA can give it, e.g. a donated or dead h0). segment_tokens > 0: the forward is the CUDA
-    split forward (docs/sequence_split.md); the backward is the whole call's."""
-    if segment_tokens:
-        fwd = _ffi.fwd_call(_ffi.SplitConfig(cfg, segment_tokens))
-    elif use_decode:
+    """What runs where the computation is lowered for CUDA: the forward, cuda_forward:
+    "compiled" (the target's forward), "decode" (the decode kernel: the state updated in place
+    of h0's buffer where XLA can give it, e.g. a donated or dead h0), "split" (the split forward
+    at segment_tokens, docs/sequence_split.md) or "pure" (the chunked path, where the CUDA
+    target refuses the call: it may be lowered for CUDA from a CPU process); the backward,
+    backward: "compiled", "pure" (autodiff of the chunked path, where the CUDA backward
+    refuses the call and impl='auto') or a _RefusedBackward. Lowered for the CPU, the C++
+    target's forward and backward."""
+    plain = _ffi.fwd_call(cfg)
+    if cuda_forward == "split":
+        cuda_fwd = _ffi.fwd_call(_ffi.SplitConfig(cfg, segment_tokens))
+    elif cuda_forward == "pure":
+        cuda_fwd = functools.partial(_chunked_forward, cfg)
+    elif cuda_forward == "decode":
         decode_op = _ffi.decode_call(_ffi.DecodeConfig(cfg))
 
-        def fwd(*primals):
+        def cuda_fwd(*primals):
             no_pool = jnp.zeros((1,), jnp.int32)
             return decode_op(*primals, no_pool, no_pool)
     else:
-        fwd = _ffi.fwd_call(cfg)
+        cuda_fwd = plain
 
     def forward(*primals):
         axes = varying_axes(*primals)
-        return tuple(make_varying(out, axes) for out in fwd(*primals))
+        return _per_platform(primals, cuda=cuda_fwd, other=plain,
+                             finish=lambda outs: tuple(make_varying(o, axes) for o in outs))
 
     run = jax.custom_vjp(forward)
 
@@ -767,17 +813,24 @@ def _compiled_vjp(cfg: _ffi.CallConfig, backward, use_decode: bool = False,
         return forward(*primals), primals
 
     def run_bwd(primals, cotangents):
-        do, dht = cotangents
         if isinstance(backward, _RefusedBackward):
             raise ValueError(
                 f"kda: the CUDA backward cannot run this call: {backward.reason}; "
                 "impl='auto' would take the chunked backward")
-        platform = "cpu" if jax.default_backend() == "cpu" else "CUDA"
-        if backward == "compiled" and _ffi.has_target(platform, _ffi.BWD_TARGET):
-            grads = _compiled_grads(cfg, primals, cotangents)
-        else:
-            grads = _pure_vjp(cfg, primals, (do, dht))
-        grads = tuple(_typed_like(grad, primal) for grad, primal in zip(grads, primals))
+        # Each platform's own backward where it has one (the CUDA one only for the sizes it
+        # takes), else autodiff of the chunked path. Without the CUDA extension nothing runs
+        # on CUDA: one backward, the CPU's.
+        cpu_compiled = _ffi.has_target("cpu", _ffi.BWD_TARGET)
+        cuda_compiled = cpu_compiled
+        if _ffi.load_error("CUDA") is None:
+            cuda_compiled = backward == "compiled" and _ffi.has_target("CUDA", _ffi.BWD_TARGET)
+        grads_on = lambda compiled: functools.partial(
+            _compiled_grads if compiled else _pure_vjp, cfg)
+        cpu_grads = grads_on(cpu_compiled)
+        cuda_grads = cpu_grads if cuda_compiled == cpu_compiled else grads_on(cuda_compiled)
+        typed = lambda grads: tuple(_typed_like(g, p) for g, p in zip(grads, primals))
+        grads = _per_platform((primals, cotangents), cuda=cuda_grads, other=cpu_grads,
+                              finish=typed)
         return grads + (None,)
 
     run.defvjp(run_fwd, run_bwd)
