@@ -7,8 +7,8 @@ skipped with a note. Writes rows {"case", "impl", "mode", "ms", "gpu", "date"} a
     python benchmarks/bench_gpu.py --modes fwd fwd_bwd --split auto \
         --cases B1_T32768_H16 B1_T32768_H12 B1_T65536_H8 B1_T131072_H4 varlen_65536_8x1024_H8
 
-Mode: fused (l2norm + safe gate lower_bound=-5 + beta sigmoid), bf16, D=128, fp32 state in
-and out. jla (jax-linear-attention) has no fused gate: it gets the activated log-decay and
+Mode: fused (l2norm + safe gate lower_bound=-5 + beta sigmoid), bf16, D=128 (64 in the _D64
+cases), fp32 state in and out. jla (jax-linear-attention) has no fused gate: it gets the activated log-decay and
 post-sigmoid beta, plus its own in-kernel l2norm.
 """
 
@@ -41,14 +41,16 @@ CASES = {
     "B1_T65536_H8": dict(B=1, T=65536, H=8),
     "B1_T131072_H4": dict(B=1, T=131072, H=4),
     "varlen_65536_8x1024_H8": dict(seqlens=[65536] + [1024] * 8, H=8),
+    # Head dim 64 (K = V = 64), forward and backward on the CUDA target.
+    "B1_T8192_H96_D64": dict(B=1, T=8192, H=96, D=64),
+    "B4_T8192_H32_D64": dict(B=4, T=8192, H=32, D=64),
 }
 DEFAULT_CASES = ["B1_T8192_H96", "B1_T8192_H64", "varlen6_H96", "B4_T8192_H32",
                  "B1_T32768_H16"]
-D = 128
 LOWER_BOUND = -5.0
 
 
-def make_case(key, B=1, T=None, H=1, seqlens=None):
+def make_case(key, B=1, T=None, H=1, seqlens=None, D=128):
     if seqlens is not None:
         B, T = 1, sum(seqlens)
     ks = jax.random.split(key, 8)
@@ -101,6 +103,7 @@ def xla_temp_gib(jitted, args):
 
 def floor_ms(x, bandwidth, mode):
     bf16 = 2
+    *_, D = x["q"].shape
     tokens_heads = x["q"].shape[0] * x["q"].shape[1] * x["q"].shape[2]
     inputs = tokens_heads * (4 * D * bf16 + bf16)
     states = 2 * x["h0"].size * 4
@@ -219,7 +222,7 @@ def peer_flashkda(x, cu):
     ht = torch.empty_like(h0)
 
     def fwd():
-        flash_kda.fwd(t["q"], t["k"], t["v"], t["g"], t["beta"], D ** -0.5, out,
+        flash_kda.fwd(t["q"], t["k"], t["v"], t["g"], t["beta"], t["q"].shape[-1] ** -0.5, out,
                       A_log=t["A_log"], dt_bias=t["dt_bias"], lower_bound=LOWER_BOUND,
                       initial_state=h0, final_state=ht, cu_seqlens=cu_t)
         return out

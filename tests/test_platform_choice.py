@@ -55,8 +55,8 @@ def targets(fn, x, platforms):
     return set(re.findall(r"custom_call @([\w.]+)", exported.mlir_module())), exported
 
 
-def bf16_case(rng, T, head_dim=128):
-    args, kwargs = make_inputs(rng, B=2, T=T, H=2, K=head_dim, V=head_dim, dtype=jnp.bfloat16)
+def bf16_case(rng, T, value_dim=128):
+    args, kwargs = make_inputs(rng, B=2, T=T, H=2, K=128, V=value_dim, dtype=jnp.bfloat16)
     return call([jnp.asarray(a) for a in args],
                 {n: jnp.asarray(x) if isinstance(x, np.ndarray) else x
                  for n, x in kwargs.items()}) + (args, kwargs)
@@ -79,11 +79,11 @@ def test_decode_kernel_only_where_lowered_for_cuda(rng):
 
 @needs_both_targets
 def test_cuda_refused_backward_only_where_lowered_for_cuda(rng):
-    # The CUDA backward takes K = V = 128 only: lowered for CUDA, autodiff of the chunked path;
-    # lowered for the CPU, the C++ target's backward.
-    assert _ffi.cuda_refusal(backward=True, B=1, T=1, H=1, K=64, V=64, N=1, is_varlen=False,
+    # The CUDA backward takes K = V only (its forward V = 64 with K = 128 too): lowered for
+    # CUDA, autodiff of the chunked path; lowered for the CPU, the C++ target's backward.
+    assert _ffi.cuda_refusal(backward=True, B=1, T=1, H=1, K=128, V=64, N=1, is_varlen=False,
                              f16=False, memory_bytes=0)
-    f, x, args, kwargs = bf16_case(rng, T=40, head_dim=64)
+    f, x, args, kwargs = bf16_case(rng, T=40, value_dim=64)
     grad = loss_grad(f)
     assert targets(grad, x, ("cuda",))[0] == set()
     assert targets(grad, x, ("cpu",))[0] == {BWD}
