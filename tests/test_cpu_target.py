@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from inputs import rel_err
+from inputs import kernel_inputs, rel_err
 from oracle import oracle
 
 FWD, BWD = "jax_flashkda_fwd", "jax_flashkda_bwd"
@@ -116,37 +116,25 @@ def kernel_oracle(x, cfg, do, dfinal):
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs.
+# Inputs, from tests/inputs.py. The target's draws: decays from 1 down to e^-8, gate inputs
+# of spread 2, unit-scale dt_bias and state; cfg["extreme_gate"] adds 15% of single channels
+# decayed to -1000 and 15% to one value in [-100, -10].
+TARGET_DRAWS = dict(log_decay="cubed_uniform", gate_scale=2.0, dt_bias_scale=1.0,
+                    state_scale=1.0)
+TARGET_EXTREME_DECAYS = ((-1000.0, 0.15), ((-100.0, -10.0), 0.15))
 
 
-def make_inputs(rng, cfg, B, T, H, K, V, dtype=np.float32, gate_dtype=None):
-    N = B if cfg["cu"] is None else len(cfg["cu"]) - 1
-    q = rng.standard_normal((B, T, H, K))
-    k = rng.standard_normal((B, T, H, K))
-    if not cfg["l2norm"]:
-        # Unit-ish keys keep the delta rule contractive, as normalised keys would.
-        q, k = q / np.sqrt(K), k / np.sqrt(K)
-    v = rng.standard_normal((B, T, H, V))
-    if cfg["gate_mode"] == 0:
-        g = -rng.uniform(0.0, 2.0, (B, T, H, K)) ** 3
-        if cfg.get("extreme_gate"):
-            g[rng.random(g.shape) < 0.15] = -1000.0
-            g[rng.random(g.shape) < 0.15] = -rng.uniform(10.0, 100.0)
-    else:
-        g = 2.0 * rng.standard_normal((B, T, H, K))
-    beta = rng.standard_normal((B, T, H)) if cfg["sigmoid"] else rng.uniform(0.05, 1.0, (B, T, H))
-    state_shape = (N, H, V, K) if cfg["v_first"] else (N, H, K, V)
-    gate_dtype = gate_dtype or dtype
-    return dict(
-        q=q.astype(dtype),
-        k=k.astype(dtype),
-        v=v.astype(dtype),
-        g=g.astype(gate_dtype),
-        beta=beta.astype(gate_dtype),
-        A_log=rng.uniform(-1.0, 1.0, H).astype(np.float32),
-        dt_bias=rng.standard_normal((H, K)).astype(np.float32),
-        h0=rng.standard_normal(state_shape).astype(np.float32),
-    )
+def target_inputs(rng, cfg, B, T, H, K, V, dtype=np.float32, gate_dtype=None):
+    """The operands of one call with cfg's flags and offsets (q, k, v in `dtype`, g and beta
+    in `gate_dtype`, default `dtype`)."""
+    cu = cfg["cu"]
+    varlen = {} if cu is None else dict(seqlens=np.diff(cu), tail=T - cu[-1])
+    return kernel_inputs(rng, B=B, T=T, H=H, K=K, V=V, gate_mode=cfg["gate_mode"],
+                         dtype=dtype, g_dtype=gate_dtype, beta_dtype=gate_dtype,
+                         l2norm=cfg["l2norm"], beta_sigmoid=cfg["sigmoid"],
+                         v_first=cfg["v_first"], always_gate_params=True,
+                         decay_spikes=TARGET_EXTREME_DECAYS if cfg.get("extreme_gate") else (),
+                         **TARGET_DRAWS, **varlen)
 
 
 def config(gate_mode=0, l2norm=False, sigmoid=False, v_first=False, cu=None, lower_bound=-5.0,
@@ -195,7 +183,7 @@ def test_forward_backward_against_float64(case):
     cfg = dict(cfg, scale=K**-0.5)
     seed = (SESSION_SEED + sum(map(ord, name))) % 2**32
     rng = np.random.default_rng(seed)
-    x = make_inputs(rng, cfg, B, T, H, K, V, dtype, gate_dtype)
+    x = target_inputs(rng, cfg, B, T, H, K, V, dtype, gate_dtype)
     tol = _tolerance(dtype)
     msg = f"(KDA_TEST_SEED={SESSION_SEED})"
 
@@ -233,7 +221,7 @@ def test_forward_backward_against_float64(case):
 def test_empty_sequence_passes_state_through():
     cfg = config(2, True, True, cu=[0, 0, 4, 4])
     rng = np.random.default_rng(SESSION_SEED + 1)
-    x = make_inputs(rng, cfg, 1, 4, 2, 16, 8)
+    x = target_inputs(rng, cfg, 1, 4, 2, 16, 8)
     _, final = ffi_fwd(x, cfg)
     np.testing.assert_array_equal(np.asarray(final)[[0, 2]], x["h0"][[0, 2]])
     do = rng.standard_normal((1, 4, 2, 8)).astype(np.float32)
@@ -252,7 +240,7 @@ def _expect_error(fn, message):
 def test_invalid_operands_are_reported_by_name():
     cfg = config(1, True, True)
     rng = np.random.default_rng(SESSION_SEED + 2)
-    x = make_inputs(rng, cfg, 1, 6, 2, 16, 8)
+    x = target_inputs(rng, cfg, 1, 6, 2, 16, 8)
     _expect_error(lambda: ffi_fwd({**x, "A_log": x["A_log"].astype(np.float16)}, cfg), "jax_flashkda_fwd (cpu): A_log must have dtype float32")
     _expect_error(lambda: ffi_fwd({**x, "beta": x["beta"][..., :1]}, cfg),
                   "jax_flashkda_fwd (cpu): beta must have shape [1,6,2], got [1,6,1]")

@@ -9,7 +9,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from inputs import random_kernel_inputs, rel_err
+from inputs import kernel_inputs, rel_err
 from oracle import oracle
 from jax_flashkda import _ffi, kda, ops
 
@@ -27,24 +27,22 @@ NAMES = ("q", "k", "v", "g", "beta", "h0", "A_log", "dt_bias")
 def make_case(rng, *, B=1, T=40, H=2, gate_mode=2, l2norm=True, beta_sigmoid=True,
               v_first=False, seqlens=None, extreme=False, dtype=jnp.bfloat16,
               g_dtype=jnp.float32, beta_dtype=jnp.float32):
-    """Random inputs (as numpy float64 holding values exact in their dtypes) and static kwargs."""
+    """Inputs from tests/inputs.py (as numpy float64 holding values exact in their dtypes),
+    their dtypes, static kwargs and the cotangents of o and the final state."""
     K = V = 128
-    N = B
+    x = kernel_inputs(rng, B=B, T=T, H=H, K=K, V=V, gate_mode=gate_mode, dtype=dtype,
+                      g_dtype=g_dtype, beta_dtype=beta_dtype, l2norm=l2norm,
+                      beta_sigmoid=beta_sigmoid, v_first=v_first, seqlens=seqlens,
+                      extreme=extreme)
     static = dict(use_qk_l2norm_in_kernel=l2norm, use_beta_sigmoid_in_kernel=beta_sigmoid,
                   state_v_first=v_first, use_gate_in_kernel=gate_mode > 0)
     if seqlens is not None:
-        B, T, N = 1, int(sum(seqlens)), len(seqlens)
-        static["cu_seqlens"] = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32)
-    x = random_kernel_inputs(rng, B=B, T=T, N=N, H=H, K=K, V=V, gate_mode=gate_mode,
-                             l2norm=l2norm, beta_sigmoid=beta_sigmoid, v_first=v_first,
-                             extreme=extreme)
+        static["cu_seqlens"] = x.pop("cu_seqlens")
     if gate_mode == 2:
         static["lower_bound"] = -5.0
-    dtypes = dict(q=dtype, k=dtype, v=dtype, g=g_dtype, beta=beta_dtype, h0=jnp.float32,
-                  A_log=jnp.float32, dt_bias=jnp.float32)
-    x = {n: np.asarray(jnp.asarray(a, dtypes[n]).astype(jnp.float32), np.float64)
-         for n, a in x.items()}
-    do = np.asarray(jnp.asarray(rng.standard_normal((B, T, H, V)), dtype).astype(jnp.float32),
+    dtypes = {n: a.dtype for n, a in x.items()}
+    x = {n: np.asarray(a, np.float64) for n, a in x.items()}
+    do = np.asarray(jnp.asarray(rng.standard_normal(x["v"].shape), dtype).astype(jnp.float32),
                     np.float64)
     dht = rng.standard_normal(x["h0"].shape)
     return x, dtypes, static, do, dht

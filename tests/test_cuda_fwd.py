@@ -7,7 +7,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from inputs import random_kernel_inputs, rel_err
+from inputs import KERNEL_OPERANDS, kernel_inputs, rel_err
 from oracle import oracle
 
 pytestmark = pytest.mark.gpu
@@ -61,26 +61,16 @@ def reference(q, k, v, g, beta, A_log, dt_bias, h0, cu, *, scale, l2norm, beta_s
 def make_case(rng, *, B=1, T=40, H=2, K=128, V=128, dtype=jnp.bfloat16, gate_mode=2,
               g_dtype=jnp.float32, beta_dtype=jnp.float32, l2norm=True, beta_sigmoid=True,
               v_first=False, seqlens=None, tail=0, extreme=False, lower_bound=-5.0):
-    varlen = seqlens is not None
-    if varlen:
-        B, T = 1, int(sum(seqlens)) + tail
-        cu = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32)
-        N = len(seqlens)
-    else:
-        cu = np.zeros((1,), np.int32)
-        N = B
-    x = random_kernel_inputs(rng, B=B, T=T, N=N, H=H, K=K, V=V, gate_mode=gate_mode,
-                             l2norm=l2norm, beta_sigmoid=beta_sigmoid, v_first=v_first,
-                             extreme=extreme)
-    q, k, v, g, beta, h0 = (x[n] for n in ("q", "k", "v", "g", "beta", "h0"))
-    A_log = x.get("A_log", np.zeros((H,)))
-    dt_bias = x.get("dt_bias", np.zeros((H, K)))
-    arrays = (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype),
-              jnp.asarray(g, g_dtype), jnp.asarray(beta, beta_dtype),
-              jnp.asarray(A_log, jnp.float32), jnp.asarray(dt_bias, jnp.float32),
-              jnp.asarray(h0, jnp.float32), jnp.asarray(cu))
+    """The operands of one call, from tests/inputs.py (A_log and dt_bias for every gate mode;
+    cu_seqlens [0] when not varlen), and its attributes."""
+    x = kernel_inputs(rng, B=B, T=T, H=H, K=K, V=V, gate_mode=gate_mode, dtype=dtype,
+                      g_dtype=g_dtype, beta_dtype=beta_dtype, l2norm=l2norm,
+                      beta_sigmoid=beta_sigmoid, v_first=v_first, seqlens=seqlens, tail=tail,
+                      extreme=extreme, always_gate_params=True)
+    cu = x.get("cu_seqlens", np.zeros((1,), np.int32))
+    arrays = tuple(jnp.asarray(x[n]) for n in KERNEL_OPERANDS) + (jnp.asarray(cu),)
     attrs = dict(scale=K ** -0.5, l2norm=l2norm, beta_sigmoid=beta_sigmoid, gate_mode=gate_mode,
-                 lower_bound=lower_bound, v_first=v_first, varlen=varlen)
+                 lower_bound=lower_bound, v_first=v_first, varlen=seqlens is not None)
     return arrays, attrs
 
 

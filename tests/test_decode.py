@@ -53,10 +53,10 @@ def check(args, kw, idx, acc=None, impl="auto", written=None):
     return o, pool
 
 
-def inputs(rng, T, gate_mode, v_first=False, B=4, P=7, seqlens=None):
-    args, kw = make_inputs(rng, B=B, T=T, H=H, K=K, V=V, gate_mode=gate_mode,
-                           state_v_first=v_first, seqlens=seqlens, pool_size=P)
-    return args, kw
+def inputs(rng, T, gate_mode, v_first=False, B=4, P=7, seqlens=None, **options):
+    """tests/inputs.py's make_inputs at this file's head dims, with a pool of P slots."""
+    return make_inputs(rng, B=B, T=T, H=H, K=K, V=V, gate_mode=gate_mode,
+                       state_v_first=v_first, seqlens=seqlens, pool_size=P, **options)
 
 
 # ----------------------------------------------------------------------------------------
@@ -119,14 +119,11 @@ def test_varlen_with_empty_sequences(rng, per_token):
 
 def test_flags_off_and_a_hard_reset(rng):
     """No l2norm, beta given as is, a log-decay of -inf (a hard reset, docs/robustness.md §2)."""
-    args, kw = inputs(rng, 5, "log_decay", B=3, P=4)
-    q, k, v, g, beta = args
-    q, k = q * K ** -0.5, k * K ** -0.5
-    beta = 1.0 / (1.0 + np.exp(-beta))
+    args, kw = inputs(rng, 5, "log_decay", B=3, P=4, l2norm=False, beta_sigmoid=False)
+    g = args[3]
     g[1, 2, 0] = -np.inf
-    kw.update(use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False)
     idx = np.array([[3, 2, 1, 0, -1], [1, -1, 0, 3, 2], [-1, 0, 2, 3, 1]], np.int32)
-    check((q, k, v, g, beta), kw, idx, np.array([1, 5, 2], np.int32), impl="recurrent")
+    check(args, kw, idx, np.array([1, 5, 2], np.int32), impl="recurrent")
 
 
 def test_traced_indices_out_of_range_are_padding(rng):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inputs import rel_err
+from inputs import random_inputs, rel_err
 from oracle import oracle
 from jax_flashkda.chunked import kda_chunked
 from jax_flashkda.reference import kda_recurrent
@@ -61,30 +61,24 @@ class Case:
         return -5.0 if self.gate == "safe" else None
 
 
-def make_inputs(c: Case):
+# The draws (tests/inputs.py) for a Case: moderate decays (e^g in [0.37, 0.99]; huge_decay
+# sets 10% of single channels to -1000), A_log up to 0.5, a unit-scale state.
+CASE_DRAWS = dict(log_decay="uniform", A_log_range=(-1.0, 0.5), state_scale=1.0)
+GATE_MODE = {"plain": "log_decay", "softplus": "softplus", "safe": "safe"}
+
+
+def case_inputs(c: Case):
+    """The case's inputs (float64; A_log and dt_bias also for the plain gate, which ignores
+    them) and the cotangents of o and the final state, from the generator seeded with c.seed."""
     rng = np.random.default_rng(c.seed)
-    x = dict(
-        q=rng.standard_normal((c.B, c.T, c.H, c.K)),
-        k=rng.standard_normal((c.B, c.T, c.H, c.K)),
-        v=rng.standard_normal((c.B, c.T, c.H, c.V)),
-        A_log=rng.uniform(-1.0, 0.5, (c.H,)),
-        dt_bias=rng.standard_normal((c.H, c.K)) * 0.5,
-        initial_state=rng.standard_normal(
-            (c.N, c.H, c.V, c.K) if c.v_first else (c.N, c.H, c.K, c.V)),
-    )
-    if not c.l2norm:  # keep L's entries moderate without normalisation
-        x["q"] *= c.K ** -0.5
-        x["k"] *= c.K ** -0.5
-    if c.gate == "plain":
-        g = -rng.uniform(0.01, 1.0, (c.B, c.T, c.H, c.K))
-        if c.huge_decay:
-            g[rng.random(g.shape) < 0.1] = -1000.0
-        x["g"] = g
-    else:
-        x["g"] = rng.standard_normal((c.B, c.T, c.H, c.K))
-    x["beta"] = (rng.standard_normal((c.B, c.T, c.H)) if c.beta_sigmoid
-                 else rng.uniform(0.05, 1.0, (c.B, c.T, c.H)))
-    cot = dict(o=rng.standard_normal((c.B, c.T, c.H, c.V)),
+    varlen = {} if c.cu is None else dict(seqlens=np.diff(c.cu), tail=c.T - c.cu[-1])
+    x = random_inputs(rng, B=c.B, T=c.T, H=c.H, K=c.K, V=c.V, gate_mode=GATE_MODE[c.gate],
+                      l2norm=c.l2norm, beta_sigmoid=c.beta_sigmoid, state_v_first=c.v_first,
+                      always_gate_params=True,
+                      decay_spikes=((-1000.0, 0.1),) if c.huge_decay else (),
+                      **CASE_DRAWS, **varlen)
+    x.pop("cu_seqlens", None)  # the case's own c.cu is what the paths get
+    cot = dict(o=rng.standard_normal(x["v"].shape),
                s=rng.standard_normal(x["initial_state"].shape))
     return x, cot
 
@@ -231,7 +225,7 @@ def case_oracle(c: Case, x, cot, scale):
 def check(c: Case, impl, dtype, tol_o, tol_grad, jit_cu=False):
     """impl against the truth: the independent NumPy loop for the reference recurrence, the
     suite's oracle for the chunked path."""
-    x, cot = make_inputs(c)
+    x, cot = case_inputs(c)
     if not c.init:
         x["initial_state"] = np.zeros_like(x["initial_state"])
     scale = c.K ** -0.5
@@ -304,7 +298,7 @@ def test_chunk_sizes_agree():
 def test_bf16_inputs():
     """bf16 q/k/v/g/beta, fp32 state: loose bound against the f64 truth of the same inputs."""
     c = Case(B=1, T=64, H=2, K=64, V=64, gate="safe", l2norm=True, beta_sigmoid=True, seed=8)
-    x, cot = make_inputs(c)
+    x, cot = case_inputs(c)
     # The truth sees exactly the bf16-rounded inputs.
     for n in ("q", "k", "v", "g", "beta"):
         x[n] = np.asarray(jnp.asarray(x[n], jnp.bfloat16), np.float64)
@@ -319,7 +313,7 @@ def test_bf16_inputs():
 
 def test_output_dtypes():
     c = Case(B=1, T=20, H=1, K=16, V=16, seed=9)
-    x, _ = make_inputs(c)
+    x, _ = case_inputs(c)
     for dtype, state_dtype in ((jnp.bfloat16, jnp.float32), (jnp.float32, jnp.float32),
                                (jnp.float64, jnp.float64)):
         args = [jnp.asarray(x[n], dtype) for n in ("q", "k", "v", "g", "beta")]

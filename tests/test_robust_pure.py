@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from inputs import make_inputs as api_inputs, rel_err
+from inputs import make_inputs, rel_err
 from jax_flashkda.chunked import kda_chunked
-from jax_flashkda.preprocess import LOG_DECAY_FLOOR, legal_offsets
+from jax_flashkda.preprocess import legal_offsets
 from jax_flashkda.reference import kda_recurrent
-from test_pure_jax import Case, _spans, make_inputs, numpy_truth
+from test_pure_jax import Case, _spans, case_inputs, numpy_truth
 
 IMPLS = [kda_recurrent, kda_chunked]
 IMPL_IDS = ["recurrent", "chunked"]
@@ -178,8 +178,8 @@ def assert_follows(got, want, tol):
 
 
 def inputs(c: Case, seed):
-    x, cot = make_inputs(dataclasses.replace(c, seed=seed))
-    return x, cot
+    """test_pure_jax's inputs and cotangents of the case, drawn with `seed`."""
+    return case_inputs(dataclasses.replace(c, seed=seed))
 
 
 # ----------------------------------------------------------------------------------------
@@ -493,9 +493,9 @@ def test_shard_map_over_heads(impl, varlen, rng):
     both paths); the chunked path is checked against it unsharded elsewhere."""
     if len(jax.devices()) < 4:
         pytest.skip("needs 4 host devices")
-    (q, k, v, g, beta), kw = api_inputs(rng, B=2, T=20, H=4, K=16, V=16, gate_mode="safe",
-                                        with_state=False,
-                                        seqlens=(9, 0, 16) if varlen else None)
+    (q, k, v, g, beta), kw = make_inputs(rng, B=2, T=20, H=4, K=16, V=16, gate_mode="safe",
+                                         with_state=False,
+                                         seqlens=(9, 0, 16) if varlen else None)
     cu = jnp.asarray(kw["cu_seqlens"]) if varlen else None
     args = tuple(map(jnp.asarray, (q, k, v, g, beta, kw["A_log"], kw["dt_bias"])))
     w = jnp.asarray(rng.standard_normal(v.shape), jnp.float32)
@@ -508,22 +508,21 @@ def test_shard_map_over_heads(impl, varlen, rng):
 # ----------------------------------------------------------------------------------------
 # Empty shapes.
 
-@pytest.mark.parametrize("shape", [(0, 7, None), (2, 0, None), (1, 0, (0, 0, 0))],
+@pytest.mark.parametrize("shape", [(0, 7, None), (2, 0, None), (1, 0, (0, 0))],
                          ids=["B0", "T0", "T0_varlen"])
 @pytest.mark.parametrize("impl", IMPLS, ids=IMPL_IDS)
 def test_empty(impl, shape):
-    B, T, cu = shape
+    B, T, seqlens = shape
     H, K, V = 2, 16, 8
-    N = B if cu is None else len(cu) - 1
+    N = B if seqlens is None else len(seqlens)
     rng = np.random.default_rng(61)
-    q, k, g = (jnp.asarray(rng.standard_normal((B, T, H, K)), jnp.float32) for _ in range(3))
-    v = jnp.asarray(rng.standard_normal((B, T, H, V)), jnp.bfloat16)
-    q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
-    beta = jnp.asarray(rng.standard_normal((B, T, H)), jnp.float32)
-    h0 = jnp.asarray(rng.standard_normal((N, H, V, K)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((N, H, V, K)), jnp.float32)
-    A_log, dt_bias = jnp.zeros((H,)), jnp.zeros((H, K))
-    cu = None if cu is None else jnp.asarray(cu, jnp.int32)
+    args, kw = make_inputs(rng, B=B, T=T, H=H, K=K, V=V, gate_mode="softplus",
+                           dtype=jnp.bfloat16, gate_dtype=np.float32, state_v_first=True,
+                           seqlens=seqlens)
+    q, k, v, g, beta, A_log, dt_bias, h0 = map(jnp.asarray, args + (
+        kw["A_log"], kw["dt_bias"], kw["initial_state"]))
+    w = jnp.asarray(rng.standard_normal(h0.shape), jnp.float32)
+    cu = None if seqlens is None else jnp.asarray(kw["cu_seqlens"])
 
     for init in (h0, None):
         def f(q, k, v, g, beta, A_log, dt_bias, h0):
