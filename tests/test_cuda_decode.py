@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 
 import test_cuda_fwd
-import test_decode
 from inputs import rel_err
+from oracle import pool_oracle
 
 pytestmark = pytest.mark.gpu
 
@@ -39,7 +39,7 @@ def _numpy(arrays):
 
 
 def pool_reference(arrays, attrs, pool, indices, accepted):
-    """o and the updated pool by test_decode.truth, the definition's float64 token loop."""
+    """o and the updated pool by the float64 oracle of docs/decode.md (oracle.pool_oracle)."""
     x = _numpy(arrays)
     kw = dict(use_qk_l2norm_in_kernel=attrs["l2norm"],
               use_beta_sigmoid_in_kernel=attrs["beta_sigmoid"],
@@ -47,7 +47,7 @@ def pool_reference(arrays, attrs, pool, indices, accepted):
               lower_bound=attrs["lower_bound"] if attrs["gate_mode"] == 2 else None,
               state_v_first=attrs["v_first"], initial_state=pool,
               cu_seqlens=x[8] if attrs["varlen"] else None)
-    return test_decode.truth(x[:5], kw, indices, accepted)
+    return pool_oracle(x[:5], kw, indices, accepted)
 
 
 @pytest.mark.parametrize("gate_mode", [0, 1, 2])
