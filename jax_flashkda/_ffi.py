@@ -138,6 +138,25 @@ def cuda_refusal(*, backward: bool, B: int, T: int, H: int, K: int, V: int, N: i
 
 
 # ---------------------------------------------------------------------------------------
+# Which call runs where.
+
+def per_platform(args, *, cuda, other, finish=lambda outs: outs):
+    """finish(cuda(*args)) where the computation is lowered for CUDA, finish(other(*args))
+    elsewhere. Chosen by the platform the computation is lowered for
+    (jax.lax.platform_dependent: the other branches are dropped at lowering), not by the
+    process's default backend: a computation placed on the CPU of a GPU process, or exported
+    for both platforms, gets the CPU's code. `finish` gives both branches' results the same
+    types (inside shard_map, the mesh axes they vary over), as the branches must have. Traced
+    once where the two are the same function."""
+    def branch(f):
+        return lambda *a: finish(f(*a))
+
+    if cuda is other:
+        return branch(other)(*args)
+    return jax.lax.platform_dependent(*args, cuda=branch(cuda), default=branch(other))
+
+
+# ---------------------------------------------------------------------------------------
 # The raw calls (one device's shard).
 
 def _state_struct(cfg: CallConfig, n: int, h: int, kd: int, vd: int):

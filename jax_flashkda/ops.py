@@ -568,7 +568,7 @@ def _pool_vjp(dcfg: _ffi.DecodeConfig, pure_kwargs):
     def run(*args):
         axes = varying_axes(*args)
         # Lowered for the CPU (of a GPU process, or exported for both), the pure definition.
-        return _per_platform(args, cuda=op, other=pure_forward,
+        return _ffi.per_platform(args, cuda=op, other=pure_forward,
                              finish=lambda outs: tuple(make_varying(o, axes) for o in outs))
 
     def run_fwd(*args):
@@ -714,22 +714,6 @@ def _takes_cuda_decode(q, num_sequences: int) -> bool:
             and q.shape[0] * q.shape[1] <= CUDA_DECODE_MAX_TOKENS * max(num_sequences, 1))
 
 
-def _per_platform(args, *, cuda, other, finish):
-    """finish(cuda(*args)) where the computation is lowered for CUDA, finish(other(*args))
-    elsewhere. Chosen by the platform the computation is lowered for
-    (jax.lax.platform_dependent: the other branches are dropped at lowering), not by the
-    process's default backend: a computation placed on the CPU of a GPU process, or exported
-    for both platforms, gets the CPU's code. `finish` gives both branches' results the same
-    types (inside shard_map, the mesh axes they vary over), as the branches must have. Traced
-    once where the two are the same function."""
-    def branch(f):
-        return lambda *a: finish(f(*a))
-
-    if cuda is other:
-        return branch(other)(*args)
-    return jax.lax.platform_dependent(*args, cuda=branch(cuda), default=branch(other))
-
-
 def _chunked_forward(cfg: _ffi.CallConfig, q, k, v, g, beta, A_log, dt_bias, h0, cu):
     """The compiled call's (o, final state), computed by the chunked path."""
     o, final_state = kda_chunked(
@@ -804,7 +788,7 @@ def _compiled_vjp(cfg: _ffi.CallConfig, backward, cuda_forward: str = "compiled"
 
     def forward(*primals):
         axes = varying_axes(*primals)
-        return _per_platform(primals, cuda=cuda_fwd, other=plain,
+        return _ffi.per_platform(primals, cuda=cuda_fwd, other=plain,
                              finish=lambda outs: tuple(make_varying(o, axes) for o in outs))
 
     run = jax.custom_vjp(forward)
@@ -829,7 +813,7 @@ def _compiled_vjp(cfg: _ffi.CallConfig, backward, cuda_forward: str = "compiled"
         cpu_grads = grads_on(cpu_compiled)
         cuda_grads = cpu_grads if cuda_compiled == cpu_compiled else grads_on(cuda_compiled)
         typed = lambda grads: tuple(_typed_like(g, p) for g, p in zip(grads, primals))
-        grads = _per_platform((primals, cotangents), cuda=cuda_grads, other=cpu_grads,
+        grads = _ffi.per_platform((primals, cotangents), cuda=cuda_grads, other=cpu_grads,
                               finish=typed)
         return grads + (None,)
 
