@@ -360,7 +360,7 @@ def cuda_unavailable_reason(q_dtype=jnp.bfloat16, k_dim=128, v_dim=128) -> str |
     if not any(q_dtype == d for d in CUDA_INPUT_DTYPES):
         return f"the CUDA kernels take bfloat16 or float16 q/k/v, got {jnp.dtype(q_dtype)}"
     # The head dims: the extension's own checks (kda::fwd_unsupported). The backward's
-    # (K = V = 128 today) are asked per call: where it refuses, impl='auto' takes the chunked
+    # (K = V = 64 or 128) are asked per call: where it refuses, impl='auto' takes the chunked
     # backward after the CUDA forward.
     return _head_dims_refusal(False, k_dim, v_dim, q_dtype == jnp.float16)
 

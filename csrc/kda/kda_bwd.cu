@@ -1,5 +1,5 @@
-// Hopper backward of Kimi Delta Attention (chunks of 16 tokens; built for K = V = 128, Bwd128 in
-// bwd_traits.cuh): the launches, four on the caller's stream (docs/backward.md).
+// Hopper backward of Kimi Delta Attention (chunks of 16 tokens; built for K = V = 64 and 128,
+// Bwd64 and Bwd128 in bwd_traits.cuh): the launches, four on the caller's stream (docs/backward.md).
 //
 // 1. prep (prep.cuh, with kAux): the chunk records the two chains read (Q̃, −W, K̃, Tβ, Aqk,
 //    e^{Γ_C}) and, for grad, T, L and the l2norm scales in fp32 (PrepAux); and the scan of v for
@@ -177,19 +177,23 @@ cudaError_t bwd_k(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
 const char* bwd_unsupported(const BwdParams& p) {
   if (p.qkv_dtype != DType::kBF16 && p.qkv_dtype != DType::kF16)
     return "q, k, v and do must be bfloat16 or float16 on the CUDA target";
-  if (p.K != Bwd128::K || p.V != Bwd128::V) return "the CUDA backward supports K = V = 128 only";
+  if (p.K != p.V || (p.K != Bwd64::K && p.K != Bwd128::K))
+    return "the CUDA backward supports K = V = 64 or 128 only";
   if (!valid_gate_mode(p.attrs.gate_mode)) return "gate_mode must be 0, 1 or 2";
   if (p.N > 32767 || p.H > 65535 || p.B > 65535)
     return "the CUDA backward supports at most 32767 sequences, 65535 heads and batch rows";
   return nullptr;
 }
 
-size_t bwd_workspace_bytes(const BwdParams& p) { return WsLayout<Bwd128>(p).total; }
+size_t bwd_workspace_bytes(const BwdParams& p) {
+  return p.K == Bwd64::K ? WsLayout<Bwd64>(p).total : WsLayout<Bwd128>(p).total;
+}
 
 cudaError_t bwd(const BwdParams& p, void* workspace, cudaStream_t stream) {
   if (bwd_unsupported(p)) return cudaErrorInvalidValue;
   if (p.B == 0 || p.H == 0) return cudaSuccess;
-  return bwd_k<Bwd128>(p, static_cast<uint8_t*>(workspace), stream);
+  auto* ws = static_cast<uint8_t*>(workspace);
+  return p.K == Bwd64::K ? bwd_k<Bwd64>(p, ws, stream) : bwd_k<Bwd128>(p, ws, stream);
 }
 
 }  // namespace kda
