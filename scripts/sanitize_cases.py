@@ -31,7 +31,8 @@ def split_cases():
 
 
 # The K = V = 64 backward: every chain launch configuration once, varlen with empty sequences.
-HEAD64_CASES = [("4x12x1", dict(gate_mode=2, T=37)), ("4x3x3", dict(gate_mode=0, extreme=True, T=40)),
+HEAD64_CASES = [("4x12x1", dict(gate_mode=2, T=37)),
+                ("4x3x3", dict(gate_mode=0, extreme=True, T=40)),
                 ("2x12x1", dict(gate_mode=1, seqlens=[0, 19, 33, 0], v_first=True)),
                 ("2x4x3", dict(gate_mode=2, T=1, dtype=jnp.float16))]
 
