@@ -569,7 +569,7 @@ def _pool_vjp(dcfg: _ffi.DecodeConfig, pure_kwargs):
         axes = varying_axes(*args)
         # Lowered for the CPU (of a GPU process, or exported for both), the pure definition.
         return _ffi.per_platform(args, cuda=op, other=pure_forward,
-                             finish=lambda outs: tuple(make_varying(o, axes) for o in outs))
+                                 finish=lambda outs: tuple(make_varying(o, axes) for o in outs))
 
     def run_fwd(*args):
         return run(*args), args
@@ -789,7 +789,7 @@ def _compiled_vjp(cfg: _ffi.CallConfig, backward, cuda_forward: str = "compiled"
     def forward(*primals):
         axes = varying_axes(*primals)
         return _ffi.per_platform(primals, cuda=cuda_fwd, other=plain,
-                             finish=lambda outs: tuple(make_varying(o, axes) for o in outs))
+                                 finish=lambda outs: tuple(make_varying(o, axes) for o in outs))
 
     run = jax.custom_vjp(forward)
 
@@ -814,7 +814,7 @@ def _compiled_vjp(cfg: _ffi.CallConfig, backward, cuda_forward: str = "compiled"
         cuda_grads = cpu_grads if cuda_compiled == cpu_compiled else grads_on(cuda_compiled)
         typed = lambda grads: tuple(_typed_like(g, p) for g, p in zip(grads, primals))
         grads = _ffi.per_platform((primals, cotangents), cuda=cuda_grads, other=cpu_grads,
-                              finish=typed)
+                                  finish=typed)
         return grads + (None,)
 
     run.defvjp(run_fwd, run_bwd)
