@@ -31,9 +31,11 @@ needs_both_targets = pytest.mark.skipif(
 
 
 def call(args, kwargs):
+    """f(q, k, v, g, beta, h0) = kda(...) with the other keywords (NumPy: constants that follow
+    the computation to whichever device it runs on), and its arguments as JAX arrays."""
     def f(q, k, v, g, beta, h0):
         return kda(q, k, v, g, beta, **dict(kwargs, initial_state=h0))
-    return f, (*args, kwargs["initial_state"])
+    return f, tuple(jnp.asarray(a) for a in (*args, kwargs["initial_state"]))
 
 
 def cotangents(o_shape, final_shape):
@@ -57,9 +59,7 @@ def targets(fn, x, platforms):
 
 def bf16_case(rng, T, value_dim=128):
     args, kwargs = make_inputs(rng, B=2, T=T, H=2, K=128, V=value_dim, dtype=jnp.bfloat16)
-    return call([jnp.asarray(a) for a in args],
-                {n: jnp.asarray(x) if isinstance(x, np.ndarray) else x
-                 for n, x in kwargs.items()}) + (args, kwargs)
+    return call(args, kwargs) + (args, kwargs)
 
 
 @needs_both_targets
@@ -96,8 +96,7 @@ def test_cuda_refused_backward_only_where_lowered_for_cuda(rng):
 def test_cuda_refused_forward_only_where_lowered_for_cuda(rng):
     # float32 q/k/v: the CUDA target refuses them, the C++ target takes them.
     args, kwargs = make_inputs(rng, B=2, T=40, H=2, K=128, V=128)
-    f, x = call([jnp.asarray(a) for a in args],
-                {n: jnp.asarray(v) if isinstance(v, np.ndarray) else v for n, v in kwargs.items()})
+    f, x = call(args, kwargs)
     assert targets(f, x, ("cuda",))[0] == set()
     assert targets(f, x, ("cpu",))[0] == {FWD}
     _, exported = targets(f, x, ("cpu", "cuda"))
