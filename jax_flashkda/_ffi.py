@@ -203,7 +203,7 @@ def _bwd_raw(cfg: CallConfig, q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, 
 
 def _bwd_state_raw(cfg: CallConfig, q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, do, dht):
     """The backward's last result alone, the initial-state gradient (CUDA only)."""
-    b, t, h, kd = q.shape
+    _, _, h, kd = q.shape
     results = (_state_struct(cfg, _num_sequences(cfg, q, cu_seqlens), h, kd, v.shape[-1]),)
     call = jax.ffi.ffi_call(BWD_STATE_TARGET, results, vmap_method="sequential")
     return call(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, do, dht, **cfg.attributes())
