@@ -277,6 +277,12 @@ def _spec(factors: str, axes: dict[str, object]) -> P:
     return P(*(axes.get(name) for name in factors.split()))
 
 
+# JAX 0.12 partitions with Shardy alone (its jax_use_shardy_partitioner: "Shardy is now always
+# enabled; this flag has no effect"), through `sharding_rule`; before it, that flag set to False
+# still selects GSPMD, which asks infer_sharding_from_operands instead.
+GSPMD_SELECTABLE = jax.__version_info__ < (0, 12)
+
+
 def _partitioned(cfg, raw, rule: str, whole_batch: bool = False):
     """Wraps `raw` (called as raw(cfg, ...)) so that XLA runs it per shard of the batch and
     head axes (of the head axis alone with `whole_batch`)."""
@@ -308,7 +314,7 @@ def _partitioned(cfg, raw, rule: str, whole_batch: bool = False):
     factors = dict.fromkeys(rule.replace("->", ",").replace(",", " ").split())
     op.def_partition(
         partition=partition,
-        infer_sharding_from_operands=infer,
+        infer_sharding_from_operands=infer if GSPMD_SELECTABLE else None,
         sharding_rule=rule,
         need_replication_factors=tuple(f for f in factors if f not in ("b", "h")),
     )

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jax_flashkda import _ffi
+
 from inputs import make_inputs, rel_err
 from jax_flashkda import kda
 from jax_flashkda import ops
@@ -217,8 +219,20 @@ def test_shard_map_over_batch_and_heads(rng):
     _assert_grads_match_chunked(grads, arrays, static, weights)
 
 
+@pytest.fixture(params=["shardy", "gspmd"])
+def partitioner(request):
+    """Each partitioner JAX can use: Shardy (the sharding rule), and GSPMD where
+    jax_use_shardy_partitioner=False still selects it (infer_sharding_from_operands)."""
+    if request.param == "gspmd" and not _ffi.GSPMD_SELECTABLE:
+        pytest.skip(f"jax {jax.__version__} partitions with Shardy alone")
+    previous = jax.config.jax_use_shardy_partitioner
+    jax.config.update("jax_use_shardy_partitioner", request.param == "shardy")
+    yield request.param
+    jax.config.update("jax_use_shardy_partitioner", previous)
+
+
 @pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 host devices")
-def test_sharded_jit_partitions_without_all_gather(rng):
+def test_sharded_jit_partitions_without_all_gather(rng, partitioner):
     arrays, static = _mesh_inputs(rng)
     weights = _weights(rng, arrays, static)
     mesh = _mesh()
