@@ -684,8 +684,9 @@ def _split_plan(q, v, cu_seqlens, n):
     vd = v.shape[-1]
     on_gpu = jax.default_backend() != "cpu"
     longest = t
-    if cu_seqlens is not None and _is_concrete(cu_seqlens):
-        longest = int(np.max(np.diff(np.asarray(cu_seqlens, np.int64))))
+    if cu_seqlens is not None:
+        longest = (int(np.max(np.diff(np.asarray(cu_seqlens, np.int64))))
+                   if _is_concrete(cu_seqlens) else None)
     plan = split.plan_split(batch=b, tokens=t, heads=h, value_dim=vd, num_sequences=n,
                             longest=longest, sms=_sm_count() if on_gpu else 0,
                             automatic=on_gpu and jax.device_count() == 1)

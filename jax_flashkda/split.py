@@ -97,9 +97,10 @@ def forced_segment_tokens() -> int | None:
 
 
 def plan_split(*, batch: int, tokens: int, heads: int, value_dim: int, num_sequences: int,
-               longest: int, sms: int, automatic: bool) -> SplitPlan | None:
+               longest: int | None, sms: int, automatic: bool) -> SplitPlan | None:
     """Whether to split a call of `batch` rows of `tokens` tokens (packed into
-    `num_sequences` sequences, the longest `longest` tokens long), and how.
+    `num_sequences` sequences, the longest `longest` tokens long; None: not known at trace
+    time, traced cu_seqlens), and how.
 
     The environment decides whether to split at all (SEGMENT_TOKENS_ENV): a forced length wins;
     with "auto" (and only where `automatic`: one GPU that runs the call whole) the call is split
@@ -107,9 +108,15 @@ def plan_split(*, batch: int, tokens: int, heads: int, value_dim: int, num_seque
     (FORWARD_MAX_BUSY_WARPS_PER_SM; the backward by its own bound) and that sequence makes at
     least two segments; the segment length spreads the whole call's tokens over about
     WARPS_PER_SM warps per SM. The many-heads cases fill the GPU already and are left alone.
+    Without the lengths the planner does not split: a packed batch of short sequences would pay
+    for the split and gain nothing.
     """
     total = batch * tokens
     forced = forced_segment_tokens()
+    if longest is None:
+        if forced is None:
+            return None
+        longest = tokens
     if forced == 0 or total == 0 or longest == 0:
         return None
     if forced is not None:

@@ -151,6 +151,19 @@ def test_planner_is_forced_by_the_environment(monkeypatch):
         split.plan_split(**sizes)
 
 
+def test_planner_without_the_lengths(monkeypatch):
+    # Traced cu_seqlens: the lengths are unknown at trace time. A packed batch of short
+    # sequences would pay for a split and gain nothing, so "auto" keeps the call whole; a forced
+    # length still splits.
+    sizes = dict(batch=1, tokens=65536, heads=8, value_dim=128, num_sequences=64, sms=SMS,
+                 automatic=True)
+    monkeypatch.setenv(ENV, "auto")
+    assert split.plan_split(longest=65536, **sizes) is not None
+    assert split.plan_split(longest=None, **sizes) is None
+    monkeypatch.setenv(ENV, "4096")
+    assert split.plan_split(longest=None, **sizes) == split.SplitPlan(4096, 64 + 16)
+
+
 @pytest.mark.parametrize("lengths, L", [([10, 0, 25, 1, 0], 4), ([7], 7), ([8], 3), ([0, 0], 5)])
 def test_segments_tile_each_sequence(lengths, L):
     cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
