@@ -73,8 +73,9 @@ def test_decode_kernel_only_where_lowered_for_cuda(rng):
     o_ref, final_ref = oracle(args, kwargs)
     assert rel_err(o, o_ref) < 2e-2 and rel_err(final, final_ref) < 1e-2
     o_direct, final_direct = jax.jit(f)(*x)
-    np.testing.assert_array_equal(np.asarray(o, np.float32), np.asarray(o_direct, np.float32))
-    np.testing.assert_array_equal(final, final_direct)
+    # The same kernels as the direct call (another path would differ at bf16's precision; the
+    # exported module may fuse the XLA ops around them differently, so not bit for bit).
+    assert rel_err(o, o_direct) < 1e-5 and rel_err(final, final_direct) < 1e-5
 
 
 @needs_both_targets
@@ -89,7 +90,7 @@ def test_cuda_refused_backward_only_where_lowered_for_cuda(rng):
     assert targets(grad, x, ("cpu",))[0] == {BWD}
     _, exported = targets(grad, x, ("cpu", "cuda"))
     for got, direct in zip(exported.call(*x), jax.jit(grad)(*x)):
-        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(direct, np.float32))
+        assert rel_err(got, direct) < 1e-5
 
 
 @needs_both_targets
