@@ -2,6 +2,8 @@
 
     compute-sanitizer --tool memcheck --kernel-name regex=kda_ python scripts/sanitize_cases.py
     ... python scripts/sanitize_cases.py split     # the sequence split's cases alone
+    ... python scripts/sanitize_cases.py split_forward  # the CUDA split forward alone (no XLA
+                                                        # dots, which split.py's backward has)
 """
 
 import os
@@ -10,6 +12,8 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jax_flashkda import kda
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import test_cuda_bwd  # noqa: E402
@@ -29,8 +33,27 @@ def split_cases():
     os.environ.pop("JAX_FLASHKDA_SPLIT_BACKWARD")
 
 
+def split_forward_cases():
+    """The CUDA split forward (jax_flashkda_fwd_split: segments, transitions, combine, outputs,
+    finals) through kda, forward only."""
+    os.environ["JAX_FLASHKDA_SEGMENT_TOKENS"] = "24"
+    os.environ["JAX_FLASHKDA_SPLIT_BACKWARD"] = "0"
+    for v_first, seqlens in ((True, [0, 50, 7]), (False, None)):
+        x, dtypes, static, _, _ = test_cuda_bwd.make_case(rng, B=2, T=90, H=2, gate_mode=2,
+                                                          seqlens=seqlens, v_first=v_first)
+        a = {n: jnp.asarray(v, dtypes[n]) for n, v in x.items()}
+        jax.block_until_ready(kda(a["q"], a["k"], a["v"], a["g"], a["beta"],
+                                  initial_state=a["h0"], output_final_state=True, impl="cuda",
+                                  A_log=a["A_log"], dt_bias=a["dt_bias"], **static))
+    os.environ.pop("JAX_FLASHKDA_SEGMENT_TOKENS")
+    os.environ.pop("JAX_FLASHKDA_SPLIT_BACKWARD")
+
+
 if sys.argv[1:] == ["split"]:
     split_cases()
+    sys.exit(0)
+if sys.argv[1:] == ["split_forward"]:
+    split_forward_cases()
     sys.exit(0)
 for warps, kw in [("1", dict(gate_mode=2)), ("4", dict(gate_mode=0, extreme=True)),
                   ("2", dict(gate_mode=1, seqlens=[0, 19, 33], tail=5)),
