@@ -8,8 +8,8 @@ skipped with a note. Writes rows {"case", "impl", "mode", "ms", "gpu", "date"} a
         --cases B1_T32768_H16 B1_T32768_H12 B1_T65536_H8 B1_T131072_H4 varlen_65536_8x1024_H8
 
 Mode: fused (l2norm + safe gate lower_bound=-5 + beta sigmoid), bf16, D=128 (64 in the _D64
-cases), fp32 state in and out. jla (jax-linear-attention) has no fused gate: it gets the activated log-decay and
-post-sigmoid beta, plus its own in-kernel l2norm.
+cases), fp32 state in and out. jla (jax-linear-attention) has no fused gate: it gets the
+activated log-decay and post-sigmoid beta, plus its own in-kernel l2norm.
 """
 
 from __future__ import annotations

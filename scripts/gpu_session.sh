@@ -13,7 +13,8 @@
 #             relerr.log: the measured gradient errors)
 #   sanitize  compute-sanitizer SANITIZE_TOOLS (default "memcheck racecheck") over
 #             scripts/sanitize_cases.py SANITIZE_ARGS ("split": the sequence split's cases
-#             alone; "head64": the K = V = 64 backward's), kernels matching kda_, with XLA_PYTHON_CLIENT_ALLOCATOR=platform
+#             alone; "split_forward": its CUDA forward alone; "head64": the K = V = 64
+#             backward's), kernels matching kda_, with XLA_PYTHON_CLIENT_ALLOCATOR=platform
 #             (sanitize_<tool>.log)
 #   profile   full ncu reports at NCU_SHAPES (scripts/time_kernels.py shapes, default "big
 #             long"), per SASS line too; NCU_KERNEL (regex, default kda_), NCU_COUNT (default 2),
@@ -43,8 +44,8 @@
 # kept out of git) is built in the background while the tests run, with its CUTLASS headers
 # taken from the nvidia-cutlass wheel where the tree has none, into /tmp/flashkda_site (on
 # PYTHONPATH; flashkda_build.log), packed as $OUT/flashkda_site.tgz: carried back in
-# .device_cache/, it is unpacked instead of built. A peer build started outside this script (PEER_BUILD_PID) is
-# waited for too. Timings start only after both builds are done.
+# .device_cache/, it is unpacked instead of built. A peer build started outside this script
+# (PEER_BUILD_PID) is waited for too. Timings start only after both builds are done.
 #
 # Compile caches: Triton's (with the autotune results of fla's kernels) and, for bench and
 # decode, JAX's persistent one come from .device_cache/ when carried and go back as
@@ -260,9 +261,10 @@ step_sanitize() {
   local tool r rc=0 line parts=()
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     # The platform allocator: inside JAX's preallocated pool an out-of-bounds access that stays
-    # in the pool is invisible to the sanitizer. No autotuning: the split's cases (fp32 dots)
-    # made XLA autotune, whose delay kernel timed out under the sanitizer, and the sanitizer
-    # then died (segfault, twice, 2026-12-07; the connection is a guess).
+    # in the pool is invisible to the sanitizer. No autotuning: XLA's GEMM autotuner (split.py's
+    # fp32 dots) runs a delay kernel that timed out under the sanitizer. The sanitizer still
+    # died on the split's cases with it off (segfault, 2026-12-07, cause unknown;
+    # SANITIZE_ARGS=split_forward runs the split forward alone, without the dots).
     # shellcheck disable=SC2086  # SANITIZE_ARGS: words for sanitize_cases.py
     XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_FLAGS="--xla_gpu_autotune_level=0 ${XLA_FLAGS:-}" timeout "${SANITIZE_TIMEOUT:-300}" compute-sanitizer \
       --tool "$tool" --kernel-name regex=kda_ --print-limit 20 --error-exitcode 86 \

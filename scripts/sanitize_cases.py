@@ -88,7 +88,6 @@ for kw in [dict(gate_mode=2, T=37), dict(gate_mode=0, extreme=True, T=40),
     x, dtypes, static, do, dht = test_cuda_bwd.make_case(rng, H=2, **kw)
     test_cuda_bwd.cuda_grads(x, dtypes, static, do, dht)
 head64_cases()
-split_cases()
 # docs/robustness.md: traced offsets of every kind, operands at odd addresses, non-finite input
 # and extreme gates, forward and backward (run with XLA_PYTHON_CLIENT_ALLOCATOR=platform, so
 # that an access outside a buffer is not hidden inside JAX's pool).
