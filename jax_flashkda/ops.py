@@ -357,12 +357,11 @@ def cuda_unavailable_reason(q_dtype=jnp.bfloat16, k_dim=128, v_dim=128) -> str |
         return reason
     if not _ffi.has_target("CUDA", _ffi.FWD_TARGET):
         return "the CUDA extension has no forward target"
-    if not any(q_dtype == d for d in CUDA_INPUT_DTYPES):
-        return f"the CUDA kernels take bfloat16 or float16 q/k/v, got {jnp.dtype(q_dtype)}"
     # The head dims: the extension's own checks (kda::fwd_unsupported). The backward's
     # (K = V = 64 or 128) are asked per call: where it refuses, impl='auto' takes the chunked
     # backward after the CUDA forward.
-    return _head_dims_refusal(False, k_dim, v_dim, q_dtype == jnp.float16)
+    return (_cuda_dtype_refusal(q_dtype)
+            or _head_dims_refusal(False, k_dim, v_dim, q_dtype == jnp.float16))
 
 
 def cuda_head_dims(backward: bool = False) -> tuple[int, ...]:
@@ -406,12 +405,16 @@ def _cpu_target_ready() -> bool:
     return (_ffi.has_target("cpu", _ffi.FWD_TARGET) and _ffi.has_target("cpu", _ffi.BWD_TARGET))
 
 
+def _cuda_dtype_refusal(q_dtype) -> str | None:
+    if not any(q_dtype == d for d in CUDA_INPUT_DTYPES):
+        return f"the CUDA kernels take bfloat16 or float16 q/k/v, got {jnp.dtype(q_dtype)}"
+    return None
+
+
 def _cuda_target_refusal(q, v, cu_seqlens, backward: bool) -> str | None:
     """What the CUDA target would refuse of this call wherever it runs (dtypes, head dims,
     sizes), whatever the process's devices are."""
-    if not any(q.dtype == d for d in CUDA_INPUT_DTYPES):
-        return f"the CUDA kernels take bfloat16 or float16 q/k/v, got {q.dtype}"
-    return _cuda_call_refusal(q, v, cu_seqlens, backward)
+    return _cuda_dtype_refusal(q.dtype) or _cuda_call_refusal(q, v, cu_seqlens, backward)
 
 
 def _cuda_reason(q, v, cu_seqlens) -> str | None:
