@@ -312,7 +312,7 @@ def test_cuda_bwd_state_is_the_backwards_last_result(rng, gate_mode, v_first, se
     assert _ffi.has_target("CUDA", _ffi.BWD_STATE_TARGET)
     x = kernel_inputs(rng, B=2, T=53, H=3, K=128, V=128, gate_mode=gate_mode,
                       dtype=jnp.bfloat16, g_dtype=np.float32, beta_dtype=np.float32,
-                      v_first=v_first, seqlens=seqlens)
+                      v_first=v_first, seqlens=seqlens, always_gate_params=True)
     if poison:
         x[poison][0, 20, 1] = np.nan      # v: every column of head 1 from token 20; beta: the head
     cu = x.get("cu_seqlens", np.zeros((1,), np.int32))
