@@ -4,13 +4,11 @@ GPU, the same inputs for everyone; rows {"case", "impl", "mode": "decode", "ms",
 "date"} (plus "device_ms" where a profiler timed the kernels alone).
 
     python benchmarks/bench_decode.py --out benchmarks/results/decode.json [--tokens 1 4 16]
-        [--tiles lanes64 lanes32 warps32]
 
 Fused mode (l2norm + safe gate lower_bound=-5 + beta sigmoid), bf16 q/k/v, D = 128, fp32 state
 read and written once per step: ours with the state donated (updated in place), fla's public
 call writing a new final state and its in-place serving call (`inplace_final_state`), the
-faster of the two reported. Wall-clock per call with calls queued back to back. `--tiles` also
-times the decode kernel with each JAX_FLASHKDA_DECODE_TILE named (impl "jax_flashkda[tile]").
+faster of the two reported. Wall-clock per call with calls queued back to back.
 """
 
 from __future__ import annotations
@@ -73,8 +71,6 @@ def ours(x, chunk: bool):
                        output_final_state=True, use_qk_l2norm_in_kernel=True,
                        use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
                        lower_bound=LOWER_BOUND, impl="cuda")
-    # A new jit per call of ours(): a fresh executable, so that the decode tile in the
-    # environment now is the one its first launch (and any CUDA graph XLA captures) takes.
     jitted = jax.jit(step, donate_argnums=7)
     args = [x[n] for n in ("q", "k", "v", "g", "beta", "A_log", "dt_bias")]
     state = {"h": jnp.array(x["h0"])}
@@ -113,8 +109,6 @@ def main():
     ap.add_argument("--heads", type=int, nargs="+", default=list(HEADS))
     ap.add_argument("--tokens", type=int, nargs="+", default=[1],
                     help="tokens per sequence (decode rows are T = 1; more: the crossover)")
-    ap.add_argument("--tiles", nargs="*", default=[], choices=["lanes64", "lanes32", "warps32"],
-                    help="also time the decode kernel with each JAX_FLASHKDA_DECODE_TILE")
     a = ap.parse_args()
     gpu = jax.devices()[0].device_kind
     date = datetime.date.today().isoformat()
@@ -129,10 +123,6 @@ def main():
                 times = {"floor": floor_ms(B, T, H, bandwidth),
                          "jax_flashkda": bench(ours(x, chunk=False), jax_sync),
                          "jax_flashkda_chunk": bench(ours(x, chunk=True), jax_sync)}
-                for tile in a.tiles:
-                    os.environ["JAX_FLASHKDA_DECODE_TILE"] = tile
-                    times[f"jax_flashkda[{tile}]"] = bench(ours(x, chunk=False), jax_sync)
-                    del os.environ["JAX_FLASHKDA_DECODE_TILE"]
                 fla, sync = fla_steps(x) if T == 1 else (None, "decode steps only")
                 if fla is None:
                     print(f"  fla skipped: {sync}")

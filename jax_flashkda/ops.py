@@ -427,9 +427,6 @@ def _cuda_reason(q, v, cu_seqlens) -> str | None:
 # would ignore a value they cannot use and run their own choice; they are checked here, before
 # any call that runs on the CUDA target, so that a bad one raises instead.
 FWD_WARPS_ENV = "JAX_FLASHKDA_FWD_WARPS"      # the forward's warps per CTA: 1, 2, 4 or 8
-# How the decode kernel spreads a K = 128 state column over lanes and warps.
-DECODE_TILE_ENV = "JAX_FLASHKDA_DECODE_TILE"
-DECODE_TILES = ("lanes64", "lanes32", "warps32")
 # The backward chains' launch: warps per CTA x pipeline stages x CTAs per SM.
 BWD_CHAINS_ENV = "JAX_FLASHKDA_BWD_CHAINS"
 BWD_CHAINS = ("4x12x1", "4x3x3", "2x12x1", "2x4x3")
@@ -437,9 +434,8 @@ BWD_CHAINS = ("4x12x1", "4x3x3", "2x12x1", "2x4x3")
 
 def check_cuda_overrides(v_dim: int) -> None:
     """Raises ValueError, naming the variable, when JAX_FLASHKDA_FWD_WARPS is set to anything
-    but 1, 2, 4 or 8 dividing V / 16 (the forward's warps per CTA split V / 16 warps),
-    JAX_FLASHKDA_DECODE_TILE to anything but one of DECODE_TILES, or JAX_FLASHKDA_BWD_CHAINS to
-    anything but one of BWD_CHAINS. Unset or empty: the kernels choose."""
+    but 1, 2, 4 or 8 dividing V / 16 (the forward's warps per CTA split V / 16 warps), or
+    JAX_FLASHKDA_BWD_CHAINS to anything but one of BWD_CHAINS. Unset or empty: the kernels choose."""
     raw = os.environ.get(FWD_WARPS_ENV, "").strip()
     if raw:
         if raw not in ("1", "2", "4", "8"):
@@ -448,9 +444,6 @@ def check_cuda_overrides(v_dim: int) -> None:
             raise ValueError(
                 f"{FWD_WARPS_ENV}={raw} must divide V / 16 (one warp per 16 value columns), "
                 f"got V={v_dim}")
-    raw = os.environ.get(DECODE_TILE_ENV, "").strip()
-    if raw and raw not in DECODE_TILES:
-        raise ValueError(f"{DECODE_TILE_ENV} must be one of {', '.join(DECODE_TILES)}, got {raw!r}")
     raw = os.environ.get(BWD_CHAINS_ENV, "").strip()
     if raw and raw not in BWD_CHAINS:
         raise ValueError(f"{BWD_CHAINS_ENV} must be one of {', '.join(BWD_CHAINS)}, got {raw!r}")

@@ -3,14 +3,15 @@
 // write every sequence's fp32 state (K·V·4 bytes per head) and little else, so the kernel is
 // built around moving the state once at full bandwidth:
 //
-// - each value column of a (sequence, head) state is held in registers, KL key rows per lane,
-//   by K/KL lanes: either lanes of one warp (kColumnWarps = 1: one warp per 32·KL/K columns,
-//   no barrier in the token loop) or the same lane of each of the CTA's warps (kColumnWarps = 4:
-//   one CTA per 32 columns, so that in the [K,V] layout every load and store of a key row is
-//   one whole 128-byte line). The delta rule's correction Sᵀk and the output Sᵀq are per value
-//   column: the lanes of a column combine their partial sums per token by shuffles, and across
-//   warps through shared memory in a fixed order (two CTA barriers per token). In the [V,K]
-//   layout each lane reads its own contiguous run with 16-byte loads.
+// - one warp per (sequence, head, 32/kSplit value columns); each value column of the state is
+//   held in registers by kSplit lanes (kSplit = K/64: 64 key rows per lane, so that K = 128
+//   fits in registers without spilling). The delta rule's correction Sᵀk and the output Sᵀq
+//   are per value column, so the lanes of a column combine two partial sums per token with
+//   one shuffle each, and nothing else crosses lanes: no barriers in the token loop. In the
+//   [K,V] layout a warp's load of one key row per column group is 64 or 128 contiguous bytes;
+//   in the [V,K] layout each lane reads its own contiguous run with 16-byte loads. (Measured on
+//   an H100, B256 H32: 32 rows per lane over four lanes, or over four warps with whole 128-byte
+//   lines, move the same bytes in the same time, at 56% of DRAM peak: benchmarks/NOTES.md.)
 // - per token, the warp first prepares the key-channel vectors (gate activation and floor, the
 //   l2norm, e^g, scale·q) into its own shared-memory slice, then every lane runs
 //       S_j ← e^g ⊙ S_j;   u_j = β (v_j − k·S_j);   S_j ← S_j + u_j k;   o_j = q̃·S_j
@@ -26,8 +27,6 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 
 #include "common/rules.h"
 #include "kda/chunks.cuh"
@@ -101,39 +100,29 @@ struct StateColumn {
   }
 };
 
-// KL key rows per lane; a value column's K / KL parts are held by kLaneParts lanes of each of
-// kColumnWarps warps (1: a task is one warp; kDecodeWarps: a task is the whole CTA).
-template <int K, int KL, int kColumnWarps, bool kVFirst, bool kVec, typename Tin>
-__global__ void __launch_bounds__(kDecodeWarps * 32, KL >= 64 ? 3 : 5)
-    kda_decode_kernel(const DecodeParams p) {
-  constexpr int kParts = K / KL;
-  static_assert(K % KL == 0 && kParts % kColumnWarps == 0, "whole parts per warp");
-  // A task spanning warps synchronises the CTA, so it must be the whole CTA: then every early
-  // return below is taken by all of its threads or none.
-  static_assert(kColumnWarps == 1 || kColumnWarps == kDecodeWarps, "a task is a warp or the CTA");
-  constexpr int kLaneParts = kParts / kColumnWarps;
-  static_assert(32 % kLaneParts == 0, "whole columns per warp");
-  constexpr int E = K / 32;                  // key channels per lane in the token prep
-  constexpr int kCols = 32 / kLaneParts;     // value columns per task
-  constexpr int kTasks = kDecodeWarps / kColumnWarps;  // tasks per CTA
-  constexpr int kPitch = KL + 4;             // per part, so that the parts' float4 reads differ in bank
+// kDecodeRows key rows per lane; kSplit = K / kDecodeRows lanes per value column.
+constexpr int kDecodeRows = 64;
+
+template <int K, bool kVFirst, bool kVec, typename Tin>
+__global__ void __launch_bounds__(kDecodeWarps * 32, 3) kda_decode_kernel(const DecodeParams p) {
+  constexpr int KL = kDecodeRows;
+  constexpr int kSplit = K / KL;
+  static_assert(K % KL == 0 && 32 % kSplit == 0, "whole columns per warp");
+  constexpr int E = K / 32;                // key channels per lane in the token prep
+  constexpr int kCols = 32 / kSplit;       // value columns per warp
+  constexpr int kPitch = KL + 4;           // per part, so that the parts' float4 reads differ in bank
   // Per warp, per token: e^g, k and scale·q over the key channels, part by part (float4: one
-  // shared load serves four FMAs of the column loops). Every warp of a task prepares the whole
-  // vectors itself (the same loads, from L1), which keeps the prep free of barriers.
-  __shared__ __align__(16) float vecs[kDecodeWarps][3][kParts * kPitch];
-  // Per token, each warp's partial sums (Sᵀk, then Sᵀq) of its columns, summed across warps in
-  // warp order; two buffers, so that one barrier per sum suffices.
-  __shared__ float partials[2][kColumnWarps][kCols];
+  // shared load serves four FMAs of the column loops).
+  __shared__ __align__(16) float vecs[kDecodeWarps][3][kSplit * kPitch];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int slabs = (p.V + kCols - 1) / kCols;
-  const long long task = static_cast<long long>(blockIdx.x) * kTasks + warp / kColumnWarps;
-  if (task >= static_cast<long long>(p.N) * p.H * slabs) return;  // whole tasks only
+  const long long task = static_cast<long long>(blockIdx.x) * kDecodeWarps + warp;
+  if (task >= static_cast<long long>(p.N) * p.H * slabs) return;  // whole warps only
   const int slab = static_cast<int>(task % slabs);
   const long long nh = task / slabs;
   const int h = static_cast<int>(nh % p.H), n = static_cast<int>(nh / p.H);
-  // Which KL key rows of the column this lane holds.
-  const int part = (warp % kColumnWarps) * kLaneParts + lane / kCols;
+  const int part = lane / kCols;  // which KL key rows of the column this lane holds
   const int c = slab * kCols + lane % kCols;
   const bool col = c < p.V;
   const bool writer = col && part == 0;  // one lane per column writes o
@@ -184,20 +173,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, KL >= 64 ? 3 : 5)
 
   const float a_exp = p.attrs.gate_mode == GateMode::kLogDecay ? 1.f : __expf(p.A_log[h]);
   const auto slot = [](int j) { return (j / KL) * kPitch + j % KL; };  // key channel j's place
-  // The column's sum of the lanes' partial sums x: over the warp's lanes by shuffles, then over
-  // the task's warps through partials[which].
-  const auto column_sum = [&](float x, int which) {
-#pragma unroll
-    for (int offset = kCols; offset < 32; offset *= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-    if constexpr (kColumnWarps > 1) {
-      if (lane < kCols) partials[which][warp][lane] = x;
-      __syncthreads();
-      x = 0.f;
-#pragma unroll
-      for (int w = 0; w < kColumnWarps; ++w) x += partials[which][w][lane % kCols];
-    }
-    return x;
-  };
   const float4* decay4 = reinterpret_cast<const float4*>(vecs[warp][0] + part * kPitch);
   const float4* key4 = reinterpret_cast<const float4*>(vecs[warp][1] + part * kPitch);
   const float4* query4 = reinterpret_cast<const float4*>(vecs[warp][2] + part * kPitch);
@@ -253,7 +228,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, KL >= 64 ? 3 : 5)
       a0 += kx.x * s[4 * i], a1 += kx.y * s[4 * i + 1];
       a2 += kx.z * s[4 * i + 2], a3 += kx.w * s[4 * i + 3];
     }
-    const float ks = column_sum((a0 + a1) + (a2 + a3), 0);
+    float ks = (a0 + a1) + (a2 + a3);
+#pragma unroll
+    for (int offset = kCols; offset < 32; offset *= 2) ks += __shfl_xor_sync(0xffffffffu, ks, offset);
     const float u = beta * (vj - ks);
     a0 = a1 = a2 = a3 = 0.f;
 #pragma unroll
@@ -264,7 +241,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, KL >= 64 ? 3 : 5)
       a0 += qx.x * s[4 * i], a1 += qx.y * s[4 * i + 1];
       a2 += qx.z * s[4 * i + 2], a3 += qx.w * s[4 * i + 3];
     }
-    const float out = column_sum((a0 + a1) + (a2 + a3), 1);
+    float out = (a0 + a1) + (a2 + a3);
+#pragma unroll
+    for (int offset = kCols; offset < 32; offset *= 2)
+      out += __shfl_xor_sync(0xffffffffu, out, offset);
     if (writer) o[o_at(row)] = from_float<Tin>(out);
     if (p.per_token_slots && t < p.index_cols && col) {
       const int row_out = p.state_indices[static_cast<size_t>(n) * p.index_cols + t];
@@ -275,67 +255,32 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, KL >= 64 ? 3 : 5)
   if (!p.per_token_slots && col) state_of(row_in).store(s);
 }
 
-// How a K = 128 state column is spread (K = 64: always one lane of one warp per column):
-//   JAX_FLASHKDA_DECODE_TILE=lanes64 (default): 64 key rows per lane, 2 lanes of a warp;
-//                            lanes32: 32 rows per lane, 4 lanes of a warp (fewer registers,
-//                                     more resident warps);
-//                            warps32: 32 rows per lane, the same lane of the CTA's 4 warps
-//                                     (whole 128-byte lines in the [K,V] layout).
-enum class DecodeTile { kLanes64, kLanes32, kWarps32 };
-
-// Read at every launch (host side, cheap), so that a test can run each tile in one process.
-DecodeTile decode_tile(const DecodeParams& p) {
-  if (p.K != 128) return DecodeTile::kLanes64;
-  const char* env = std::getenv("JAX_FLASHKDA_DECODE_TILE");
-  const std::string name = env ? env : "";
-  if (name == "lanes32") return DecodeTile::kLanes32;
-  if (name == "warps32") return DecodeTile::kWarps32;
-  return DecodeTile::kLanes64;
+// Warps per (sequence, head): value columns over the columns one warp holds.
+int decode_slabs(const DecodeParams& p) {
+  const int cols = 32 / (p.K / kDecodeRows);
+  return (p.V + cols - 1) / cols;
 }
 
-// Value columns per task (a warp, or the CTA for warps32), and tasks per CTA.
-int decode_task_columns(const DecodeParams& p) {
-  switch (decode_tile(p)) {
-    case DecodeTile::kLanes32: return 8;
-    case DecodeTile::kWarps32: return 32;
-    default: return p.K == 64 ? 32 : 16;
-  }
-}
-int decode_tasks_per_block(const DecodeParams& p) {
-  return decode_tile(p) == DecodeTile::kWarps32 ? 1 : kDecodeWarps;
-}
-
-long long decode_blocks(const DecodeParams& p) {
-  const int cols = decode_task_columns(p);
-  const long long tasks = static_cast<long long>(p.N) * p.H * ((p.V + cols - 1) / cols);
-  return (tasks + decode_tasks_per_block(p) - 1) / decode_tasks_per_block(p);
-}
-
-template <int K, int KL, int kColumnWarps, bool kVFirst, bool kVec, typename Tin>
+template <int K, bool kVFirst, bool kVec, typename Tin>
 cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
-  const long long blocks = decode_blocks(p);
+  const long long tasks = static_cast<long long>(p.N) * p.H * decode_slabs(p);
+  const long long blocks = (tasks + kDecodeWarps - 1) / kDecodeWarps;
   if (blocks == 0) return cudaSuccess;
-  kda_decode_kernel<K, KL, kColumnWarps, kVFirst, kVec, Tin>
+  kda_decode_kernel<K, kVFirst, kVec, Tin>
       <<<static_cast<unsigned>(blocks), kDecodeWarps * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <int K, int KL, int kColumnWarps, typename Tin>
+template <int K, typename Tin>
 cudaError_t launch_layout(const DecodeParams& p, cudaStream_t stream) {
-  if (!p.attrs.state_v_first) return launch<K, KL, kColumnWarps, false, false, Tin>(p, stream);
-  if (reinterpret_cast<uintptr_t>(p.state) % 16 == 0)
-    return launch<K, KL, kColumnWarps, true, true, Tin>(p, stream);
-  return launch<K, KL, kColumnWarps, true, false, Tin>(p, stream);
+  if (!p.attrs.state_v_first) return launch<K, false, false, Tin>(p, stream);
+  if (reinterpret_cast<uintptr_t>(p.state) % 16 == 0) return launch<K, true, true, Tin>(p, stream);
+  return launch<K, true, false, Tin>(p, stream);
 }
 
 template <typename Tin>
 cudaError_t launch_dims(const DecodeParams& p, cudaStream_t stream) {
-  if (p.K == 64) return launch_layout<64, 64, 1, Tin>(p, stream);
-  switch (decode_tile(p)) {
-    case DecodeTile::kLanes32: return launch_layout<128, 32, 1, Tin>(p, stream);
-    case DecodeTile::kWarps32: return launch_layout<128, 32, kDecodeWarps, Tin>(p, stream);
-    default: return launch_layout<128, 64, 1, Tin>(p, stream);
-  }
+  return p.K == 64 ? launch_layout<64, Tin>(p, stream) : launch_layout<128, Tin>(p, stream);
 }
 
 }  // namespace
@@ -347,7 +292,9 @@ const char* decode_unsupported(const DecodeParams& p) {
     return "the CUDA decode takes bfloat16 or float16 q/k/v";
   if (p.state_indices && p.index_cols < 1) return "state_indices needs at least one column";
   if (p.num_accepted && !p.per_token_slots) return "num_accepted needs a slot per token";
-  if (decode_blocks(p) > 0x7fffffffLL) return "the CUDA decode supports at most 2^33 (sequence, head) tasks";
+  const long long blocks =
+      (static_cast<long long>(p.N) * p.H * decode_slabs(p) + kDecodeWarps - 1) / kDecodeWarps;
+  if (blocks > 0x7fffffffLL) return "the CUDA decode supports at most 2^33 (sequence, head) tasks";
   return nullptr;
 }
 
