@@ -15,7 +15,10 @@ import sys
 
 OURS = "jax_flashkda"
 ORDER = ["floor", "jax_flashkda", "flashkda", "fla", "jla", "jax_chunked", "jax_flashkda_chunk",
-         "fla_fused_recurrent", "jax_flashkda_unsplit", "jax_flashkda_forced_split_4096"]
+         "fla_fused_recurrent", "jax_flashkda_unsplit", "jax_flashkda_forced_split_4096",
+         "jax_flashkda_forced_split_8192",
+         # decode_h100 run 2: the decode kernel's tilings measured and removed
+         "jax_flashkda[lanes32]", "jax_flashkda[warps32]"]
 
 
 def table(rows, mode):

@@ -26,6 +26,7 @@ FWD_TARGET = "jax_flashkda_fwd"
 BWD_TARGET = "jax_flashkda_bwd"
 DECODE_TARGET = "jax_flashkda_decode"  # CUDA only
 FWD_SPLIT_TARGET = "jax_flashkda_fwd_split"  # CUDA only
+BWD_STATE_TARGET = "jax_flashkda_bwd_state"  # CUDA only
 
 # gate_mode attribute values of the contract.
 GATE_LOG_DECAY, GATE_SOFTPLUS, GATE_SAFE = 0, 1, 2
@@ -200,6 +201,14 @@ def _bwd_raw(cfg: CallConfig, q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, 
     return call(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, do, dht, **cfg.attributes())
 
 
+def _bwd_state_raw(cfg: CallConfig, q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, do, dht):
+    """The backward's last result alone, the initial-state gradient (CUDA only)."""
+    _, _, h, kd = q.shape
+    results = (_state_struct(cfg, _num_sequences(cfg, q, cu_seqlens), h, kd, v.shape[-1]),)
+    call = jax.ffi.ffi_call(BWD_STATE_TARGET, results, vmap_method="sequential")
+    return call(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, do, dht, **cfg.attributes())
+
+
 def _decode_raw(dcfg: DecodeConfig, q, k, v, g, beta, A_log, dt_bias, state, cu_seqlens,
                 state_indices, num_accepted):
     """(o, state'): the state (or pool) is read and written in place (result 1 aliases operand
@@ -235,6 +244,11 @@ def _bwd_rule(cfg: CallConfig) -> str:
     inputs = inputs + ["b t h v", state]
     outputs = ["b t h k", "b t h k", "b t h v", "b t h k", "b t h", "b h", "b h k", state]
     return f"{', '.join(inputs)} -> {', '.join(outputs)}"
+
+
+def _bwd_state_rule(cfg: CallConfig) -> str:
+    inputs, state = _operand_factors(cfg)
+    return f"{', '.join(inputs + ['b t h v', state])} -> {state}"
 
 
 def _decode_rule(dcfg: DecodeConfig) -> str:
@@ -316,6 +330,7 @@ _BWD_HEAD_AXES = _FWD_HEAD_AXES + (2, 1)
 _DECODE_HEAD_AXES = _FWD_HEAD_AXES + (None, None)
 _FWD_OUT_HEAD_AXES = (2, 1)
 _BWD_OUT_HEAD_AXES = (2, 2, 2, 2, 2, 1, 1, 1)
+_BWD_STATE_OUT_HEAD_AXES = (1,)
 
 
 def _fold(x, batched: bool, axis: int, size: int):
@@ -381,6 +396,15 @@ def bwd_call(cfg: CallConfig):
         return dq, dk, dv, dg, dbeta, dA_log.sum(0), ddt_bias.sum(0), dh0
 
     return call
+
+
+@functools.lru_cache(maxsize=None)
+def bwd_state_call(cfg: CallConfig):
+    """(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, do, dht) -> dh0: bwd_call's last
+    result alone, without the per-token gradients (CUDA only; docs/sequence_split.md)."""
+    op = _partitioned(cfg, _bwd_state_raw, _bwd_state_rule(cfg), whole_batch=cfg.is_varlen)
+    folded = _head_folding(op, _BWD_HEAD_AXES, _BWD_STATE_OUT_HEAD_AXES)
+    return lambda *args: folded(*args)[0]
 
 
 @functools.lru_cache(maxsize=None)

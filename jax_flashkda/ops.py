@@ -358,7 +358,7 @@ def cuda_unavailable_reason(q_dtype=jnp.bfloat16, k_dim=128, v_dim=128) -> str |
     if not _ffi.has_target("CUDA", _ffi.FWD_TARGET):
         return "the CUDA extension has no forward target"
     # The head dims: the extension's own checks (kda::fwd_unsupported). The backward's
-    # (K = V = 128 today) are asked per call: where it refuses, impl='auto' takes the chunked
+    # (K = V = 64 or 128) are asked per call: where it refuses, impl='auto' takes the chunked
     # backward after the CUDA forward.
     return (_cuda_dtype_refusal(q_dtype)
             or _head_dims_refusal(False, k_dim, v_dim, q_dtype == jnp.float16))
@@ -427,7 +427,6 @@ def _cuda_reason(q, v, cu_seqlens) -> str | None:
 # would ignore a value they cannot use and run their own choice; they are checked here, before
 # any call that runs on the CUDA target, so that a bad one raises instead.
 FWD_WARPS_ENV = "JAX_FLASHKDA_FWD_WARPS"      # the forward's warps per CTA: 1, 2, 4 or 8
-DECODE_ROWS_ENV = "JAX_FLASHKDA_DECODE_ROWS"  # the decode kernel's key rows per lane: 32 or 64
 # The backward chains' launch: warps per CTA x pipeline stages x CTAs per SM.
 BWD_CHAINS_ENV = "JAX_FLASHKDA_BWD_CHAINS"
 BWD_CHAINS = ("4x12x1", "4x3x3", "2x12x1", "2x4x3")
@@ -435,9 +434,8 @@ BWD_CHAINS = ("4x12x1", "4x3x3", "2x12x1", "2x4x3")
 
 def check_cuda_overrides(v_dim: int) -> None:
     """Raises ValueError, naming the variable, when JAX_FLASHKDA_FWD_WARPS is set to anything
-    but 1, 2, 4 or 8 dividing V / 16 (the forward's warps per CTA split V / 16 warps),
-    JAX_FLASHKDA_DECODE_ROWS to anything but 32 or 64, or JAX_FLASHKDA_BWD_CHAINS to anything
-    but one of BWD_CHAINS. Unset or empty: the kernels choose."""
+    but 1, 2, 4 or 8 dividing V / 16 (the forward's warps per CTA split V / 16 warps), or
+    JAX_FLASHKDA_BWD_CHAINS to anything but one of BWD_CHAINS. Unset or empty: the kernels choose."""
     raw = os.environ.get(FWD_WARPS_ENV, "").strip()
     if raw:
         if raw not in ("1", "2", "4", "8"):
@@ -446,9 +444,6 @@ def check_cuda_overrides(v_dim: int) -> None:
             raise ValueError(
                 f"{FWD_WARPS_ENV}={raw} must divide V / 16 (one warp per 16 value columns), "
                 f"got V={v_dim}")
-    raw = os.environ.get(DECODE_ROWS_ENV, "").strip()
-    if raw and raw not in ("32", "64"):
-        raise ValueError(f"{DECODE_ROWS_ENV} must be 32 or 64, got {raw!r}")
     raw = os.environ.get(BWD_CHAINS_ENV, "").strip()
     if raw and raw not in BWD_CHAINS:
         raise ValueError(f"{BWD_CHAINS_ENV} must be one of {', '.join(BWD_CHAINS)}, got {raw!r}")

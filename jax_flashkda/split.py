@@ -212,6 +212,12 @@ def split_vjp(cfg: _ffi.CallConfig, plan: SplitPlan, whole_backward):
     fwd = _ffi.fwd_call(inner)
     bwd = _ffi.bwd_call(inner)
 
+    def whole_dh0(*args):
+        return bwd(*args)[-1]
+
+    state_grad = (_ffi.bwd_state_call(inner) if _ffi.has_target("CUDA", _ffi.BWD_STATE_TARGET)
+                  else whole_dh0)
+
     def layout_in(h0):
         return jnp.swapaxes(h0, -1, -2) if cfg.state_v_first else h0
 
@@ -285,7 +291,10 @@ def split_vjp(cfg: _ffi.CallConfig, plan: SplitPlan, whole_backward):
         dht_seg = jnp.where(_dead_columns(seg_final)[:, :, None, :], 0.0, dht[seg.sequence])
         dht_seg = jnp.where(seg.is_last[:, None, None, None], dht_seg, 0.0)
         args = (q, k, v, g, beta, A_log, dt_bias, s_in, seg.cu, do)
-        dZ = bwd(*args, jnp.zeros_like(s_in))[-1]
+        # The segments' initial-state gradients from their own outputs (no end cotangent):
+        # lowered for CUDA, the state-gradient chains alone (jax_flashkda_bwd_state); elsewhere
+        # the whole backward's last result.
+        dZ = _ffi.per_platform(args + (jnp.zeros_like(s_in),), cuda=state_grad, other=whole_dh0)
         Pt = jnp.swapaxes(jnp.where(jnp.isfinite(P), P, 0.0), -1, -2)
         b = jnp.where(seg.is_last[:, None, None, None],
                       jnp.matmul(Pt, dht_seg, precision=_HIGHEST) + dZ, dZ)

@@ -13,8 +13,9 @@
 #             relerr.log: the measured gradient errors)
 #   sanitize  compute-sanitizer SANITIZE_TOOLS (default "memcheck racecheck") over
 #             scripts/sanitize_cases.py SANITIZE_ARGS ("split": the sequence split's cases
-#             alone; "split_forward": its CUDA forward alone), kernels matching kda_, with
-#             XLA_PYTHON_CLIENT_ALLOCATOR=platform (sanitize_<tool>.log)
+#             alone; "split_forward": its CUDA forward alone; "head64": the K = V = 64
+#             backward's), kernels matching kda_, with XLA_PYTHON_CLIENT_ALLOCATOR=platform
+#             (sanitize_<tool>.log)
 #   profile   full ncu reports at NCU_SHAPES (scripts/time_kernels.py shapes, default "big
 #             long"), per SASS line too; NCU_KERNEL (regex, default kda_), NCU_COUNT (default 2),
 #             NCU_TIME_ARGS (default --no-backward; for the backward's kernels NCU_KERNEL=kda_bwd

@@ -2,6 +2,7 @@
 
     compute-sanitizer --tool memcheck --kernel-name regex=kda_ python scripts/sanitize_cases.py
     ... python scripts/sanitize_cases.py split     # the sequence split's cases alone
+    ... python scripts/sanitize_cases.py head64    # the K = V = 64 backward's cases alone
     ... python scripts/sanitize_cases.py split_forward  # the CUDA split forward alone (no XLA
                                                         # dots, which split.py's backward has)
 """
@@ -49,8 +50,26 @@ def split_forward_cases():
     os.environ.pop("JAX_FLASHKDA_SPLIT_BACKWARD")
 
 
+# The K = V = 64 backward: every chain launch configuration once, varlen with empty sequences.
+HEAD64_CASES = [("4x12x1", dict(gate_mode=2, T=37)),
+                ("4x3x3", dict(gate_mode=0, extreme=True, T=40)),
+                ("2x12x1", dict(gate_mode=1, seqlens=[0, 19, 33, 0], v_first=True)),
+                ("2x4x3", dict(gate_mode=2, T=1, dtype=jnp.float16))]
+
+
+def head64_cases():
+    for chains, kw in HEAD64_CASES:
+        os.environ["JAX_FLASHKDA_BWD_CHAINS"] = chains
+        x, dtypes, static, do, dht = test_cuda_bwd.make_case(rng, H=2, head_dim=64, **kw)
+        test_cuda_bwd.cuda_grads(x, dtypes, static, do, dht)
+    os.environ.pop("JAX_FLASHKDA_BWD_CHAINS")
+
+
 if sys.argv[1:] == ["split"]:
     split_cases()
+    sys.exit(0)
+if sys.argv[1:] == ["head64"]:
+    head64_cases()
     sys.exit(0)
 if sys.argv[1:] == ["split_forward"]:
     split_forward_cases()
@@ -68,6 +87,7 @@ for kw in [dict(gate_mode=2, T=37), dict(gate_mode=0, extreme=True, T=40),
            dict(gate_mode=2, T=1, dtype=jnp.float16)]:
     x, dtypes, static, do, dht = test_cuda_bwd.make_case(rng, H=2, **kw)
     test_cuda_bwd.cuda_grads(x, dtypes, static, do, dht)
+head64_cases()
 # docs/robustness.md: traced offsets of every kind, operands at odd addresses, non-finite input
 # and extreme gates, forward and backward (run with XLA_PYTHON_CLIENT_ALLOCATOR=platform, so
 # that an access outside a buffer is not hidden inside JAX's pool).

@@ -199,7 +199,6 @@ def test_auto_takes_the_chunked_path_for_float64(rng, monkeypatch):
      r"JAX_FLASHKDA_FWD_WARPS must be 1, 2, 4 or 8, got 'four'"),
     ("JAX_FLASHKDA_FWD_WARPS", "8", 64,
      r"JAX_FLASHKDA_FWD_WARPS=8 must divide V / 16 \(one warp per 16 value columns\), got V=64"),
-    ("JAX_FLASHKDA_DECODE_ROWS", "16", 128, r"JAX_FLASHKDA_DECODE_ROWS must be 32 or 64, got '16'"),
     ("JAX_FLASHKDA_BWD_CHAINS", "4x4x3", 128,
      r"JAX_FLASHKDA_BWD_CHAINS must be one of 4x12x1, 4x3x3, 2x12x1, 2x4x3, got '4x4x3'"),
 ])
@@ -226,7 +225,6 @@ def test_valid_cuda_overrides_pass(rng, monkeypatch, warps, v_dim):
     monkeypatch.setattr(ops, "_cuda_reason", lambda q, v, cu: None)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setenv("JAX_FLASHKDA_FWD_WARPS", warps)
-    monkeypatch.setenv("JAX_FLASHKDA_DECODE_ROWS", "32")
     monkeypatch.setenv("JAX_FLASHKDA_BWD_CHAINS", "2x4x3")
     q = jnp.zeros((1, 8, 2, 128), jnp.bfloat16)
     v = jnp.zeros((1, 8, 2, v_dim), jnp.bfloat16)

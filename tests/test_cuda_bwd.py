@@ -26,10 +26,10 @@ NAMES = ("q", "k", "v", "g", "beta", "h0", "A_log", "dt_bias")
 
 def make_case(rng, *, B=1, T=40, H=2, gate_mode=2, l2norm=True, beta_sigmoid=True,
               v_first=False, seqlens=None, extreme=False, dtype=jnp.bfloat16,
-              g_dtype=jnp.float32, beta_dtype=jnp.float32):
+              g_dtype=jnp.float32, beta_dtype=jnp.float32, head_dim=128):
     """Inputs from tests/inputs.py (as numpy float64 holding values exact in their dtypes),
-    their dtypes, static kwargs and the cotangents of o and the final state."""
-    K = V = 128
+    their dtypes, static kwargs and the cotangents of o and the final state; K = V = head_dim."""
+    K = V = head_dim
     x = kernel_inputs(rng, B=B, T=T, H=H, K=K, V=V, gate_mode=gate_mode, dtype=dtype,
                       g_dtype=g_dtype, beta_dtype=beta_dtype, l2norm=l2norm,
                       beta_sigmoid=beta_sigmoid, v_first=v_first, seqlens=seqlens,
@@ -178,3 +178,30 @@ def test_deterministic(rng):
     b = cuda_grads(x, dtypes, static, do, dht)
     for n in a:
         assert np.array_equal(a[n], b[n]), f"d{n} differs between two runs"
+
+
+# K = V = 64 (BwdTraits<64, 64>: two warps per token half, 128-thread grad CTAs, one value block
+# of 64 columns per chain CTA at four warps): the cases above that exercise what the head dim
+# changes, every chain launch configuration included.
+HEAD_DIM_64_CASES = {
+    "gate0": dict(B=2, T=45, gate_mode=0),
+    "gate1": dict(B=2, T=45, gate_mode=1),
+    "gate2_T1": dict(B=2, T=1, gate_mode=2),
+    "v_first_no_flags": dict(B=2, T=33, v_first=True, l2norm=False, beta_sigmoid=False),
+    "varlen_empty": dict(gate_mode=2, seqlens=[0, 17, 0, 40, 5, 16, 0]),
+    "extreme_log_decay": dict(T=70, gate_mode=0, extreme=True),
+    "fp16": dict(T=37, dtype=jnp.float16),
+}
+
+
+@pytest.mark.parametrize("case", HEAD_DIM_64_CASES)
+def test_head_dim_64(rng, case):
+    assert 64 in ops.cuda_head_dims(backward=True)
+    check(make_case(rng, H=2, head_dim=64, **HEAD_DIM_64_CASES[case]), f"K=V=64 {case}")
+
+
+@pytest.mark.parametrize("chains", ops.BWD_CHAINS)
+def test_head_dim_64_every_chain_launch_configuration(rng, monkeypatch, chains):
+    monkeypatch.setenv(ops.BWD_CHAINS_ENV, chains)
+    check(make_case(rng, T=70, H=2, gate_mode=2, seqlens=[0, 33, 37], head_dim=64),
+          f"K=V=64 chains {chains}")

@@ -108,6 +108,19 @@ def test_pool_slot_per_token(rng, with_accepted):
     assert rel_err(o, ref_o) <= 6e-3 and rel_err(st, ref_pool) <= 5e-3
 
 
+@pytest.mark.parametrize("v_first", [False, True])
+def test_value_columns_partly_outside_the_state(rng, v_first):
+    """V = 80: the last warp's 16 columns lie partly outside the state (its lanes there load
+    zeros and store nothing), over varlen sequences of 0 to 16 tokens (an empty one among
+    them)."""
+    arrays, attrs = test_cuda_fwd.make_case(rng, H=3, K=128, V=80, seqlens=[2, 0, 16, 1],
+                                            v_first=v_first)
+    o, st = _decode(arrays, attrs, arrays[7])
+    ref_o, ref_s = test_cuda_fwd.reference(*_numpy(arrays), **attrs)
+    assert rel_err(o, ref_o) <= 6e-3 and rel_err(st, ref_s) <= 5e-3
+    np.testing.assert_array_equal(st[1], np.asarray(arrays[7])[1])  # empty: state unchanged
+
+
 def test_quarantine_is_causal(rng):
     arrays, attrs = test_cuda_fwd.make_case(rng, B=2, T=6, H=2)
     q, k, v = (np.array(a.astype(jnp.float32)) for a in arrays[:3])

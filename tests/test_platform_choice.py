@@ -16,14 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_flashkda import _ffi, kda
+from jax_flashkda import _ffi, kda, split
 from jax_flashkda.ops import _cpu_target_ready
 from oracle import oracle
 from inputs import make_inputs, rel_err
 
 FWD, BWD, DECODE = _ffi.FWD_TARGET, _ffi.BWD_TARGET, _ffi.DECODE_TARGET
 DISABLED = [jax.export.DisabledSafetyCheck.custom_call(t)
-            for t in (FWD, BWD, DECODE, _ffi.FWD_SPLIT_TARGET)]
+            for t in (FWD, BWD, DECODE, _ffi.FWD_SPLIT_TARGET, _ffi.BWD_STATE_TARGET)]
 
 needs_both_targets = pytest.mark.skipif(
     _ffi.load_error("CUDA") is not None or not _cpu_target_ready(),
@@ -121,4 +121,21 @@ def test_cpu_computation_in_a_gpu_process(rng, T):
     _, _, ref = oracle(args, kwargs, cotangents=cotangents(o.shape, final.shape))
     for name, got in zip(("q", "k", "v", "g", "beta", "initial_state"), grads):
         assert got.devices() == {cpu}
+        assert rel_err(got, ref[name]) < 3e-2, name
+
+
+@needs_both_targets
+def test_split_backward_state_pass_only_where_lowered_for_cuda(monkeypatch, rng):
+    # A split forced with its backward: the first backward pass (dZ) is the state-gradient
+    # target lowered for CUDA, the whole backward's last result lowered for the CPU.
+    monkeypatch.setenv(split.SEGMENT_TOKENS_ENV, "16")
+    monkeypatch.setenv(split.SPLIT_BACKWARD_ENV, "1")
+    f, x, args, kwargs = bf16_case(rng, T=40)
+    grad = loss_grad(f)
+    assert targets(grad, x, ("cuda",))[0] == {FWD, BWD, _ffi.BWD_STATE_TARGET}
+    assert targets(grad, x, ("cpu",))[0] == {FWD, BWD}
+    _, exported = targets(grad, x, ("cpu", "cuda"))
+    o, final = f(*x)
+    _, _, ref = oracle(args, kwargs, cotangents=cotangents(o.shape, final.shape))
+    for name, got in zip(("q", "k", "v", "g", "beta", "initial_state"), exported.call(*x)):
         assert rel_err(got, ref[name]) < 3e-2, name

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inputs import GATE_MODES, float64_on_cpu, make_inputs, rel_err
-from jax_flashkda import kda, ops, split
+from inputs import GATE_MODES, KERNEL_OPERANDS, float64_on_cpu, kernel_inputs, make_inputs, rel_err
+from jax_flashkda import _ffi, kda, ops, split
 
 ENV = split.SEGMENT_TOKENS_ENV
 GRAD_NAMES = ("q", "k", "v", "g", "beta", "initial_state", "A_log", "dt_bias")
@@ -299,6 +299,33 @@ def test_cuda_split_matches_unsplit_and_oracle(monkeypatch, rng, gate_mode, stat
         for n, e in errs.items():
             # No worse than the unsplit kernel, within rounding of the same order.
             assert e <= 1.5 * base[n] + 1e-4, (L, split_backward, n, e, base[n])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate_mode, v_first, seqlens, poison", [
+    (0, False, None, None), (1, True, None, None), (2, False, [0, 37, 0, 70, 5], None),
+    (2, False, [0, 37, 0, 70, 5], "v"), (2, True, None, "beta")])
+def test_cuda_bwd_state_is_the_backwards_last_result(rng, gate_mode, v_first, seqlens, poison):
+    """jax_flashkda_bwd_state (the split's first backward pass: the state-gradient chains
+    alone) gives bit for bit the initial-state gradient of jax_flashkda_bwd, NaN quarantine
+    included."""
+    assert _ffi.has_target("CUDA", _ffi.BWD_STATE_TARGET)
+    x = kernel_inputs(rng, B=2, T=53, H=3, K=128, V=128, gate_mode=gate_mode,
+                      dtype=jnp.bfloat16, g_dtype=np.float32, beta_dtype=np.float32,
+                      v_first=v_first, seqlens=seqlens, always_gate_params=True)
+    if poison:
+        x[poison][0, 20, 1] = np.nan      # v: every column of head 1 from token 20; beta: the head
+    cu = x.get("cu_seqlens", np.zeros((1,), np.int32))
+    cfg = _ffi.CallConfig(scale=128 ** -0.5, use_qk_l2norm=True, use_beta_sigmoid=True,
+                          gate_mode=gate_mode, lower_bound=-5.0 if gate_mode == 2 else 0.0,
+                          state_v_first=v_first, is_varlen=seqlens is not None)
+    args = [jnp.asarray(x[n]) for n in KERNEL_OPERANDS] + [jnp.asarray(cu)]
+    do = jnp.asarray(rng.standard_normal(x["v"].shape), jnp.bfloat16)
+    dht = jnp.asarray(rng.standard_normal(x["h0"].shape), jnp.float32)
+    want = np.asarray(jax.jit(_ffi.bwd_call(cfg))(*args, do, dht)[-1])
+    got = np.asarray(jax.jit(_ffi.bwd_state_call(cfg))(*args, do, dht))
+    assert np.isfinite(want).any()
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.gpu

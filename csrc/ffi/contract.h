@@ -100,6 +100,15 @@ static_assert(offsetof(jax_flashkda::DecodeAttributes, common) <
       .Ret<::xla::ffi::AnyBuffer>() /* dinitial_state */           \
       .Attrs<::jax_flashkda::Attributes>()
 
+// The initial-state gradient alone (CUDA only, docs/sequence_split.md): the backward's operands,
+// its last result.
+#define KDA_BWD_STATE_SIGNATURE(binding)                           \
+  KDA_CONTRACT_INPUTS(binding)                                     \
+      .Arg<::xla::ffi::AnyBuffer>() /* do */                       \
+      .Arg<::xla::ffi::AnyBuffer>() /* dfinal_state */             \
+      .Ret<::xla::ffi::AnyBuffer>() /* dinitial_state */           \
+      .Attrs<::jax_flashkda::Attributes>()
+
 // The decode (CUDA only, docs/decode.md): the forward's operands with the state read and written
 // in place (final_state aliases initial_state), then state_indices and num_accepted_tokens.
 #define KDA_DECODE_SIGNATURE(binding)                                         \
@@ -240,11 +249,17 @@ inline ffi::Error check_forward(const std::string& who, const Sizes& s, const In
   return check_f32(who, final_state, "final_state", s.state);
 }
 
+// The backward's cotangents (and bwd_state's), operands 9 and 10.
+inline ffi::Error check_cotangents(const std::string& who, const Sizes& s, const Inputs& in,
+                                   const ffi::AnyBuffer& dout, const ffi::AnyBuffer& dfinal) {
+  KDA_RETURN_IF_ERROR(check_like(who, dout, "do", {s.B, s.T, s.H, s.V}, in.v, "v"));
+  return check_f32(who, dfinal, "dfinal_state", s.state);
+}
+
 // The backward's extra operands and its results.
 inline ffi::Error check_backward(const std::string& who, const Sizes& s, const Inputs& in,
                                  const BwdBuffers& b) {
-  KDA_RETURN_IF_ERROR(check_like(who, b.dout, "do", {s.B, s.T, s.H, s.V}, in.v, "v"));
-  KDA_RETURN_IF_ERROR(check_f32(who, b.dfinal_state, "dfinal_state", s.state));
+  KDA_RETURN_IF_ERROR(check_cotangents(who, s, in, b.dout, b.dfinal_state));
   KDA_RETURN_IF_ERROR(check_like(who, b.dq, "dq", {s.B, s.T, s.H, s.K}, in.q, "q"));
   KDA_RETURN_IF_ERROR(check_like(who, b.dk, "dk", {s.B, s.T, s.H, s.K}, in.k, "k"));
   KDA_RETURN_IF_ERROR(check_like(who, b.dv, "dv", {s.B, s.T, s.H, s.V}, in.v, "v"));

@@ -1,4 +1,4 @@
-// The three custom calls on the Hopper target. Each handler decodes (the binding: buffers and the
+// The custom calls on the Hopper target. Each handler decodes (the binding: buffers and the
 // attributes as one struct), checks (docs/ffi_contract.md, then what the kernels support) and
 // launches: enqueues the kernels of csrc/kda on XLA's stream, with XLA's scratch memory as
 // workspace (the forward and backward; the decode needs none).
@@ -31,6 +31,7 @@ const std::string kFwd = "jax_flashkda_fwd (CUDA)";
 const std::string kBwd = "jax_flashkda_bwd (CUDA)";
 const std::string kDecode = "jax_flashkda_decode (CUDA)";
 const std::string kFwdSplit = "jax_flashkda_fwd_split (CUDA)";
+const std::string kBwdState = "jax_flashkda_bwd_state (CUDA)";
 
 // What the CUDA target reads beyond the contract (after contract::check_inputs): q, k, v in
 // bf16 or f16, sizes its 32-bit indices hold; then the launch parameters all three calls share.
@@ -296,6 +297,31 @@ ffi::Error bwd_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
   return launch(kBwd, p, staging, scratch, stream, kda::bwd_workspace_bytes, kda::bwd);
 }
 
+ffi::Error bwd_state_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
+                          ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer g,
+                          ffi::AnyBuffer beta, ffi::AnyBuffer A_log, ffi::AnyBuffer dt_bias,
+                          ffi::AnyBuffer initial_state, ffi::AnyBuffer cu_seqlens,
+                          ffi::AnyBuffer dout, ffi::AnyBuffer dfinal_state,
+                          ffi::Result<ffi::AnyBuffer> dinitial_state, Attributes attrs) {
+  const contract::Inputs in{q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens};
+  contract::Sizes s;
+  kda::BwdParams p;
+  KDA_RETURN_IF_ERROR(contract::check_inputs(kBwdState, in, attrs, s));
+  KDA_RETURN_IF_ERROR(cuda_params(kBwdState, in, s, attrs, p));
+  KDA_RETURN_IF_ERROR(contract::check_cotangents(kBwdState, s, in, dout, dfinal_state));
+  KDA_RETURN_IF_ERROR(
+      contract::check_f32(kBwdState, *dinitial_state, "dinitial_state", s.state));
+  if (const char* why = kda::bwd_unsupported(p)) return unimplemented(kBwdState, why);
+
+  Staging staging(kBwdState, scratch, stream);
+  KDA_RETURN_IF_ERROR(stage_inputs(staging, in, p));
+  KDA_RETURN_IF_ERROR(staging.input(dout, p.dout));
+  KDA_RETURN_IF_ERROR(staging.input(dfinal_state, p.dfinal_state));
+  KDA_RETURN_IF_ERROR(staging.output(*dinitial_state, p.dinitial_state));
+  return launch(kBwdState, p, staging, scratch, stream, kda::bwd_state_workspace_bytes,
+                kda::bwd_state);
+}
+
 // The decode's own operands, checked into the slot fields of DecodeParams.
 ffi::Error decode_slots(const contract::Sizes& s, const ffi::AnyBuffer& state_indices,
                         const ffi::AnyBuffer& num_accepted, const DecodeAttributes& attrs,
@@ -401,6 +427,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flashkda_bwd_cuda, bwd_impl,
                               KDA_BWD_SIGNATURE(ffi::Ffi::Bind()
                                                     .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                                     .Ctx<ffi::ScratchAllocator>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flashkda_bwd_state_cuda, bwd_state_impl,
+                              KDA_BWD_STATE_SIGNATURE(ffi::Ffi::Bind()
+                                                          .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                                          .Ctx<ffi::ScratchAllocator>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flashkda_decode_cuda, decode_impl,
                               KDA_DECODE_SIGNATURE(ffi::Ffi::Bind()
                                                        .Ctx<ffi::PlatformStream<cudaStream_t>>()),

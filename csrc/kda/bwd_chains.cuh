@@ -4,7 +4,9 @@
 //     dVn = Aqkᵀ dO + K̃ dS',    dS = Diag(e^{Γ_C}) dS' + Q̃ᵀ dO − Wᵀ dVn,
 // storing each chunk's outgoing-state gradient dS' (bf16) and dVn, and dS_0 as the
 // initial-state gradient. Neither chain needs the other, so one launch runs both, which halves
-// the sequential part when few heads leave the GPU idle.
+// the sequential part when few heads leave the GPU idle. kStateGradOnly: z < N runs the state
+// gradient alone and stores nothing but dS_0 (the sequence split's first backward pass,
+// docs/sequence_split.md).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -46,7 +48,7 @@ struct ChainSmem {
                 "mbarriers");
 };
 
-template <typename Tr, int NW, int kStages_, int kMinBlocks, typename Tin>
+template <typename Tr, int NW, int kStages_, int kMinBlocks, typename Tin, bool kStateGradOnly>
 __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     BwdParams p, const uint8_t* __restrict__ recs, __nv_bfloat16* __restrict__ states,
     __nv_bfloat16* __restrict__ dstates, __nv_bfloat16* __restrict__ vn_out,
@@ -61,8 +63,9 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
   using Ring = StepRing<kStages, NW, L::kStage, L::kBar>;
   const Ring ring{smem};
 
-  const bool reverse = blockIdx.z >= static_cast<unsigned>(p.N);
-  const int vb = blockIdx.x, h = blockIdx.y, n = reverse ? blockIdx.z - p.N : blockIdx.z;
+  const bool reverse = kStateGradOnly || blockIdx.z >= static_cast<unsigned>(p.N);
+  const int vb = blockIdx.x, h = blockIdx.y;
+  const int n = reverse && !kStateGradOnly ? blockIdx.z - p.N : blockIdx.z;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   const Seq sq = seq_of(p, n);
@@ -136,7 +139,7 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
     // (stmatrix) and leave as 16-byte row pieces, 8 full-line stores per lane. ncu: the 32
     // 4-byte stores per lane and step these replace were the chains' largest stall (LSU queue
     // full), and a bulk copy of the tile spent half the kernel waiting for it to be read.
-    {
+    if constexpr (!kStateGradOnly) {
       __syncwarp();  // every lane has read the previous step's tile
 #pragma unroll
       for (int nt = 0; nt < K / 8; nt += 2) {
@@ -208,20 +211,24 @@ __global__ void __launch_bounds__(NW * 32, kMinBlocks) kda_bwd_chains_kernel(
       decay_and_update<K, KP, /*kBFirst=*/false>(s, record.eg, ax, reverse ? record.w : record.kt,
                                                  lane, add_dout_q);
 
-    // The rows, [token][value] in shared memory, then one 16-byte store per lane.
+    if constexpr (kStateGradOnly) {
+      __syncwarp();
+      ring.release(i, lane);
+    } else {
+      // The rows, [token][value] in shared memory, then one 16-byte store per lane.
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+      for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
-        rstage[(nt * 8 + t * 2 + (j & 1)) * RP + g + (j >> 1) * 8] = __float2bfloat16_rn(x0[nt][j]);
-    __syncwarp();
-    ring.release(i, lane);
-    {
+        for (int j = 0; j < 4; ++j)
+          rstage[(nt * 8 + t * 2 + (j & 1)) * RP + g + (j >> 1) * 8] =
+              __float2bfloat16_rn(x0[nt][j]);
+      __syncwarp();
+      ring.release(i, lane);
       const int tok = lane >> 1, half = lane & 1;
       *reinterpret_cast<uint4*>(row_out + (hs * kC + tok) * V + vb * BV + warp * 16 + half * 8) =
           *reinterpret_cast<const uint4*>(rstage + tok * RP + half * 8);
+      __syncwarp();
     }
-    __syncwarp();
   }
 
   if (reverse) {

@@ -6,6 +6,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -34,8 +35,17 @@ constexpr int kGradCtasPerSm = 2;
 
 template <typename Tr>
 struct GradSmem {
-  __nv_bfloat16 S[Tr::V][Tr::KP];   // Sᵀ_c; then dQ̃, dK̃, dW, dM, Xm in fp32
-  __nv_bfloat16 dS[Tr::V][Tr::KP];  // dS'ᵀ_c; then per-token channel rows in fp32
+  // Once dv is written, S_c and dS' are dead and their space holds fp32 tiles (GradTiles): dQ̃,
+  // dK̃, dW ([16][FP] each), dM and Xm ([16][17]) in S's; four [16][FP] channel rows in dS''s.
+  // At K = V = 128 the V rows hold them; at 64 they do not (the tiles would run on into the
+  // next arrays), so S and dS' get as many rows as the tiles need.
+  static constexpr int kSTileBytes = (3 * kC * Tr::FP + 2 * kC * (kC + 1)) * 4;
+  static constexpr int kDsTileBytes = 4 * kC * Tr::FP * 4;
+  static constexpr int kRowBytes = Tr::KP * 2;
+  static constexpr int kSRows = std::max(Tr::V, (kSTileBytes + kRowBytes - 1) / kRowBytes);
+  static constexpr int kDsRows = std::max(Tr::V, (kDsTileBytes + kRowBytes - 1) / kRowBytes);
+  __nv_bfloat16 S[kSRows][Tr::KP];   // Sᵀ_c (rows [0, V)); then dQ̃, dK̃, dW, dM, Xm in fp32
+  __nv_bfloat16 dS[kDsRows][Tr::KP];  // dS'ᵀ_c (rows [0, V)); then per-token channel rows in fp32
   __nv_bfloat16 dO[kC][Tr::KP], Vn[kC][Tr::KP], dVn[kC][Tr::KP], V[kC][Tr::KP];
   ChunkRows<Tr> rows;
   PrepAux aux;
@@ -93,6 +103,10 @@ struct GradTiles {
   // terms also read k⊙e^{−Γ} and q⊙e^Γ, the exact ones scale·q, k and Γ.
   float (*KG)[FP], (*R1)[FP], (*R2)[FP], (*R3)[FP];
   float (*dMp)[kC][kC];
+
+  static_assert(sizeof(GradSmem<Tr>::S) >= GradSmem<Tr>::kSTileBytes &&
+                    sizeof(GradSmem<Tr>::dS) >= GradSmem<Tr>::kDsTileBytes,
+                "the fp32 tiles fit in the space of S_c and dS'");
 
   __device__ explicit GradTiles(GradSmem<Tr>& sg)
       : dQt(reinterpret_cast<float(*)[FP]>(&sg.S[0][0])),

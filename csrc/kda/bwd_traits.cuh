@@ -2,7 +2,7 @@
 // pitches of its shared-memory rows, as one traits struct its kernels and launch code take.
 // Every assumption the kernels make about these numbers is a static_assert here or beside the
 // layout it concerns (GradSmem, ChainSmem), so that an instantiation that breaks one does not
-// compile. kda_bwd.cu instantiates K = V = 128 only.
+// compile. kda_bwd.cu instantiates K = V = 64 and 128.
 #pragma once
 
 #include "kda/chunks.cuh"
@@ -48,8 +48,9 @@ struct BwdTraits {
   static_assert(ptx::conflict_free_pitch(R::kPitch * 2), "conflict-free ldmatrix on a record");
 };
 
-// The instantiated backward.
+// The instantiated backwards.
 using Bwd128 = BwdTraits<128, 128>;
+using Bwd64 = BwdTraits<64, 64>;
 
 // The stored states are Sᵀ [value][key] bf16 with the 16-byte key chunks of each row permuted:
 // chunk c of value row v sits at chunk c ^ (v % 8). That is the chains' conflict-free

@@ -70,8 +70,14 @@ __global__ void __launch_bounds__(NW * 32, 1) kda_recurrence_kernel(FwdParams p,
   // Warp 0 fetches chunk c's record with one bulk copy. Each warp fetches its own 16 value
   // columns of the chunk's 16 rows of V with one cp.async per lane: issuing the 16 row copies
   // through the bulk engine serialised warp 0 (ncu: ~45% of its time) and starved every warp.
+  // The transition pass writes no outputs: it skips Q̃, the record's first 30% (as the
+  // backward's forward chain does).
+  static_assert(R::kQ == 0 && R::kW == R::kMat && R::kKt > R::kW && R::kTb > R::kW &&
+                    R::kEg > R::kW,
+                "record layout: Q̃ first, everything the transition pass reads after it");
+  constexpr uint32_t rec_first = kTransition ? R::kW : 0;
   auto fetch_record = [&](int c) {
-    ring.fetch_record(c, rec0 + static_cast<size_t>(c) * R::kBytes, 0, R::kBytes, lane);
+    ring.fetch_record(c, rec0 + static_cast<size_t>(c) * R::kBytes, rec_first, R::kBytes, lane);
   };
   auto fetch_v = [&](int c) {
     if (!reads_v) return;

@@ -1,5 +1,5 @@
-// Hopper backward of Kimi Delta Attention (chunks of 16 tokens; built for K = V = 128, Bwd128 in
-// bwd_traits.cuh): the launches, four on the caller's stream (docs/backward.md).
+// Hopper backward of Kimi Delta Attention (chunks of 16 tokens; built for K = V = 64 and 128,
+// Bwd64 and Bwd128 in bwd_traits.cuh): the launches, four on the caller's stream (docs/backward.md).
 //
 // 1. prep (prep.cuh, with kAux): the chunk records the two chains read (Q̃, −W, K̃, Tβ, Aqk,
 //    e^{Γ_C}) and, for grad, T, L and the l2norm scales in fp32 (PrepAux); and the scan of v for
@@ -9,6 +9,10 @@
 // 3. grad (bwd_grad.cuh; grid: chunk slots x heads, token-parallel): every per-token gradient of
 //    a chunk, and per-chunk partial sums of dA_log and ddt_bias.
 // 4. reduce (bwd_reduce.cuh; grid: batch rows x heads): those partial sums in a fixed order.
+//
+// bwd_state, the initial-state gradient alone (jax_flashkda_bwd_state, the sequence split's first
+// backward pass): steps 1 and 2 with the state-gradient chain only, which stores nothing per
+// chunk; its workspace is the records and the quarantine's marks.
 #include "kda/kda_bwd.h"
 
 #include <cuda_bf16.h>
@@ -29,22 +33,24 @@
 namespace kda {
 namespace {
 
-// Byte offsets of the workspace regions; per (head, slot) each.
+// Byte offsets of the workspace regions; per (head, slot) each. state_grad_only (bwd_state): the
+// per-chunk states, rows and partial sums have no room (the chains store none of them).
 template <typename Tr>
 struct WsLayout {
   size_t rec, aux, states, dstates, vn, dvn, pdt, pda, dead_rows, dead_cols, dead_v, total;
-  explicit WsLayout(const FwdParams& p) {
+  WsLayout(const FwdParams& p, bool state_grad_only) {
     const size_t hs = static_cast<size_t>(chunk_slots(p)) * p.H;
+    const size_t per_chunk = state_grad_only ? 0 : hs;
     WorkspaceCursor ws;
     constexpr size_t K = Tr::K, V = Tr::V;
     rec = ws.take(hs * Tr::R::kBytes);
     aux = ws.take(hs * sizeof(PrepAux));
-    states = ws.take(hs * V * K * 2);   // Sᵀ_c [V][K] bf16
-    dstates = ws.take(hs * V * K * 2);  // dS'ᵀ_c [V][K] bf16
-    vn = ws.take(hs * kC * V * 2);      // Vn [16][V] bf16
-    dvn = ws.take(hs * kC * V * 2);     // dVn [16][V] bf16
-    pdt = ws.take(hs * K * 4);          // ddt_bias partials [K] f32
-    pda = ws.take(hs * 4);              // dA_log partials f32
+    states = ws.take(per_chunk * V * K * 2);   // Sᵀ_c [V][K] bf16
+    dstates = ws.take(per_chunk * V * K * 2);  // dS'ᵀ_c [V][K] bf16
+    vn = ws.take(per_chunk * kC * V * 2);      // Vn [16][V] bf16
+    dvn = ws.take(per_chunk * kC * V * 2);     // dVn [16][V] bf16
+    pdt = ws.take(per_chunk * K * 4);          // ddt_bias partials [K] f32
+    pda = ws.take(per_chunk * 4);              // dA_log partials f32
     // docs/robustness.md §3, per (sequence, head): the first row with a non-finite q, k, β or
     // log-decay; then per value column the first with a non-finite v; then the first of those
     // over the head's columns (so that a clean head reads one int, not V). Adjacent: one memset.
@@ -76,15 +82,16 @@ cudaError_t launch_bwd_prep(const FwdParams& p, uint8_t* recs, PrepAux* aux, int
 // deep record prefetch hides the fetch latency; with more, a few stages at two or three CTAs
 // per SM (the most that fit beside the state tiles) keep every chain of a large batch resident
 // at once (two waves would double the time).
-template <typename Tr, int NW, int kStages, int kMinBlocks, typename Tin>
+template <typename Tr, int NW, int kStages, int kMinBlocks, typename Tin, bool kStateGradOnly>
 cudaError_t launch_chains(const BwdParams& p, const uint8_t* recs, __nv_bfloat16* states,
                           __nv_bfloat16* dstates, __nv_bfloat16* vn, __nv_bfloat16* dvn,
                           const int* dead_rows, const int* dead_cols, int slots,
                           cudaStream_t stream) {
   using L = ChainSmem<Tr, NW, kStages>;
-  auto chains = kda_bwd_chains_kernel<Tr, NW, kStages, kMinBlocks, Tin>;
+  auto chains = kda_bwd_chains_kernel<Tr, NW, kStages, kMinBlocks, Tin, kStateGradOnly>;
   KDA_TRY(cudaFuncSetAttribute(chains, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes));
-  chains<<<dim3(Tr::V / L::BV, p.H, 2 * p.N), NW * 32, L::kBytes, stream>>>(
+  const unsigned directions = kStateGradOnly ? 1 : 2;
+  chains<<<dim3(Tr::V / L::BV, p.H, directions * p.N), NW * 32, L::kBytes, stream>>>(
       p, recs, states, dstates, vn, dvn, dead_rows, dead_cols, slots);
   return cudaGetLastError();
 }
@@ -93,12 +100,13 @@ cudaError_t launch_chains(const BwdParams& p, const uint8_t* recs, __nv_bfloat16
 // (few heads and sequences, long ones), two warps per CTA spread the chains over twice the SMs.
 // JAX_FLASHKDA_BWD_CHAINS (4x12x1, 4x3x3, 2x12x1 or 2x4x3: warps, stages, CTAs per SM) forces
 // one of the four, for the tests; jax_flashkda/ops.py refuses any other value before a call.
-template <typename Tr, typename Tin>
+template <typename Tr, typename Tin, bool kStateGradOnly>
 cudaError_t launch_chains_any(const BwdParams& p, const uint8_t* recs, __nv_bfloat16* states,
                               __nv_bfloat16* dstates, __nv_bfloat16* vn, __nv_bfloat16* dvn,
                               const int* dead_rows, const int* dead_cols, int slots,
                               cudaStream_t stream) {
-  const long long chains4 = static_cast<long long>(Tr::V / 64) * p.H * 2 * p.N;
+  const long long chains4 =
+      static_cast<long long>(Tr::V / 64) * p.H * (kStateGradOnly ? 1 : 2) * p.N;
   int sms = 0;
   KDA_TRY(sm_count(sms));
   bool wide = chains4 * 10 >= 7LL * sms;  // four warps per CTA
@@ -110,24 +118,53 @@ cudaError_t launch_chains_any(const BwdParams& p, const uint8_t* recs, __nv_bflo
       deep = forced.find("x12x") != std::string::npos;
     }
   }
+  constexpr bool s = kStateGradOnly;
   if (wide)
     return deep
-               ? launch_chains<Tr, 4, 12, 1, Tin>(p, recs, states, dstates, vn, dvn, dead_rows,
-                                              dead_cols, slots, stream)
-               : launch_chains<Tr, 4, 3, 3, Tin>(p, recs, states, dstates, vn, dvn, dead_rows,
-                                             dead_cols, slots, stream);
+               ? launch_chains<Tr, 4, 12, 1, Tin, s>(p, recs, states, dstates, vn, dvn,
+                                                     dead_rows, dead_cols, slots, stream)
+               : launch_chains<Tr, 4, 3, 3, Tin, s>(p, recs, states, dstates, vn, dvn, dead_rows,
+                                                    dead_cols, slots, stream);
   return deep
-             ? launch_chains<Tr, 2, 12, 1, Tin>(p, recs, states, dstates, vn, dvn, dead_rows,
-                                            dead_cols, slots, stream)
-             : launch_chains<Tr, 2, 4, 3, Tin>(p, recs, states, dstates, vn, dvn, dead_rows,
-                                           dead_cols, slots, stream);
+             ? launch_chains<Tr, 2, 12, 1, Tin, s>(p, recs, states, dstates, vn, dvn, dead_rows,
+                                                   dead_cols, slots, stream)
+             : launch_chains<Tr, 2, 4, 3, Tin, s>(p, recs, states, dstates, vn, dvn, dead_rows,
+                                                  dead_cols, slots, stream);
+}
+
+// Steps 1 and 2: the records, the quarantine's marks and the chains (the state gradient's
+// alone with kStateGradOnly).
+template <typename Tr, typename Tin, bool kStateGradOnly>
+cudaError_t prep_and_chains(const BwdParams& p, const WsLayout<Tr>& lay, uint8_t* ws,
+                            cudaStream_t stream) {
+  constexpr int V = Tr::V;
+  const int slots = chunk_slots(p);
+  auto* dead_rows = reinterpret_cast<int*>(ws + lay.dead_rows);
+  auto* dead_cols = reinterpret_cast<int*>(ws + lay.dead_cols);
+  auto* dead_v = reinterpret_cast<int*>(ws + lay.dead_v);
+  const size_t nh = static_cast<size_t>(p.N) * p.H;
+  static_assert(kNoDeadRow == 0x7f7f7f7f, "filled bytewise");
+  KDA_TRY(cudaMemsetAsync(dead_rows, 0x7f, nh * (2 + V) * sizeof(int), stream));
+  KDA_TRY(launch_bwd_prep<Tr, Tin>(p, ws + lay.rec, reinterpret_cast<PrepAux*>(ws + lay.aux),
+                                   dead_rows, slots, stream));
+  if (const long long pieces = static_cast<long long>(p.B) * p.T * p.H * (V / 8); pieces > 0) {
+    kda_scan_v_kernel<Tin, V><<<static_cast<unsigned>((pieces + 255) / 256), 256, 0, stream>>>(
+        p, dead_cols, dead_v);
+    KDA_TRY(cudaGetLastError());
+  }
+  if (p.N == 0) return cudaSuccess;
+  return launch_chains_any<Tr, Tin, kStateGradOnly>(
+      p, ws + lay.rec, reinterpret_cast<__nv_bfloat16*>(ws + lay.states),
+      reinterpret_cast<__nv_bfloat16*>(ws + lay.dstates),
+      reinterpret_cast<__nv_bfloat16*>(ws + lay.vn),
+      reinterpret_cast<__nv_bfloat16*>(ws + lay.dvn), dead_rows, dead_cols, slots, stream);
 }
 
 template <typename Tr, typename Tin, bool kFactored>
 cudaError_t bwd_t(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
-  constexpr int K = Tr::K, V = Tr::V;
+  constexpr int K = Tr::K;
   const int slots = chunk_slots(p);
-  const WsLayout<Tr> lay(p);
+  const WsLayout<Tr> lay(p, /*state_grad_only=*/false);
   auto* auxs = reinterpret_cast<PrepAux*>(ws + lay.aux);
   auto* states = reinterpret_cast<__nv_bfloat16*>(ws + lay.states);
   auto* dstates = reinterpret_cast<__nv_bfloat16*>(ws + lay.dstates);
@@ -138,18 +175,7 @@ cudaError_t bwd_t(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
   auto* dead_rows = reinterpret_cast<int*>(ws + lay.dead_rows);
   auto* dead_cols = reinterpret_cast<int*>(ws + lay.dead_cols);
   auto* dead_v = reinterpret_cast<int*>(ws + lay.dead_v);
-  const size_t nh = static_cast<size_t>(p.N) * p.H;
-  static_assert(kNoDeadRow == 0x7f7f7f7f, "filled bytewise");
-  KDA_TRY(cudaMemsetAsync(dead_rows, 0x7f, nh * (2 + V) * sizeof(int), stream));
-  KDA_TRY(launch_bwd_prep<Tr, Tin>(p, ws + lay.rec, auxs, dead_rows, slots, stream));
-  if (const long long pieces = static_cast<long long>(p.B) * p.T * p.H * (V / 8); pieces > 0) {
-    kda_scan_v_kernel<Tin, V><<<static_cast<unsigned>((pieces + 255) / 256), 256, 0, stream>>>(
-        p, dead_cols, dead_v);
-    KDA_TRY(cudaGetLastError());
-  }
-  if (p.N > 0)
-    KDA_TRY(launch_chains_any<Tr, Tin>(p, ws + lay.rec, states, dstates, vn, dvn, dead_rows,
-                                       dead_cols, slots, stream));
+  KDA_TRY((prep_and_chains<Tr, Tin, false>(p, lay, ws, stream)));
   if (slots > 0) {
     auto grad = kda_bwd_grad_kernel<Tr, kFactored, Tin>;
     constexpr int bytes = sizeof(GradSmem<Tr>);
@@ -160,6 +186,13 @@ cudaError_t bwd_t(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
   }
   kda_bwd_reduce_kernel<Tr, Tin><<<dim3(p.B, p.H), K, 0, stream>>>(p, pdt, pda, slots);
   return cudaGetLastError();
+}
+
+template <typename Tr>
+cudaError_t bwd_state_k(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
+  const WsLayout<Tr> lay(p, /*state_grad_only=*/true);
+  if (p.qkv_dtype == DType::kF16) return prep_and_chains<Tr, __half, true>(p, lay, ws, stream);
+  return prep_and_chains<Tr, __nv_bfloat16, true>(p, lay, ws, stream);
 }
 
 template <typename Tr>
@@ -177,19 +210,34 @@ cudaError_t bwd_k(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
 const char* bwd_unsupported(const BwdParams& p) {
   if (p.qkv_dtype != DType::kBF16 && p.qkv_dtype != DType::kF16)
     return "q, k, v and do must be bfloat16 or float16 on the CUDA target";
-  if (p.K != Bwd128::K || p.V != Bwd128::V) return "the CUDA backward supports K = V = 128 only";
+  if (p.K != p.V || (p.K != Bwd64::K && p.K != Bwd128::K))
+    return "the CUDA backward supports K = V = 64 or 128 only";
   if (!valid_gate_mode(p.attrs.gate_mode)) return "gate_mode must be 0, 1 or 2";
   if (p.N > 32767 || p.H > 65535 || p.B > 65535)
     return "the CUDA backward supports at most 32767 sequences, 65535 heads and batch rows";
   return nullptr;
 }
 
-size_t bwd_workspace_bytes(const BwdParams& p) { return WsLayout<Bwd128>(p).total; }
+size_t bwd_workspace_bytes(const BwdParams& p) {
+  return p.K == Bwd64::K ? WsLayout<Bwd64>(p, false).total : WsLayout<Bwd128>(p, false).total;
+}
+
+size_t bwd_state_workspace_bytes(const BwdParams& p) {
+  return p.K == Bwd64::K ? WsLayout<Bwd64>(p, true).total : WsLayout<Bwd128>(p, true).total;
+}
+
+cudaError_t bwd_state(const BwdParams& p, void* workspace, cudaStream_t stream) {
+  if (bwd_unsupported(p)) return cudaErrorInvalidValue;
+  if (p.B == 0 || p.H == 0) return cudaSuccess;
+  auto* ws = static_cast<uint8_t*>(workspace);
+  return p.K == Bwd64::K ? bwd_state_k<Bwd64>(p, ws, stream) : bwd_state_k<Bwd128>(p, ws, stream);
+}
 
 cudaError_t bwd(const BwdParams& p, void* workspace, cudaStream_t stream) {
   if (bwd_unsupported(p)) return cudaErrorInvalidValue;
   if (p.B == 0 || p.H == 0) return cudaSuccess;
-  return bwd_k<Bwd128>(p, static_cast<uint8_t*>(workspace), stream);
+  auto* ws = static_cast<uint8_t*>(workspace);
+  return p.K == Bwd64::K ? bwd_k<Bwd64>(p, ws, stream) : bwd_k<Bwd128>(p, ws, stream);
 }
 
 }  // namespace kda

@@ -33,4 +33,9 @@ size_t bwd_workspace_bytes(const BwdParams& p);
 // Enqueues the backward on `stream`; no allocation, no synchronisation.
 cudaError_t bwd(const BwdParams& p, void* workspace, cudaStream_t stream);
 
+// The initial-state gradient alone (dinitial_state; dq .. ddt_bias are not touched): the sequence
+// split's first backward pass (docs/sequence_split.md). Supported where bwd is.
+size_t bwd_state_workspace_bytes(const BwdParams& p);
+cudaError_t bwd_state(const BwdParams& p, void* workspace, cudaStream_t stream);
+
 }  // namespace kda

@@ -9,7 +9,9 @@
 //   are per value column, so the lanes of a column combine two partial sums per token with
 //   one shuffle each, and nothing else crosses lanes: no barriers in the token loop. In the
 //   [K,V] layout a warp's load of one key row per column group is 64 or 128 contiguous bytes;
-//   in the [V,K] layout each lane reads its own contiguous run with 16-byte loads.
+//   in the [V,K] layout each lane reads its own contiguous run with 16-byte loads. (Measured on
+//   an H100, B256 H32: 32 rows per lane over four lanes, or over four warps with whole 128-byte
+//   lines, move the same bytes in the same time, at 56% of DRAM peak: benchmarks/NOTES.md.)
 // - per token, the warp first prepares the key-channel vectors (gate activation and floor, the
 //   l2norm, e^g, scale·q) into its own shared-memory slice, then every lane runs
 //       S_j ← e^g ⊙ S_j;   u_j = β (v_j − k·S_j);   S_j ← S_j + u_j k;   o_j = q̃·S_j
@@ -25,7 +27,6 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <cstdlib>
 
 #include "common/rules.h"
 #include "kda/chunks.cuh"
@@ -99,10 +100,12 @@ struct StateColumn {
   }
 };
 
-// KL key rows per lane; kSplit = K / KL lanes per value column.
-template <int K, int KL, bool kVFirst, bool kVec, typename Tin>
-__global__ void __launch_bounds__(kDecodeWarps * 32, KL >= 64 ? 3 : 5)
-    kda_decode_kernel(const DecodeParams p) {
+// kDecodeRows key rows per lane; kSplit = K / kDecodeRows lanes per value column.
+constexpr int kDecodeRows = 64;
+
+template <int K, bool kVFirst, bool kVec, typename Tin>
+__global__ void __launch_bounds__(kDecodeWarps * 32, 3) kda_decode_kernel(const DecodeParams p) {
+  constexpr int KL = kDecodeRows;
   constexpr int kSplit = K / KL;
   static_assert(K % KL == 0 && 32 % kSplit == 0, "whole columns per warp");
   constexpr int E = K / 32;                // key channels per lane in the token prep
@@ -252,45 +255,32 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, KL >= 64 ? 3 : 5)
   if (!p.per_token_slots && col) state_of(row_in).store(s);
 }
 
-// Key rows per lane: 64 by default (K = 64: one lane per column); JAX_FLASHKDA_DECODE_ROWS=32
-// spreads a K = 128 column over four lanes (fewer registers, more resident warps).
-int decode_rows(const DecodeParams& p) {
-  static const int asked = [] {
-    const char* env = std::getenv("JAX_FLASHKDA_DECODE_ROWS");
-    return env ? std::atoi(env) : 0;
-  }();
-  return (asked == 32 || asked == 64) && asked <= p.K ? asked : 64;
-}
-
 // Warps per (sequence, head): value columns over the columns one warp holds.
 int decode_slabs(const DecodeParams& p) {
-  const int cols = 32 / (p.K / decode_rows(p));
+  const int cols = 32 / (p.K / kDecodeRows);
   return (p.V + cols - 1) / cols;
 }
 
-template <int K, int KL, bool kVFirst, bool kVec, typename Tin>
+template <int K, bool kVFirst, bool kVec, typename Tin>
 cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
   const long long tasks = static_cast<long long>(p.N) * p.H * decode_slabs(p);
   const long long blocks = (tasks + kDecodeWarps - 1) / kDecodeWarps;
   if (blocks == 0) return cudaSuccess;
-  kda_decode_kernel<K, KL, kVFirst, kVec, Tin>
+  kda_decode_kernel<K, kVFirst, kVec, Tin>
       <<<static_cast<unsigned>(blocks), kDecodeWarps * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <int K, int KL, typename Tin>
+template <int K, typename Tin>
 cudaError_t launch_layout(const DecodeParams& p, cudaStream_t stream) {
-  if (!p.attrs.state_v_first) return launch<K, KL, false, false, Tin>(p, stream);
-  if (reinterpret_cast<uintptr_t>(p.state) % 16 == 0)
-    return launch<K, KL, true, true, Tin>(p, stream);
-  return launch<K, KL, true, false, Tin>(p, stream);
+  if (!p.attrs.state_v_first) return launch<K, false, false, Tin>(p, stream);
+  if (reinterpret_cast<uintptr_t>(p.state) % 16 == 0) return launch<K, true, true, Tin>(p, stream);
+  return launch<K, true, false, Tin>(p, stream);
 }
 
 template <typename Tin>
 cudaError_t launch_dims(const DecodeParams& p, cudaStream_t stream) {
-  if (p.K == 64) return launch_layout<64, 64, Tin>(p, stream);
-  return decode_rows(p) == 32 ? launch_layout<128, 32, Tin>(p, stream)
-                              : launch_layout<128, 64, Tin>(p, stream);
+  return p.K == 64 ? launch_layout<64, Tin>(p, stream) : launch_layout<128, Tin>(p, stream);
 }
 
 }  // namespace
