@@ -56,8 +56,11 @@ MIN_SEGMENT_TOKENS = 4096
 # D = 128; benchmarks/results/split_h100.md), the CUDA split forward took 0.55x the unsplit
 # time at B1 T65536 H8 (64 busy warps on 132 SMs), 0.39x at T131072 H4 (32) and 0.79x at
 # T32768 H16 (128, 4096-token segments), all with a combine kernel slower than today's; a split
-# backward (two passes of the backward) paid only at H4: 11.46 against 15.45 ms forward and
-# backward, and lost at H8 and above, where the parallel gradient kernel dominates.
+# backward paid only at H4 (run 5, its first pass the state-gradient chains alone: 8.32 against
+# 15.77 ms forward and backward) and lost at H8 and above (7.82 against 7.61 at H8), where the
+# parallel gradient kernel dominates. A plan that splits the backward rounds its segment length
+# up to a power of two: at T131072 H4, 8192-token segments gave 7.80 ms, 4096 8.09 and the
+# unrounded 5296 8.32 (fewer segments, none of them a ragged remainder).
 FORWARD_MAX_BUSY_WARPS_PER_SM = 1.0
 BACKWARD_MAX_BUSY_WARPS_PER_SM = 0.25
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -134,6 +137,8 @@ def plan_split(*, batch: int, tokens: int, heads: int, value_dim: int, num_seque
         if busy > FORWARD_MAX_BUSY_WARPS_PER_SM or longest < 2 * length:
             return None
         backward = busy <= BACKWARD_MAX_BUSY_WARPS_PER_SM
+        if backward:  # at most doubled: such a plan's longest sequence is 24 or more lengths
+            length = 1 << (length - 1).bit_length()
     if longest <= length:
         return None
     return SplitPlan(segment_tokens=length, num_segments=num_sequences + total // length,
