@@ -108,7 +108,8 @@ def main(path):
         return scaling(rows, path)
     gpu, date = rows[0]["gpu"], rows[0]["date"]
     parts = [f"# KDA benchmarks: {gpu}, {date}", "",
-             "Side by side in one process on one GPU; bf16, D=128, fused mode (l2norm, safe "
+             "Side by side in one process on one GPU; bf16, D=128 (D=64 where the case name "
+             "ends in _D64), fused mode (l2norm, safe "
              "gate lower_bound=-5, beta sigmoid), fp32 state in and out. "
              "`floor` is the bytes that must move over the measured copy bandwidth.", ""]
     runs = {}
