@@ -205,6 +205,12 @@ cudaError_t bwd_k(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
                   : bwd_t<Tr, __nv_bfloat16, false>(p, ws, stream);
 }
 
+// f(Tr{}) with the instantiated traits of the call's head dims (checked by bwd_unsupported).
+template <typename F>
+auto with_traits(const BwdParams& p, F&& f) {
+  return p.K == Bwd64::K ? f(Bwd64{}) : f(Bwd128{});
+}
+
 }  // namespace
 
 const char* bwd_unsupported(const BwdParams& p) {
@@ -219,25 +225,25 @@ const char* bwd_unsupported(const BwdParams& p) {
 }
 
 size_t bwd_workspace_bytes(const BwdParams& p) {
-  return p.K == Bwd64::K ? WsLayout<Bwd64>(p, false).total : WsLayout<Bwd128>(p, false).total;
+  return with_traits(p, [&](auto tr) { return WsLayout<decltype(tr)>(p, false).total; });
 }
 
 size_t bwd_state_workspace_bytes(const BwdParams& p) {
-  return p.K == Bwd64::K ? WsLayout<Bwd64>(p, true).total : WsLayout<Bwd128>(p, true).total;
+  return with_traits(p, [&](auto tr) { return WsLayout<decltype(tr)>(p, true).total; });
 }
 
 cudaError_t bwd_state(const BwdParams& p, void* workspace, cudaStream_t stream) {
   if (bwd_unsupported(p)) return cudaErrorInvalidValue;
   if (p.B == 0 || p.H == 0) return cudaSuccess;
   auto* ws = static_cast<uint8_t*>(workspace);
-  return p.K == Bwd64::K ? bwd_state_k<Bwd64>(p, ws, stream) : bwd_state_k<Bwd128>(p, ws, stream);
+  return with_traits(p, [&](auto tr) { return bwd_state_k<decltype(tr)>(p, ws, stream); });
 }
 
 cudaError_t bwd(const BwdParams& p, void* workspace, cudaStream_t stream) {
   if (bwd_unsupported(p)) return cudaErrorInvalidValue;
   if (p.B == 0 || p.H == 0) return cudaSuccess;
   auto* ws = static_cast<uint8_t*>(workspace);
-  return p.K == Bwd64::K ? bwd_k<Bwd64>(p, ws, stream) : bwd_k<Bwd128>(p, ws, stream);
+  return with_traits(p, [&](auto tr) { return bwd_k<decltype(tr)>(p, ws, stream); });
 }
 
 }  // namespace kda
