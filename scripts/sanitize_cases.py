@@ -7,6 +7,7 @@
                                                         # dots, which split.py's backward has)
 """
 
+import contextlib
 import os
 import sys
 
@@ -23,31 +24,38 @@ import test_cuda_fwd  # noqa: E402
 rng = np.random.default_rng(0)
 
 
+@contextlib.contextmanager
+def environment(**overrides):
+    """The kernels' environment overrides set for the block, removed after it."""
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for name in overrides:
+            os.environ.pop(name)
+
+
 def split_cases():
-    os.environ["JAX_FLASHKDA_SEGMENT_TOKENS"] = "24"
-    for split_backward, v_first in (("0", True), ("1", False)):
-        os.environ["JAX_FLASHKDA_SPLIT_BACKWARD"] = split_backward
-        x, dtypes, static, do, dht = test_cuda_bwd.make_case(rng, H=2, gate_mode=2,
-                                                             seqlens=[0, 50, 7], v_first=v_first)
-        test_cuda_bwd.cuda_grads(x, dtypes, static, do, dht)
-    os.environ.pop("JAX_FLASHKDA_SEGMENT_TOKENS")
-    os.environ.pop("JAX_FLASHKDA_SPLIT_BACKWARD")
+    with environment(JAX_FLASHKDA_SEGMENT_TOKENS="24"):
+        for split_backward, v_first in (("0", True), ("1", False)):
+            with environment(JAX_FLASHKDA_SPLIT_BACKWARD=split_backward):
+                x, dtypes, static, do, dht = test_cuda_bwd.make_case(
+                    rng, H=2, gate_mode=2, seqlens=[0, 50, 7], v_first=v_first)
+                test_cuda_bwd.cuda_grads(x, dtypes, static, do, dht)
 
 
 def split_forward_cases():
     """The CUDA split forward (jax_flashkda_fwd_split: segments, transitions, combine, outputs,
     finals) through kda, forward only."""
-    os.environ["JAX_FLASHKDA_SEGMENT_TOKENS"] = "24"
-    os.environ["JAX_FLASHKDA_SPLIT_BACKWARD"] = "0"
-    for v_first, seqlens in ((True, [0, 50, 7]), (False, None)):
-        x, dtypes, static, _, _ = test_cuda_bwd.make_case(rng, B=2, T=90, H=2, gate_mode=2,
-                                                          seqlens=seqlens, v_first=v_first)
-        a = {n: jnp.asarray(v, dtypes[n]) for n, v in x.items()}
-        jax.block_until_ready(kda(a["q"], a["k"], a["v"], a["g"], a["beta"],
-                                  initial_state=a["h0"], output_final_state=True, impl="cuda",
-                                  A_log=a["A_log"], dt_bias=a["dt_bias"], **static))
-    os.environ.pop("JAX_FLASHKDA_SEGMENT_TOKENS")
-    os.environ.pop("JAX_FLASHKDA_SPLIT_BACKWARD")
+    with environment(JAX_FLASHKDA_SEGMENT_TOKENS="24", JAX_FLASHKDA_SPLIT_BACKWARD="0"):
+        for v_first, seqlens in ((True, [0, 50, 7]), (False, None)):
+            x, dtypes, static, _, _ = test_cuda_bwd.make_case(rng, B=2, T=90, H=2, gate_mode=2,
+                                                              seqlens=seqlens, v_first=v_first)
+            a = {n: jnp.asarray(v, dtypes[n]) for n, v in x.items()}
+            jax.block_until_ready(kda(a["q"], a["k"], a["v"], a["g"], a["beta"],
+                                      initial_state=a["h0"], output_final_state=True,
+                                      impl="cuda", A_log=a["A_log"], dt_bias=a["dt_bias"],
+                                      **static))
 
 
 # The K = V = 64 backward: every chain launch configuration once, varlen with empty sequences.
@@ -59,28 +67,21 @@ HEAD64_CASES = [("4x12x1", dict(gate_mode=2, T=37)),
 
 def head64_cases():
     for chains, kw in HEAD64_CASES:
-        os.environ["JAX_FLASHKDA_BWD_CHAINS"] = chains
-        x, dtypes, static, do, dht = test_cuda_bwd.make_case(rng, H=2, head_dim=64, **kw)
-        test_cuda_bwd.cuda_grads(x, dtypes, static, do, dht)
-    os.environ.pop("JAX_FLASHKDA_BWD_CHAINS")
+        with environment(JAX_FLASHKDA_BWD_CHAINS=chains):
+            x, dtypes, static, do, dht = test_cuda_bwd.make_case(rng, H=2, head_dim=64, **kw)
+            test_cuda_bwd.cuda_grads(x, dtypes, static, do, dht)
 
 
-if sys.argv[1:] == ["split"]:
-    split_cases()
-    sys.exit(0)
-if sys.argv[1:] == ["head64"]:
-    head64_cases()
-    sys.exit(0)
-if sys.argv[1:] == ["split_forward"]:
-    split_forward_cases()
+MODES = {"split": split_cases, "head64": head64_cases, "split_forward": split_forward_cases}
+if len(sys.argv) == 2 and sys.argv[1] in MODES:
+    MODES[sys.argv[1]]()
     sys.exit(0)
 for warps, kw in [("1", dict(gate_mode=2)), ("4", dict(gate_mode=0, extreme=True)),
                   ("2", dict(gate_mode=1, seqlens=[0, 19, 33], tail=5)),
                   ("8", dict(gate_mode=2, K=64, V=128)), ("1", dict(gate_mode=2, T=1))]:
-    os.environ["JAX_FLASHKDA_FWD_WARPS"] = warps
-    arrays, attrs = test_cuda_fwd.make_case(rng, H=2, **kw)
-    jax.block_until_ready(test_cuda_fwd.cuda_fwd(*arrays, **attrs))
-os.environ.pop("JAX_FLASHKDA_FWD_WARPS")
+    with environment(JAX_FLASHKDA_FWD_WARPS=warps):
+        arrays, attrs = test_cuda_fwd.make_case(rng, H=2, **kw)
+        jax.block_until_ready(test_cuda_fwd.cuda_fwd(*arrays, **attrs))
 
 for kw in [dict(gate_mode=2, T=37), dict(gate_mode=0, extreme=True, T=40),
            dict(gate_mode=1, seqlens=[0, 19, 33, 0], v_first=True),

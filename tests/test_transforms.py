@@ -12,11 +12,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jax_flashkda import _ffi
-
 from inputs import make_inputs, rel_err
-from jax_flashkda import kda
-from jax_flashkda import ops
+from jax_flashkda import _ffi, kda, ops
 
 on_cpu = jax.default_backend() == "cpu"
 if os.environ.get("CI") and on_cpu:
