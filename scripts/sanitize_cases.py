@@ -5,6 +5,7 @@
     ... python scripts/sanitize_cases.py head64    # the K = V = 64 backward's cases alone
     ... python scripts/sanitize_cases.py split_forward  # the CUDA split forward alone (no XLA
                                                         # dots, which split.py's backward has)
+    ... python scripts/sanitize_cases.py decode    # the decode kernel alone
 """
 
 import contextlib
@@ -72,7 +73,28 @@ def head64_cases():
             test_cuda_bwd.cuda_grads(x, dtypes, static, do, dht)
 
 
-MODES = {"split": split_cases, "head64": head64_cases, "split_forward": split_forward_cases}
+def decode_cases():
+    """The decode kernel (docs/decode.md): plain, both layouts, a pool with padding and
+    out-of-range slots, a slot per token with accepted counts, packed sequences, V not a
+    multiple of 4 (the float-at-a-time state accesses of [K,V])."""
+    import test_cuda_decode
+
+    for v_first in (False, True):
+        arrays, attrs = test_cuda_fwd.make_case(rng, B=3, T=3, H=2, v_first=v_first)
+        test_cuda_decode._decode(arrays, attrs, arrays[7])
+        pool = rng.standard_normal((5,) + arrays[7].shape[1:])
+        test_cuda_decode._decode(arrays, attrs, pool, np.array([4, -3, 99]))
+    arrays, attrs = test_cuda_fwd.make_case(rng, H=2, K=64, V=64, seqlens=[2, 0, 3], tail=2)
+    pool = rng.standard_normal((6,) + arrays[7].shape[1:])
+    test_cuda_decode._decode(arrays, attrs, pool, np.array([[0, 1, 7], [2, 3, -1], [4, 5, 1]]),
+                             np.array([2, 5, -4]))
+    for v_first in (False, True):
+        arrays, attrs = test_cuda_fwd.make_case(rng, B=2, T=2, H=2, V=42, v_first=v_first)
+        test_cuda_decode._decode(arrays, attrs, arrays[7])
+
+
+MODES = {"split": split_cases, "head64": head64_cases, "split_forward": split_forward_cases,
+         "decode": decode_cases}
 if len(sys.argv) == 2 and sys.argv[1] in MODES:
     MODES[sys.argv[1]]()
     sys.exit(0)
@@ -108,19 +130,7 @@ for value in (np.nan, np.inf, -np.inf, -1e7):
     test_cuda_bwd.cuda_grads(x, dtypes, static, do, dht)
 for offset in (1, 2):
     test_robust_cuda.test_unaligned_operands(rng, offset)
-# The decode kernel (docs/decode.md): plain, both layouts, a pool with padding and
-# out-of-range slots, a slot per token with accepted counts, packed sequences.
-import test_cuda_decode  # noqa: E402
-
-for v_first in (False, True):
-    arrays, attrs = test_cuda_fwd.make_case(rng, B=3, T=3, H=2, v_first=v_first)
-    test_cuda_decode._decode(arrays, attrs, arrays[7])
-    pool = rng.standard_normal((5,) + arrays[7].shape[1:])
-    test_cuda_decode._decode(arrays, attrs, pool, np.array([4, -3, 99]))
-arrays, attrs = test_cuda_fwd.make_case(rng, H=2, K=64, V=64, seqlens=[2, 0, 3], tail=2)
-pool = rng.standard_normal((6,) + arrays[7].shape[1:])
-test_cuda_decode._decode(arrays, attrs, pool, np.array([[0, 1, 7], [2, 3, -1], [4, 5, 1]]),
-                         np.array([2, 5, -4]))
+decode_cases()
 print("sanitize cases done")
 
 # The sequence split (docs/sequence_split.md), empty segments included: the CUDA split forward

@@ -109,11 +109,13 @@ def test_pool_slot_per_token(rng, with_accepted):
 
 
 @pytest.mark.parametrize("v_first", [False, True])
-def test_value_columns_partly_outside_the_state(rng, v_first):
+@pytest.mark.parametrize("V", [80, 42])
+def test_value_columns_partly_outside_the_state(rng, v_first, V):
     """V = 80: the last warp's 16 columns lie partly outside the state (its lanes there load
-    zeros and store nothing), over varlen sequences of 0 to 16 tokens (an empty one among
+    zeros and store nothing); V = 42 (not a multiple of 4) also takes the [K,V] layout's
+    float-at-a-time accesses. Over varlen sequences of 0 to 16 tokens (an empty one among
     them)."""
-    arrays, attrs = test_cuda_fwd.make_case(rng, H=3, K=128, V=80, seqlens=[2, 0, 16, 1],
+    arrays, attrs = test_cuda_fwd.make_case(rng, H=3, K=128, V=V, seqlens=[2, 0, 16, 1],
                                             v_first=v_first)
     o, st = _decode(arrays, attrs, arrays[7])
     ref_o, ref_s = test_cuda_fwd.reference(*_numpy(arrays), **attrs)
