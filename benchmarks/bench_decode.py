@@ -8,7 +8,9 @@ GPU, the same inputs for everyone; rows {"case", "impl", "mode": "decode", "ms",
 Fused mode (l2norm + safe gate lower_bound=-5 + beta sigmoid), bf16 q/k/v, D = 128, fp32 state
 read and written once per step: ours with the state donated (updated in place), fla's public
 call writing a new final state and its in-place serving call (`inplace_final_state`), the
-faster of the two reported. Wall-clock per call with calls queued back to back.
+faster of the two reported. `ms`: wall-clock per call with calls queued back to back;
+`device_ms`: the kernels' own time per call, every kernel of the process summed over 20 calls
+as CUPTI records them (through torch.profiler, which sees JAX's launches too).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import datetime
 import json
 import os
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +105,27 @@ def fla_steps(x):
     return (public, in_place), torch.cuda.synchronize
 
 
+def device_ms(fn, sync, calls=20):
+    """Device time per call: the durations of every kernel the process ran during `calls` calls
+    (CUPTI's activity records, through torch.profiler), or None without torch or kernels."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        return None
+    sync(fn())
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls - 1):
+            fn()
+        sync(fn())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    us = sum(e["dur"] for e in events if e.get("cat") == "kernel")
+    return us / calls / 1e3 if us else None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -120,18 +144,28 @@ def main():
             for B in a.batches:
                 case = f"decode_B{B}_H{H}" + (f"_T{T}" if T > 1 else "")
                 x = make_step(B, T, H)
+                step = ours(x, chunk=False)
                 times = {"floor": floor_ms(B, T, H, bandwidth),
-                         "jax_flashkda": bench(ours(x, chunk=False), jax_sync),
+                         "jax_flashkda": bench(step, jax_sync),
                          "jax_flashkda_chunk": bench(ours(x, chunk=True), jax_sync)}
+                device = {"jax_flashkda": device_ms(step, jax_sync)}
                 fla, sync = fla_steps(x) if T == 1 else (None, "decode steps only")
                 if fla is None:
                     print(f"  fla skipped: {sync}")
                 else:
                     times["fla_fused_recurrent"] = min(bench(f, sync) for f in fla)
+                    device["fla_fused_recurrent"] = min(
+                        (d for d in (device_ms(f, sync) for f in fla) if d is not None),
+                        default=None)
                 for impl, ms in times.items():
-                    rows.append(dict(case=case, impl=impl, mode="decode", ms=round(ms, 5),
-                                     gpu=gpu, date=date))
+                    row = dict(case=case, impl=impl, mode="decode", ms=round(ms, 5), gpu=gpu,
+                               date=date)
+                    if device.get(impl) is not None:
+                        row["device_ms"] = round(device[impl], 5)
+                    rows.append(row)
                 line = "  ".join(f"{k} {1e3 * v:8.1f} us" for k, v in times.items())
+                line += "  device: " + "  ".join(
+                    f"{k} {1e3 * v:.1f} us" for k, v in device.items() if v is not None)
                 print(f"{case:24s} {line}")
                 del x
     with open(a.out, "w") as f:

@@ -39,6 +39,29 @@ def table(rows, mode):
         if "floor" in impls:
             cells.append(f"{ours / ms[(case, 'floor')]:.2f}×" if ours else "—")
         lines.append("| " + " | ".join(cells) + " |")
+    device = {(r["case"], r["impl"]): r["device_ms"] for r in rows
+              if r["mode"] == mode and "device_ms" in r}
+    if device:
+        lines += ["", "Device time per call (the kernels alone, from a profiler):", "",
+                  device_table(cases, [i for i in impls if any(k[1] == i for k in device)],
+                               device, {c: ms[(c, "floor")] for c in cases if (c, "floor") in ms})]
+    return "\n".join(lines)
+
+
+def device_table(cases, impls, device, floor):
+    peers = [i for i in impls if i != OURS]
+    head = ["case"] + [f"{i} device ms" for i in impls] + [f"{p} / ours" for p in peers]
+    head += ["ours / floor"] if floor else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for case in cases:
+        ours = device.get((case, OURS))
+        cells = [case] + [f"{device[(case, i)]:.4f}" if (case, i) in device else "—"
+                          for i in impls]
+        cells += [f"{device[(case, p)] / ours:.2f}×" if ours and (case, p) in device else "—"
+                  for p in peers]
+        if floor:
+            cells.append(f"{ours / floor[case]:.2f}×" if ours and case in floor else "—")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
