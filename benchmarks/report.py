@@ -18,7 +18,9 @@ ORDER = ["floor", "jax_flashkda", "flashkda", "fla", "jla", "jax_chunked", "jax_
          "fla_fused_recurrent", "jax_flashkda_unsplit", "jax_flashkda_forced_split_4096",
          "jax_flashkda_forced_split_8192",
          # decode_h100 run 2: the decode kernel's tilings measured and removed
-         "jax_flashkda[lanes32]", "jax_flashkda[warps32]"]
+         "jax_flashkda[lanes32]", "jax_flashkda[warps32]",
+         # decode_h100 run 3: the 16-byte tiling's variants
+         "jax_flashkda[r16]", "jax_flashkda[r8cs]"]
 
 
 def table(rows, mode):

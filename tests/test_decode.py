@@ -21,6 +21,15 @@ from jax_flashkda.ops import _cpu_target_ready
 
 H, K, V = 2, 16, 16
 TOL = 2e-5
+
+
+@pytest.fixture(autouse=True)
+def on_the_cpu():
+    """This file checks the pure paths and the C++ target in float32 at K = V = 16, which the
+    CUDA kernels do not take: on a GPU machine too its calls run on the CPU (the CUDA decode
+    has tests/test_cuda_decode.py)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
 ARRAYS = ("initial_state", "A_log", "dt_bias", "cu_seqlens")
 
 
