@@ -133,8 +133,6 @@ def main():
     ap.add_argument("--heads", type=int, nargs="+", default=list(HEADS))
     ap.add_argument("--tokens", type=int, nargs="+", default=[1],
                     help="tokens per sequence (decode rows are T = 1; more: the crossover)")
-    ap.add_argument("--tiles", nargs="*", default=[], choices=["r16", "r8cs"],
-                    help="MEASURING: also time the decode with each JAX_FLASHKDA_DECODE_TILE")
     a = ap.parse_args()
     gpu = jax.devices()[0].device_kind
     date = datetime.date.today().isoformat()
@@ -151,12 +149,6 @@ def main():
                          "jax_flashkda": bench(step, jax_sync),
                          "jax_flashkda_chunk": bench(ours(x, chunk=True), jax_sync)}
                 device = {"jax_flashkda": device_ms(step, jax_sync)}
-                for tile in a.tiles:  # a fresh executable: the tile is read at its first launch
-                    os.environ["JAX_FLASHKDA_DECODE_TILE"] = tile
-                    tiled = ours(x, chunk=False)
-                    times[f"jax_flashkda[{tile}]"] = bench(tiled, jax_sync)
-                    device[f"jax_flashkda[{tile}]"] = device_ms(tiled, jax_sync)
-                    del os.environ["JAX_FLASHKDA_DECODE_TILE"]
                 fla, sync = fla_steps(x) if T == 1 else (None, "decode steps only")
                 if fla is None:
                     print(f"  fla skipped: {sync}")

@@ -454,6 +454,15 @@ def _on_cuda(v):
     return "cuda"
 
 
+def _default_platform() -> str:
+    """The platform a call with uncommitted inputs runs on: the default device's where
+    `jax.default_device` names one (a CPU computation in a GPU process), else the backend's."""
+    device = jax.config.jax_default_device
+    if device is None:
+        return jax.default_backend()
+    return device if isinstance(device, str) else device.platform
+
+
 def _choose_impl(impl, q, v, cu_seqlens):
     if impl == "cuda":
         reason = _cuda_reason(q, v, cu_seqlens)
@@ -461,7 +470,7 @@ def _choose_impl(impl, q, v, cu_seqlens):
             raise ValueError(f"kda: impl='cuda' cannot run this call: {reason}")
         return _on_cuda(v)
     if impl == "ffi":
-        if jax.default_backend() == "cpu":
+        if _default_platform() == "cpu":
             if not _cpu_target_ready():
                 raise ValueError(
                     f"kda: impl='ffi' on CPU needs the C++ target: {_ffi.load_error('cpu')}")
@@ -475,7 +484,7 @@ def _choose_impl(impl, q, v, cu_seqlens):
             return _on_cuda(v)
         # On CPU the C++ target: 238 ms against 646-675 ms for the chunked path at
         # forward+backward B1 T4096 H4 D128 on a 2-core machine (benchmarks/results/cpu.md).
-        if jax.default_backend() == "cpu" and q.dtype != jnp.float64 and _cpu_target_ready():
+        if _default_platform() == "cpu" and q.dtype != jnp.float64 and _cpu_target_ready():
             return "cpu"
         return "chunked"
     return impl

@@ -9,9 +9,10 @@
 //   instruction covers whole 64- or 128-byte runs in either layout. The delta rule's
 //   correction Sᵀk and the output Sᵀq are per value column, so the 8 row groups combine their
 //   partial sums with three shuffles per column, and nothing else crosses lanes: no barriers
-//   in the token loop. (Measured on an H100, B256 H32: the previous tiling, a column's 64 key
-//   rows per lane with 4-byte [K,V] accesses, and two variants of it ran the floor's bytes at
-//   56% of DRAM peak: benchmarks/NOTES.md.)
+//   in the token loop. (Measured on an H100, B256 H32, device time: 566 µs for the previous
+//   tiling, a column's 64 key rows per lane with 4-byte [K,V] accesses and the token's loads
+//   one channel after another; 510 µs for this one; 592 µs for 16 row groups of 32 floats a
+//   lane, which fit 5 CTAs per SM instead of 4: benchmarks/results/decode_h100.md run 3.)
 // - per token, the warp first prepares the key-channel vectors (gate activation and floor, the
 //   l2norm, e^g, scale·q) into its own shared-memory slice, then every lane runs
 //       S_j ← e^g ⊙ S_j;   u_j = β (v_j − k·S_j);   S_j ← S_j + u_j k;   o_j = q̃·S_j
@@ -27,8 +28,6 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 
 #include "common/rules.h"
 #include "kda/chunks.cuh"
@@ -67,38 +66,21 @@ __device__ __forceinline__ Extent extent(const DecodeParams& p, int n) {
 // instruction; in [V,K] it covers 4 consecutive rows of a column, and the 8 row groups read a
 // column's 128 contiguous bytes. kVec: 16-byte accesses ([K,V] needs V % 4 == 0 for them; the
 // state's base is 16-byte aligned, and then so is every access); otherwise one float at a
-// time. Columns at or past V read as 0 and are not written.
-// MEASURING (JAX_FLASHKDA_DECODE_TILE, removed after the A/B): RG row groups; kStream: the
-// state's accesses with the evict-first hint.
-template <int RG, int kMinBlocks_, bool kStream_>
-struct Tiling {
-  static constexpr int kRowGroups = RG, kColLanes = 32 / RG, kCols = 4 * kColLanes;
-  static constexpr int kMinBlocks = kMinBlocks_;
-  static constexpr bool kStream = kStream_;
-};
-
-template <bool kStream>
-__device__ __forceinline__ float4 load4(const float* p) {
-  if constexpr (kStream) return __ldcs(reinterpret_cast<const float4*>(p));
-  return *reinterpret_cast<const float4*>(p);
-}
-template <bool kStream>
-__device__ __forceinline__ void store4(float* p, float4 x) {
-  if constexpr (kStream) __stcs(reinterpret_cast<float4*>(p), x);
-  else *reinterpret_cast<float4*>(p) = x;
-}
-
-template <int K, typename Tl, bool kVFirst, bool kVec>
+// time. Columns at or past V read as 0 and are not written. The state is touched once per
+// step, so its 16-byte accesses carry the evict-first hint (ld/st.global.cs), which leaves L2
+// to the lines still to be read: on an H100 at B256 H32, 510 -> 458-468 µs of device time
+// (benchmarks/results/decode_h100.md run 3). The float-at-a-time path goes without: there the
+// hint made ptxas spill.
+template <int K, bool kVFirst, bool kVec>
 struct StateTile {
-  static constexpr int RG = Tl::kRowGroups;
-  static constexpr int M = K / (4 * RG);
+  static constexpr int M = K / 32;
   float* base;  // the (row, head) state
   int V, rg, c0;
 
-  // Offset within the head's K·V floats (fewer than 2^31: decode_unsupported checks): 32-bit, so that
-  // the 16 offsets live from the load to the store cost one register each.
+  // Offset within the head's K·V floats (fewer than 2^31: decode_unsupported checks): 32-bit,
+  // so that the offsets, live from the load to the store, cost one register each.
   __device__ int at(int m, int e, int j) const {
-    const int r = 4 * (rg + RG * m) + e, c = c0 + j;
+    const int r = 32 * m + 4 * rg + e, c = c0 + j;
     return kVFirst ? c * K + r : r * V + c;
   }
   __device__ bool has(int j) const { return c0 + j < V; }
@@ -109,14 +91,14 @@ struct StateTile {
       if constexpr (kVec && kVFirst) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const float4 x = has(j) ? load4<Tl::kStream>(base + at(m, 0, j))
+          const float4 x = has(j) ? __ldcs(reinterpret_cast<const float4*>(base + at(m, 0, j)))
                                   : make_float4(0.f, 0.f, 0.f, 0.f);
           s[m][0][j] = x.x, s[m][1][j] = x.y, s[m][2][j] = x.z, s[m][3][j] = x.w;
         }
       } else if constexpr (kVec) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const float4 x = has(0) ? load4<Tl::kStream>(base + at(m, e, 0))
+          const float4 x = has(0) ? __ldcs(reinterpret_cast<const float4*>(base + at(m, e, 0)))
                                   : make_float4(0.f, 0.f, 0.f, 0.f);
           s[m][e][0] = x.x, s[m][e][1] = x.y, s[m][e][2] = x.z, s[m][e][3] = x.w;
         }
@@ -136,14 +118,14 @@ struct StateTile {
 #pragma unroll
         for (int j = 0; j < 4; ++j)
           if (has(j))
-            store4<Tl::kStream>(base + at(m, 0, j),
-                                make_float4(s[m][0][j], s[m][1][j], s[m][2][j], s[m][3][j]));
+            __stcs(reinterpret_cast<float4*>(base + at(m, 0, j)),
+                   make_float4(s[m][0][j], s[m][1][j], s[m][2][j], s[m][3][j]));
       } else if constexpr (kVec) {
 #pragma unroll
         for (int e = 0; e < 4; ++e)
           if (has(0))
-            store4<Tl::kStream>(base + at(m, e, 0),
-                                make_float4(s[m][e][0], s[m][e][1], s[m][e][2], s[m][e][3]));
+            __stcs(reinterpret_cast<float4*>(base + at(m, e, 0)),
+                   make_float4(s[m][e][0], s[m][e][1], s[m][e][2], s[m][e][3]));
       } else {
 #pragma unroll
         for (int e = 0; e < 4; ++e)
@@ -155,20 +137,19 @@ struct StateTile {
   }
 };
 
-// The sum over the row groups of a warp (lanes that differ in the bits above the column lanes).
-template <int kColLanes>
+// Value columns per warp: 4 lanes of 4 columns; the 8 row groups (lane / 4) split the keys.
+constexpr int kDecodeCols = 16;
+
+// The sum over the 8 row groups of a warp (lanes that differ in bits 2..4).
 __device__ __forceinline__ float row_group_sum(float x) {
 #pragma unroll
-  for (int offset = kColLanes; offset < 32; offset *= 2)
-    x += __shfl_xor_sync(0xffffffffu, x, offset);
+  for (int offset = 4; offset < 32; offset *= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
   return x;
 }
 
-template <int K, typename Tl, bool kVFirst, bool kVec, typename Tin>
-__global__ void __launch_bounds__(kDecodeWarps * 32, Tl::kMinBlocks)
-    kda_decode_kernel(const DecodeParams p) {
-  using Tile = StateTile<K, Tl, kVFirst, kVec>;
-  constexpr int kDecodeCols = Tl::kCols, RG = Tl::kRowGroups;
+template <int K, bool kVFirst, bool kVec, typename Tin>
+__global__ void __launch_bounds__(kDecodeWarps * 32, 4) kda_decode_kernel(const DecodeParams p) {
+  using Tile = StateTile<K, kVFirst, kVec>;
   constexpr int M = Tile::M;
   // Per warp, per token: e^g, k and scale·q over the key channels (read back as float4: a row
   // group's 4 consecutive rows 32m + 4·rg + e; the 8 row groups' reads are 128 contiguous
@@ -182,8 +163,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, Tl::kMinBlocks)
   const int slab = static_cast<int>(task % slabs);
   const long long nh = task / slabs;
   const int h = static_cast<int>(nh % p.H), n = static_cast<int>(nh / p.H);
-  const int rg = lane / Tl::kColLanes;  // row group
-  const int c0 = slab * kDecodeCols + 4 * (lane % Tl::kColLanes);  // first of this lane's 4 columns
+  const int rg = lane >> 2;                           // row group
+  const int c0 = slab * kDecodeCols + 4 * (lane & 3);  // first of this lane's 4 columns
   const bool writer = rg == 0;                         // the lanes that write o
 
   const Tin* q = static_cast<const Tin*>(p.q);
@@ -298,7 +279,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, Tl::kMinBlocks)
     float ks[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      const float4 d4 = decay4[RG * m + rg], k4 = key4[RG * m + rg];
+      const float4 d4 = decay4[8 * m + rg], k4 = key4[8 * m + rg];
       const float d[4] = {d4.x, d4.y, d4.z, d4.w}, kx[4] = {k4.x, k4.y, k4.z, k4.w};
 #pragma unroll
       for (int e = 0; e < 4; ++e)
@@ -310,10 +291,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, Tl::kMinBlocks)
     }
     float u[4], out[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int j = 0; j < 4; ++j) u[j] = beta * (vj[j] - row_group_sum<Tl::kColLanes>(ks[j]));
+    for (int j = 0; j < 4; ++j) u[j] = beta * (vj[j] - row_group_sum(ks[j]));
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      const float4 k4 = key4[RG * m + rg], q4 = query4[RG * m + rg];
+      const float4 k4 = key4[8 * m + rg], q4 = query4[8 * m + rg];
       const float kx[4] = {k4.x, k4.y, k4.z, k4.w}, qx[4] = {q4.x, q4.y, q4.z, q4.w};
 #pragma unroll
       for (int e = 0; e < 4; ++e)
@@ -324,7 +305,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, Tl::kMinBlocks)
         }
     }
 #pragma unroll
-    for (int j = 0; j < 4; ++j) out[j] = row_group_sum<Tl::kColLanes>(out[j]);
+    for (int j = 0; j < 4; ++j) out[j] = row_group_sum(out[j]);
     if (writer) write_o(row, out);
     if (p.per_token_slots && t < p.index_cols) {
       const int row_out = p.state_indices[static_cast<size_t>(n) * p.index_cols + t];
@@ -336,43 +317,32 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, Tl::kMinBlocks)
 }
 
 // Warps per (sequence, head): value columns over the columns one warp holds.
-int decode_slabs(const DecodeParams& p, int cols) { return (p.V + cols - 1) / cols; }
+int decode_slabs(const DecodeParams& p) { return (p.V + kDecodeCols - 1) / kDecodeCols; }
 
-template <int K, typename Tl, bool kVFirst, bool kVec, typename Tin>
+template <int K, bool kVFirst, bool kVec, typename Tin>
 cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
-  const long long tasks = static_cast<long long>(p.N) * p.H * decode_slabs(p, Tl::kCols);
+  const long long tasks = static_cast<long long>(p.N) * p.H * decode_slabs(p);
   const long long blocks = (tasks + kDecodeWarps - 1) / kDecodeWarps;
   if (blocks == 0) return cudaSuccess;
-  kda_decode_kernel<K, Tl, kVFirst, kVec, Tin>
+  kda_decode_kernel<K, kVFirst, kVec, Tin>
       <<<static_cast<unsigned>(blocks), kDecodeWarps * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
 // 16-byte state accesses where every one is aligned: a 16-byte aligned state and, in [K,V], a
 // row pitch V that keeps them so.
-template <int K, typename Tl, typename Tin>
+template <int K, typename Tin>
 cudaError_t launch_layout(const DecodeParams& p, cudaStream_t stream) {
   const bool aligned = reinterpret_cast<uintptr_t>(p.state) % 16 == 0;
   if (p.attrs.state_v_first)
-    return aligned ? launch<K, Tl, true, true, Tin>(p, stream)
-                   : launch<K, Tl, true, false, Tin>(p, stream);
-  return aligned && p.V % 4 == 0 ? launch<K, Tl, false, true, Tin>(p, stream)
-                                 : launch<K, Tl, false, false, Tin>(p, stream);
-}
-
-template <typename Tl, typename Tin>
-cudaError_t launch_dims(const DecodeParams& p, cudaStream_t stream) {
-  return p.K == 64 ? launch_layout<64, Tl, Tin>(p, stream)
-                   : launch_layout<128, Tl, Tin>(p, stream);
+    return aligned ? launch<K, true, true, Tin>(p, stream) : launch<K, true, false, Tin>(p, stream);
+  return aligned && p.V % 4 == 0 ? launch<K, false, true, Tin>(p, stream)
+                                 : launch<K, false, false, Tin>(p, stream);
 }
 
 template <typename Tin>
-cudaError_t launch_tiling(const DecodeParams& p, cudaStream_t stream) {
-  const char* env = std::getenv("JAX_FLASHKDA_DECODE_TILE");
-  const std::string tile = env ? env : "";
-  if (tile == "r16") return launch_dims<Tiling<16, 5, false>, Tin>(p, stream);
-  if (tile == "r8cs") return launch_dims<Tiling<8, 4, true>, Tin>(p, stream);
-  return launch_dims<Tiling<8, 4, false>, Tin>(p, stream);
+cudaError_t launch_dims(const DecodeParams& p, cudaStream_t stream) {
+  return p.K == 64 ? launch_layout<64, Tin>(p, stream) : launch_layout<128, Tin>(p, stream);
 }
 
 }  // namespace
@@ -387,14 +357,14 @@ const char* decode_unsupported(const DecodeParams& p) {
   if (p.state_indices && p.index_cols < 1) return "state_indices needs at least one column";
   if (p.num_accepted && !p.per_token_slots) return "num_accepted needs a slot per token";
   const long long blocks =
-      (static_cast<long long>(p.N) * p.H * decode_slabs(p, 8) + kDecodeWarps - 1) / kDecodeWarps;
+      (static_cast<long long>(p.N) * p.H * decode_slabs(p) + kDecodeWarps - 1) / kDecodeWarps;
   if (blocks > 0x7fffffffLL) return "the CUDA decode supports at most 2^33 (sequence, head) tasks";
   return nullptr;
 }
 
 cudaError_t decode(const DecodeParams& p, cudaStream_t stream) {
-  return p.qkv_dtype == DType::kF16 ? launch_tiling<__half>(p, stream)
-                                    : launch_tiling<__nv_bfloat16>(p, stream);
+  return p.qkv_dtype == DType::kF16 ? launch_dims<__half>(p, stream)
+                                    : launch_dims<__nv_bfloat16>(p, stream);
 }
 
 }  // namespace kda
