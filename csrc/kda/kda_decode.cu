@@ -12,7 +12,7 @@
 //   in the token loop. (Measured on an H100, B256 H32, device time: 566 µs for the previous
 //   tiling, a column's 64 key rows per lane with 4-byte [K,V] accesses and the token's loads
 //   one channel after another; 510 µs for this one; 592 µs for 16 row groups of 32 floats a
-//   lane, which fit 5 CTAs per SM instead of 4: benchmarks/results/decode_h100.md run 3.)
+//   lane, which fit 5 CTAs per SM instead of 4: benchmarks/results/decode_h100.md runs 3-4.)
 // - per token, the warp first prepares the key-channel vectors (gate activation and floor, the
 //   l2norm, e^g, scale·q) into its own shared-memory slice, then every lane runs
 //       S_j ← e^g ⊙ S_j;   u_j = β (v_j − k·S_j);   S_j ← S_j + u_j k;   o_j = q̃·S_j
@@ -69,7 +69,7 @@ __device__ __forceinline__ Extent extent(const DecodeParams& p, int n) {
 // time. Columns at or past V read as 0 and are not written. The state is touched once per
 // step, so its 16-byte accesses carry the evict-first hint (ld/st.global.cs), which leaves L2
 // to the lines still to be read: on an H100 at B256 H32, 510 -> 458-468 µs of device time
-// (benchmarks/results/decode_h100.md run 3). The float-at-a-time path goes without: there the
+// (benchmarks/results/decode_h100.md run 4). The float-at-a-time path goes without: there the
 // hint made ptxas spill.
 template <int K, bool kVFirst, bool kVec>
 struct StateTile {
