@@ -9,10 +9,11 @@
 //   instruction covers whole 64- or 128-byte runs in either layout. The delta rule's
 //   correction Sᵀk and the output Sᵀq are per value column, so the 8 row groups combine their
 //   partial sums with three shuffles per column, and nothing else crosses lanes: no barriers
-//   in the token loop. (Measured on an H100, B256 H32, device time: 566 µs for the previous
-//   tiling, a column's 64 key rows per lane with 4-byte [K,V] accesses and the token's loads
-//   one channel after another; 510 µs for this one; 592 µs for 16 row groups of 32 floats a
-//   lane, which fit 5 CTAs per SM instead of 4: benchmarks/results/decode_h100.md runs 3-4.)
+//   in the token loop. (Measured on an H100, B256 H32, one step's wall time: 562-566 µs for
+//   the previous tiling, a column's 64 key rows per lane with 4-byte [K,V] accesses and the
+//   token's loads one channel after another; 518-522 µs for this one before the evict-first
+//   hint below, 473-477 with it; 604-605 µs for 16 row groups of 32 floats a lane, which fit
+//   5 CTAs per SM instead of 4: benchmarks/results/decode_h100.md runs 3-5.)
 // - per token, the warp first prepares the key-channel vectors (gate activation and floor, the
 //   l2norm, e^g, scale·q) into its own shared-memory slice, then every lane runs
 //       S_j ← e^g ⊙ S_j;   u_j = β (v_j − k·S_j);   S_j ← S_j + u_j k;   o_j = q̃·S_j
@@ -147,6 +148,8 @@ __device__ __forceinline__ float row_group_sum(float x) {
   return x;
 }
 
+// At most 128 registers (4 CTAs per SM): the 64 state floats and what the token needs fit
+// without spilling (the [V,K] 16-byte variant at K = 128 spills 12 bytes).
 template <int K, bool kVFirst, bool kVec, typename Tin>
 __global__ void __launch_bounds__(kDecodeWarps * 32, 4) kda_decode_kernel(const DecodeParams p) {
   using Tile = StateTile<K, kVFirst, kVec>;
