@@ -19,7 +19,7 @@ ORDER = ["floor", "jax_flashkda", "flashkda", "fla", "jla", "jax_chunked", "jax_
          "jax_flashkda_forced_split_8192",
          # decode_h100 run 2: the decode kernel's tilings measured and removed
          "jax_flashkda[lanes32]", "jax_flashkda[warps32]",
-         # decode_h100 run 3: the 16-byte tiling's variants
+         # decode_h100 runs 4-5: the 16-byte tiling's variants (r8cs became the kernel)
          "jax_flashkda[r16]", "jax_flashkda[r8cs]"]
 
 
@@ -46,7 +46,8 @@ def table(rows, mode):
     if device:
         lines += ["", "Device time per call (the kernels alone, from a profiler):", "",
                   device_table(cases, [i for i in impls if any(k[1] == i for k in device)],
-                               device, {c: ms[(c, "floor")] for c in cases if (c, "floor") in ms})]
+                               device,
+                               {c: ms[(c, "floor")] for c in cases if (c, "floor") in ms})]
     return "\n".join(lines)
 
 

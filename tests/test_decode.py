@@ -30,6 +30,8 @@ def on_the_cpu():
     has tests/test_cuda_decode.py)."""
     with jax.default_device(jax.devices("cpu")[0]):
         yield
+
+
 ARRAYS = ("initial_state", "A_log", "dt_bias", "cu_seqlens")
 
 
