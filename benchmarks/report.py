@@ -23,7 +23,7 @@ ORDER = ["floor", "jax_flashkda", "flashkda", "fla", "jla", "jax_chunked", "jax_
          "jax_flashkda[r16]", "jax_flashkda[r8cs]"]
 
 
-def table(rows, mode):
+def table(rows, mode, digits=3):
     cases = list(dict.fromkeys(r["case"] for r in rows if r["mode"] == mode))
     impls = [i for i in ORDER if any(r["impl"] == i and r["mode"] == mode for r in rows)]
     ms = {(r["case"], r["impl"]): r["ms"] for r in rows if r["mode"] == mode}
@@ -34,37 +34,21 @@ def table(rows, mode):
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case in cases:
         ours = ms.get((case, OURS))
-        cells = [case] + [f"{ms[(case, i)]:.3f}" if (case, i) in ms else "—" for i in impls]
+        cells = [case] + [f"{ms[(case, i)]:.{digits}f}" if (case, i) in ms else "—"
+                          for i in impls]
         for p in peers:
             ok = ours and (case, p) in ms
             cells.append(f"{ms[(case, p)] / ours:.2f}×" if ok else "—")
         if "floor" in impls:
             cells.append(f"{ours / ms[(case, 'floor')]:.2f}×" if ours else "—")
         lines.append("| " + " | ".join(cells) + " |")
-    device = {(r["case"], r["impl"]): r["device_ms"] for r in rows
-              if r["mode"] == mode and "device_ms" in r}
+    # The same table of the kernels' device time, where a profiler gave it (the floor beside).
+    device = [{k: v for k, v in r.items() if k != "device_ms"} | {"ms": r["device_ms"]}
+              for r in rows if r["mode"] == mode and "device_ms" in r]
     if device:
+        floors = [r for r in rows if r["mode"] == mode and r["impl"] == "floor"]
         lines += ["", "Device time per call (the kernels alone, from a profiler):", "",
-                  device_table(cases, [i for i in impls if any(k[1] == i for k in device)],
-                               device,
-                               {c: ms[(c, "floor")] for c in cases if (c, "floor") in ms})]
-    return "\n".join(lines)
-
-
-def device_table(cases, impls, device, floor):
-    peers = [i for i in impls if i != OURS]
-    head = ["case"] + [f"{i} device ms" for i in impls] + [f"{p} / ours" for p in peers]
-    head += ["ours / floor"] if floor else []
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for case in cases:
-        ours = device.get((case, OURS))
-        cells = [case] + [f"{device[(case, i)]:.4f}" if (case, i) in device else "—"
-                          for i in impls]
-        cells += [f"{device[(case, p)] / ours:.2f}×" if ours and (case, p) in device else "—"
-                  for p in peers]
-        if floor:
-            cells.append(f"{ours / floor[case]:.2f}×" if ours and case in floor else "—")
-        lines.append("| " + " | ".join(cells) + " |")
+                  table(device + floors, mode, digits=4)]
     return "\n".join(lines)
 
 
