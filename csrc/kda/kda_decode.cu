@@ -174,14 +174,16 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 4) kda_decode_kernel(const 
   const Tin* k = static_cast<const Tin*>(p.k);
   const Tin* v = static_cast<const Tin*>(p.v);
   Tin* o = static_cast<Tin*>(p.o);
-  // Token row's o/v offset of column c0 + j.
+  // Token row's o/v offset of column c0 + j, and whether v has that column (StateTile::has
+  // asks the same of the state).
   const auto o_at = [&](long long row, int j) {
     return (static_cast<size_t>(row) * p.H + h) * p.V + c0 + j;
   };
+  const auto in_v = [&](int j) { return c0 + j < p.V; };
   const auto write_o = [&](long long row, const float (&x)[4]) {
 #pragma unroll
     for (int j = 0; j < 4; ++j)
-      if (c0 + j < p.V) o[o_at(row, j)] = from_float<Tin>(x[j]);
+      if (in_v(j)) o[o_at(row, j)] = from_float<Tin>(x[j]);
   };
   const float zeros[4] = {0.f, 0.f, 0.f, 0.f};
 
@@ -240,7 +242,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 4) kda_decode_kernel(const 
     }
     float beta = load_f(p.beta, p.beta_dtype, static_cast<size_t>(row) * p.H + h);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) vj[j] = c0 + j < p.V ? to_float(v[o_at(row, j)]) : 0.f;
+    for (int j = 0; j < 4; ++j) vj[j] = in_v(j) ? to_float(v[o_at(row, j)]) : 0.f;
 
     float qq = 0.f, kk = 0.f;
     bool bad = false;
