@@ -59,13 +59,17 @@ NB_MODULE(KDA_MODULE, m) {
                       : split  ? kda::fwd_split_unsupported(p, seg)
                                : kda::fwd_unsupported(p);
     if (why) return std::string(why);
+    // The split forward's segment states are results, but as large as a workspace.
+    const size_t segment_states =
+        split ? static_cast<size_t>(kda::split_segments(p, seg)) * p.H * p.K * (3 * p.V + p.K) * 4
+              : 0;
     const size_t bytes = backward ? kda::bwd_workspace_bytes(p)
-                         : split  ? kda::fwd_split_workspace_bytes(p, seg)
+                         : split  ? kda::fwd_split_workspace_bytes(p, seg) + segment_states
                                   : kda::fwd_workspace_bytes(p);
     if (memory_bytes > 0 && bytes > static_cast<size_t>(memory_bytes))
       return std::string(backward ? "the backward" : "the forward") + " needs " +
-             std::to_string(bytes) + " bytes of workspace, more than the device's " +
-             std::to_string(memory_bytes);
+             std::to_string(bytes) + " bytes of workspace" + (split ? " and segment states" : "") +
+             ", more than the device's " + std::to_string(memory_bytes);
     return std::nullopt;
   });
 #endif

@@ -169,18 +169,36 @@ def _num_sequences(cfg: CallConfig, q, cu_seqlens) -> int:
     return cu_seqlens.shape[0] - 1 if cfg.is_varlen else q.shape[0]
 
 
-def _fwd_raw(cfg: CallConfig | SplitConfig, q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens):
-    """The forward, or with a SplitConfig the split forward (same operands and results)."""
-    call_cfg, target = ((cfg.call, FWD_SPLIT_TARGET) if isinstance(cfg, SplitConfig)
-                        else (cfg, FWD_TARGET))
+def _fwd_raw(cfg: CallConfig, q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens):
     b, t, h, kd = q.shape
     vd = v.shape[-1]
-    n = _num_sequences(call_cfg, q, cu_seqlens)
     results = (jax.ShapeDtypeStruct((b, t, h, vd), v.dtype),
-               _state_struct(call_cfg, n, h, kd, vd))
+               _state_struct(cfg, _num_sequences(cfg, q, cu_seqlens), h, kd, vd))
     # Never batched here: the custom_vmap above folds mapped axes into the head axis.
-    call = jax.ffi.ffi_call(target, results, vmap_method="sequential")
+    call = jax.ffi.ffi_call(FWD_TARGET, results, vmap_method="sequential")
     return call(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, **cfg.attributes())
+
+
+def split_segments(num_sequences: int, tokens: int, segment_tokens: int) -> int:
+    """How many segments the split forward cuts a call into (kda::split_segments): each
+    sequence's ceil(length / L), at least one, then empty ones up to this bound."""
+    return num_sequences + tokens // segment_tokens
+
+
+def _fwd_split_raw(scfg: SplitConfig, q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens):
+    """The forward's results, then the segments' states: each segment's incoming state
+    [S,H,K,V], its transitions [Z | P] [S,H,K,V+K] and its final state [S,H,K,V] (fp32, keys
+    first whatever the call's layout)."""
+    b, t, h, kd = q.shape
+    vd = v.shape[-1]
+    n = _num_sequences(scfg.call, q, cu_seqlens)
+    s = split_segments(n, b * t, scfg.segment_tokens)
+    states = jax.ShapeDtypeStruct((s, h, kd, vd), jnp.float32)
+    results = (jax.ShapeDtypeStruct((b, t, h, vd), v.dtype),
+               _state_struct(scfg.call, n, h, kd, vd), states,
+               jax.ShapeDtypeStruct((s, h, kd, vd + kd), jnp.float32), states)
+    call = jax.ffi.ffi_call(FWD_SPLIT_TARGET, results, vmap_method="sequential")
+    return call(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, **scfg.attributes())
 
 
 def _bwd_raw(cfg: CallConfig, q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, do, dht):
@@ -237,6 +255,11 @@ def _operand_factors(cfg: CallConfig):
 def _fwd_rule(cfg: CallConfig) -> str:
     inputs, state = _operand_factors(cfg)
     return f"{', '.join(inputs)} -> b t h v, {state}"
+
+
+def _fwd_split_rule(cfg: CallConfig) -> str:
+    """The segments ("s") of a split forward are cut from every sequence: they stay whole."""
+    return _fwd_rule(cfg) + ", s h k v, s h k w, s h k v"
 
 
 def _bwd_rule(cfg: CallConfig) -> str:
@@ -329,6 +352,7 @@ _FWD_HEAD_AXES = (2, 2, 2, 2, 2, 0, 0, 1, None)
 _BWD_HEAD_AXES = _FWD_HEAD_AXES + (2, 1)
 _DECODE_HEAD_AXES = _FWD_HEAD_AXES + (None, None)
 _FWD_OUT_HEAD_AXES = (2, 1)
+_FWD_SPLIT_OUT_HEAD_AXES = _FWD_OUT_HEAD_AXES + (1, 1, 1)
 _BWD_OUT_HEAD_AXES = (2, 2, 2, 2, 2, 1, 1, 1)
 _BWD_STATE_OUT_HEAD_AXES = (1,)
 
@@ -374,12 +398,20 @@ def _head_folding(op, in_head_axes, out_head_axes):
 
 
 @functools.lru_cache(maxsize=None)
-def fwd_call(cfg: CallConfig | SplitConfig):
-    """(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens) -> (o, final_state); with a
-    SplitConfig, the CUDA split forward (the same call, docs/sequence_split.md)."""
-    call_cfg = cfg.call if isinstance(cfg, SplitConfig) else cfg
-    op = _partitioned(cfg, _fwd_raw, _fwd_rule(call_cfg), whole_batch=call_cfg.is_varlen)
+def fwd_call(cfg: CallConfig):
+    """(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens) -> (o, final_state)."""
+    op = _partitioned(cfg, _fwd_raw, _fwd_rule(cfg), whole_batch=cfg.is_varlen)
     return _head_folding(op, _FWD_HEAD_AXES, _FWD_OUT_HEAD_AXES)
+
+
+@functools.lru_cache(maxsize=None)
+def fwd_split_call(scfg: SplitConfig):
+    """The CUDA split forward (docs/sequence_split.md): fwd_call's operands ->
+    (o, final_state, segment initial states, segment transitions, segment final states), as
+    _fwd_split_raw says."""
+    op = _partitioned(scfg, _fwd_split_raw, _fwd_split_rule(scfg.call),
+                      whole_batch=scfg.call.is_varlen)
+    return _head_folding(op, _FWD_HEAD_AXES, _FWD_SPLIT_OUT_HEAD_AXES)
 
 
 @functools.lru_cache(maxsize=None)

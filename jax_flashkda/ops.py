@@ -669,10 +669,12 @@ def _kda_compiled(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, use_gat
 
 
 def _fused_split(plan) -> bool:
-    """The CUDA target's split forward (one call: prep once, the transitions, the combine and
-    the outputs on device) serves plans whose backward stays whole; a split backward needs the
-    segments' states, which split.split_vjp keeps. Only in a GPU process (the planner's): a
-    split forced on a CPU process runs composed from the plain calls, on whatever platform the
+    """Whether the split is the CUDA target's split forward alone (one call: prep once, the
+    transitions, the combine and the outputs on device) beside the whole backward: for plans
+    whose backward stays whole, in a GPU process (the planner's). A plan that splits the
+    backward runs split.split_vjp, whose forward is that same call where lowered for CUDA (it
+    returns the segments' states that the split backward starts from). A split forced on a CPU
+    process runs split.split_vjp too, composed from the plain calls on whatever platform the
     computation is lowered for (how the CPU tests exercise it)."""
     return (not plan.backward and jax.default_backend() != "cpu"
             and _ffi.has_target("CUDA", _ffi.FWD_SPLIT_TARGET))
@@ -700,15 +702,15 @@ def _split_plan(q, v, cu_seqlens, n):
     if plan is not None and on_gpu:
         memory = _device_memory_bytes()
         f16 = q.dtype == jnp.float16
-        if _fused_split(plan):
-            refusal = _ffi.cuda_refusal(
-                backward=False, B=b, T=t, H=h, K=kd, V=vd, N=n, is_varlen=cu_seqlens is not None,
-                f16=f16, memory_bytes=memory, segment_tokens=plan.segment_tokens)
-        else:
-            sizes = dict(B=1, T=b * t, H=h, K=kd, N=plan.num_segments, is_varlen=True,
-                         f16=f16, memory_bytes=memory)
-            refusal = (_ffi.cuda_refusal(backward=False, V=vd + kd, **sizes)
-                       or _ffi.cuda_refusal(backward=True, V=vd, **sizes))
+        # Lowered for CUDA the split's forward is the split forward call; a split backward
+        # runs the backward over the segments as packed sequences.
+        refusal = _ffi.cuda_refusal(
+            backward=False, B=b, T=t, H=h, K=kd, V=vd, N=n, is_varlen=cu_seqlens is not None,
+            f16=f16, memory_bytes=memory, segment_tokens=plan.segment_tokens)
+        if plan.backward and not refusal:
+            refusal = _ffi.cuda_refusal(backward=True, B=1, T=b * t, H=h, K=kd, V=vd,
+                                        N=plan.num_segments, is_varlen=True, f16=f16,
+                                        memory_bytes=memory)
         if refusal:
             plan = None
     split.describe(plan, B=b, T=t, H=h, N=n, longest=longest)
@@ -782,7 +784,10 @@ def _compiled_vjp(cfg: _ffi.CallConfig, backward, cuda_forward: str = "compiled"
     target's forward and backward."""
     plain = _ffi.fwd_call(cfg)
     if cuda_forward == "split":
-        cuda_fwd = _ffi.fwd_call(_ffi.SplitConfig(cfg, segment_tokens))
+        split_fwd = _ffi.fwd_split_call(_ffi.SplitConfig(cfg, segment_tokens))
+
+        def cuda_fwd(*primals):
+            return split_fwd(*primals)[:2]  # the segments' states serve a split backward
     elif cuda_forward == "pure":
         cuda_fwd = functools.partial(_chunked_forward, cfg)
     elif cuda_forward == "decode":

@@ -12,6 +12,10 @@ long sequences leave most of a GPU idle. Here a long sequence is cut into segmen
    incoming state S_in;
 3. outputs: the forward over the segments from S_in: o and the final states, exact.
 
+Lowered for CUDA the three are one call (jax_flashkda_fwd_split: the preparation done once,
+the combine on device), which also returns the segments' states that the backward starts from;
+elsewhere they are composed here from the plain calls.
+
 The backward runs the same way in reverse: one backward over the segments with a zero
 final-state cotangent gives each segment's initial-state gradient from its own outputs (dZ);
 with dS_in = Pᵀ dS_end + dZ a reverse scan gives every segment's true end cotangent, and a
@@ -141,7 +145,8 @@ def plan_split(*, batch: int, tokens: int, heads: int, value_dim: int, num_seque
             length = 1 << (length - 1).bit_length()
     if longest <= length:
         return None
-    return SplitPlan(segment_tokens=length, num_segments=num_sequences + total // length,
+    return SplitPlan(segment_tokens=length,
+                     num_segments=_ffi.split_segments(num_sequences, total, length),
                      backward=backward)
 
 
@@ -222,6 +227,8 @@ def split_vjp(cfg: _ffi.CallConfig, plan: SplitPlan, whole_backward):
 
     state_grad = (_ffi.bwd_state_call(inner) if _ffi.has_target("CUDA", _ffi.BWD_STATE_TARGET)
                   else whole_dh0)
+    fused = (_ffi.fwd_split_call(_ffi.SplitConfig(cfg, plan.segment_tokens))
+             if _ffi.has_target("CUDA", _ffi.FWD_SPLIT_TARGET) else None)
 
     def layout_in(h0):
         return jnp.swapaxes(h0, -1, -2) if cfg.state_v_first else h0
@@ -232,7 +239,9 @@ def split_vjp(cfg: _ffi.CallConfig, plan: SplitPlan, whole_backward):
             cu = jnp.arange(b + 1, dtype=jnp.int32) * t
         return _segments(cu, plan)
 
-    def forward(q, k, v, g, beta, A_log, dt_bias, h0, cu):
+    def composed_forward(q, k, v, g, beta, A_log, dt_bias, h0, cu):
+        """The split from the plain calls: o, the final states and the segments' states
+        (incoming, transitions P, final)."""
         shape = v.shape
         seg = segments_of(q, cu)
         q, k, v, g, beta = map(_flat, (q, k, v, g, beta))
@@ -259,10 +268,20 @@ def split_vjp(cfg: _ffi.CallConfig, plan: SplitPlan, whole_backward):
         final = seg_final[seg.last]
         if cfg.state_v_first:
             final = jnp.swapaxes(final, -1, -2)
-        return o.reshape(shape), final, (s_in, P, seg_final)
+        return o.reshape(shape), final, s_in, P, seg_final
+
+    def cuda_forward(q, k, v, g, beta, A_log, dt_bias, h0, cu):
+        """The same from the CUDA split forward, one call (its unused segments' incoming
+        states are 0 where the composed scan's carry the last state: both hold no tokens)."""
+        o, final, s_in, transitions, seg_final = fused(q, k, v, g, beta, A_log, dt_bias, h0, cu)
+        return o, final, s_in, transitions[..., v.shape[-1]:], seg_final
+
+    def forward(*primals):
+        return _ffi.per_platform(primals, cuda=cuda_forward if fused else composed_forward,
+                                 other=composed_forward)
 
     def run_fwd(q, k, v, g, beta, A_log, dt_bias, h0, cu):
-        o, final, (s_in, P, seg_final) = forward(q, k, v, g, beta, A_log, dt_bias, h0, cu)
+        o, final, s_in, P, seg_final = forward(q, k, v, g, beta, A_log, dt_bias, h0, cu)
         if not plan.backward:
             return (o, final), (q, k, v, g, beta, A_log, dt_bias, h0, cu)
         return (o, final), (q, k, v, g, beta, A_log, dt_bias, cu, s_in, P, seg_final)

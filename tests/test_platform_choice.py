@@ -126,13 +126,14 @@ def test_cpu_computation_in_a_gpu_process(rng, T):
 
 @needs_both_targets
 def test_split_backward_state_pass_only_where_lowered_for_cuda(monkeypatch, rng):
-    # A split forced with its backward: the first backward pass (dZ) is the state-gradient
-    # target lowered for CUDA, the whole backward's last result lowered for the CPU.
+    # A split forced with its backward: lowered for CUDA, the forward is the split forward (it
+    # returns the segments' states) and the first backward pass (dZ) the state-gradient target;
+    # lowered for the CPU, the plain forward and the whole backward's last result.
     monkeypatch.setenv(split.SEGMENT_TOKENS_ENV, "16")
     monkeypatch.setenv(split.SPLIT_BACKWARD_ENV, "1")
     f, x, args, kwargs = bf16_case(rng, T=40)
     grad = loss_grad(f)
-    assert targets(grad, x, ("cuda",))[0] == {FWD, BWD, _ffi.BWD_STATE_TARGET}
+    assert targets(grad, x, ("cuda",))[0] == {_ffi.FWD_SPLIT_TARGET, BWD, _ffi.BWD_STATE_TARGET}
     assert targets(grad, x, ("cpu",))[0] == {FWD, BWD}
     _, exported = targets(grad, x, ("cpu", "cuda"))
     o, final = f(*x)

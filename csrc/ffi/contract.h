@@ -79,11 +79,15 @@ static_assert(offsetof(jax_flashkda::DecodeAttributes, common) <
       .Ret<::xla::ffi::AnyBuffer>() /* final_state */              \
       .Attrs<::jax_flashkda::Attributes>()
 
-// The split forward (CUDA only, docs/sequence_split.md): the forward's operands and results.
+// The split forward (CUDA only, docs/sequence_split.md): the forward's operands and results,
+// then the segments' states.
 #define KDA_FWD_SPLIT_SIGNATURE(binding)                           \
   KDA_CONTRACT_INPUTS(binding)                                     \
       .Ret<::xla::ffi::AnyBuffer>() /* o */                        \
       .Ret<::xla::ffi::AnyBuffer>() /* final_state */              \
+      .Ret<::xla::ffi::AnyBuffer>() /* segment_initial_states */   \
+      .Ret<::xla::ffi::AnyBuffer>() /* segment_transitions */      \
+      .Ret<::xla::ffi::AnyBuffer>() /* segment_final_states */     \
       .Attrs<::jax_flashkda::SplitAttributes>()
 
 #define KDA_BWD_SIGNATURE(binding)                                 \

@@ -213,11 +213,12 @@ ffi::Error unimplemented(const std::string& who, const char* why) {
 }
 
 // The forward and the split forward: decode, check (unsupported: the kernels' own refusal, as
-// kda::fwd_unsupported), stage, launch.
-template <typename Unsupported, typename WorkspaceBytes, typename Launch>
+// kda::fwd_unsupported), stage (more_results: the results beyond o and final_state, checked
+// and staged once the sizes are known to be supported), launch.
+template <typename Unsupported, typename MoreResults, typename WorkspaceBytes, typename Launch>
 ffi::Error forward(const std::string& who, cudaStream_t stream, ffi::ScratchAllocator& scratch,
                    const contract::Inputs& in, ffi::AnyBuffer& o, ffi::AnyBuffer& final_state,
-                   const Attributes& attrs, Unsupported unsupported,
+                   const Attributes& attrs, Unsupported unsupported, MoreResults more_results,
                    WorkspaceBytes workspace_bytes, Launch run) {
   contract::Sizes s;
   kda::FwdParams p;
@@ -230,6 +231,7 @@ ffi::Error forward(const std::string& who, cudaStream_t stream, ffi::ScratchAllo
   KDA_RETURN_IF_ERROR(stage_inputs(staging, in, p));
   KDA_RETURN_IF_ERROR(staging.output(o, p.o));
   KDA_RETURN_IF_ERROR(staging.output(final_state, p.final_state));
+  KDA_RETURN_IF_ERROR(more_results(staging, p));
   return launch(who, p, staging, scratch, stream, workspace_bytes, run);
 }
 
@@ -238,27 +240,46 @@ ffi::Error fwd_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
                     ffi::AnyBuffer A_log, ffi::AnyBuffer dt_bias, ffi::AnyBuffer initial_state,
                     ffi::AnyBuffer cu_seqlens, ffi::Result<ffi::AnyBuffer> o,
                     ffi::Result<ffi::AnyBuffer> final_state, Attributes attrs) {
-  return forward(kFwd, stream, scratch,
-                 {q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens}, *o, *final_state,
-                 attrs, kda::fwd_unsupported, kda::fwd_workspace_bytes, kda::fwd);
+  return forward(
+      kFwd, stream, scratch, {q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens}, *o,
+      *final_state, attrs, kda::fwd_unsupported,
+      [](Staging&, const kda::FwdParams&) { return ffi::Error::Success(); },
+      kda::fwd_workspace_bytes, kda::fwd);
 }
 
 // The forward with the sequence split (docs/sequence_split.md): the forward's operands, results
-// and checks, then segment_tokens.
+// and checks, then segment_tokens; its three more results are the segments' states (fp32
+// [S,H,K,V], [S,H,K,V+K], [S,H,K,V]: kda::SplitStates), for the split backward.
 ffi::Error fwd_split_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
                           ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer g,
                           ffi::AnyBuffer beta, ffi::AnyBuffer A_log, ffi::AnyBuffer dt_bias,
                           ffi::AnyBuffer initial_state, ffi::AnyBuffer cu_seqlens,
                           ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> final_state,
-                          SplitAttributes attrs) {
+                          ffi::Result<ffi::AnyBuffer> s_in,
+                          ffi::Result<ffi::AnyBuffer> transitions,
+                          ffi::Result<ffi::AnyBuffer> seg_final, SplitAttributes attrs) {
   const int seg = attrs.segment_tokens;
+  kda::SplitStates states;
+  auto segment_states = [&](Staging& staging, const kda::FwdParams& p) {
+    const int64_t S = kda::split_segments(p, seg), H = p.H, K = p.K, V = p.V;
+    KDA_RETURN_IF_ERROR(
+        contract::check_f32(kFwdSplit, *s_in, "segment_initial_states", {S, H, K, V}));
+    KDA_RETURN_IF_ERROR(
+        contract::check_f32(kFwdSplit, *transitions, "segment_transitions", {S, H, K, V + K}));
+    KDA_RETURN_IF_ERROR(
+        contract::check_f32(kFwdSplit, *seg_final, "segment_final_states", {S, H, K, V}));
+    KDA_RETURN_IF_ERROR(staging.output(*s_in, states.s_in));
+    KDA_RETURN_IF_ERROR(staging.output(*transitions, states.transitions));
+    return staging.output(*seg_final, states.seg_final);
+  };
   return forward(
       kFwdSplit, stream, scratch, {q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens},
       *o, *final_state, attrs.common,
       [seg](const kda::FwdParams& p) { return kda::fwd_split_unsupported(p, seg); },
+      segment_states,
       [seg](const kda::FwdParams& p) { return kda::fwd_split_workspace_bytes(p, seg); },
-      [seg](const kda::FwdParams& p, void* ws, cudaStream_t st) {
-        return kda::fwd_split(p, seg, ws, st);
+      [seg, &states](const kda::FwdParams& p, void* ws, cudaStream_t st) {
+        return kda::fwd_split(p, seg, states, ws, st);
       });
 }
 

@@ -86,10 +86,6 @@ cudaError_t fwd_k(const FwdParams& p, uint8_t* ws, cudaStream_t stream) {
 
 // The sequence split (docs/sequence_split.md): the call's tokens as one packed batch of
 // segments, and the workspace regions of fwd_split.
-int split_segments(const FwdParams& p, int seg_tokens) {
-  return static_cast<int>(p.N + static_cast<long long>(p.B) * p.T / seg_tokens);
-}
-
 FwdParams segment_view(const FwdParams& p, int segments, const int32_t* seg_cu) {
   FwdParams s = p;
   s.T = p.B * p.T;
@@ -102,36 +98,31 @@ FwdParams segment_view(const FwdParams& p, int segments, const int32_t* seg_cu) 
 }
 
 struct SplitLayout {
-  size_t rec, seg_cu, first, last, ends, s_in, seg_final, total;
+  size_t rec, seg_cu, first, last, total;
   SplitLayout(const FwdParams& p, int seg_tokens) {
     const int segments = split_segments(p, seg_tokens);
     const FwdParams s = segment_view(p, segments, nullptr);
-    const size_t states = static_cast<size_t>(segments) * p.H * p.K;
     WorkspaceCursor ws;
     rec = ws.take(static_cast<size_t>(chunk_slots(s)) * p.H * rec_bytes(p.K));
     seg_cu = ws.take((segments + 1) * sizeof(int32_t));
     first = ws.take(p.N * sizeof(int32_t));
     last = ws.take(p.N * sizeof(int32_t));
-    ends = ws.take(states * (p.V + p.K) * sizeof(float));
-    s_in = ws.take(states * p.V * sizeof(float));
-    seg_final = ws.take(states * p.V * sizeof(float));
     total = ws.end;
   }
 };
 
 // 1. the segments; 2. prep over them, once; 3. the transitions [Z | P] (recurrence with V + K
 // columns, no outputs); 4. each segment's incoming state; 5. the recurrence from those, writing
-// o; 6. each sequence's final state from its last segment's.
+// o; 6. each sequence's final state from its last segment's. Without sequences (N = 0) there
+// is nothing to combine: every segment is an unused one.
 template <int K, typename Tin>
-cudaError_t fwd_split_k(const FwdParams& p, int seg_tokens, uint8_t* ws, cudaStream_t stream) {
+cudaError_t fwd_split_k(const FwdParams& p, int seg_tokens, const SplitStates& states,
+                        uint8_t* ws, cudaStream_t stream) {
   const SplitLayout lay(p, seg_tokens);
   const int segments = split_segments(p, seg_tokens);
   auto* seg_cu = reinterpret_cast<int32_t*>(ws + lay.seg_cu);
   auto* first = reinterpret_cast<int32_t*>(ws + lay.first);
   auto* last = reinterpret_cast<int32_t*>(ws + lay.last);
-  auto* ends = reinterpret_cast<float*>(ws + lay.ends);
-  auto* s_in = reinterpret_cast<float*>(ws + lay.s_in);
-  auto* seg_final = reinterpret_cast<float*>(ws + lay.seg_final);
   int sms = 0;
   KDA_TRY(sm_count(sms));
 
@@ -140,32 +131,43 @@ cudaError_t fwd_split_k(const FwdParams& p, int seg_tokens, uint8_t* ws, cudaStr
   KDA_TRY(cudaGetLastError());
   FwdParams s = segment_view(p, segments, seg_cu);
   const int slots = chunk_slots(s);
-  KDA_TRY((launch_fwd_prep<K, Tin>(s, ws + lay.rec, slots, sms, stream)));
+  if (slots > 0) KDA_TRY((launch_fwd_prep<K, Tin>(s, ws + lay.rec, slots, sms, stream)));
 
   FwdParams t = s;
   t.V = p.V + K;
   t.initial_state = nullptr;
   t.o = nullptr;
-  t.final_state = ends;
+  t.final_state = states.transitions;
   KDA_TRY((launch_recurrence_nw<K, Tin, true>(t, ws + lay.rec, slots, sms, stream, p.V)));
 
+  // The combine writes the segments of the N sequences; the unused ones at the end start
+  // from zero (they hold no tokens: their states are results all the same).
+  KDA_TRY(cudaMemsetAsync(states.s_in, 0, static_cast<size_t>(segments) * p.H * K * p.V * sizeof(float),
+                          stream));
   using C = CombineSmem<K>;
-  KDA_TRY(cudaFuncSetAttribute(kda_split_combine_kernel<K>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, C::kBytes));
-  kda_split_combine_kernel<K><<<dim3(p.V / 16, p.H, p.N), K, C::kBytes, stream>>>(
-      p, ends, first, last, s_in);
-  KDA_TRY(cudaGetLastError());
+  if (p.N > 0) {
+    KDA_TRY(cudaFuncSetAttribute(kda_split_combine_kernel<K>,
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize, C::kBytes));
+    kda_split_combine_kernel<K><<<dim3(p.V / 16, p.H, p.N), K, C::kBytes, stream>>>(
+        p, states.transitions, first, last, states.s_in);
+    KDA_TRY(cudaGetLastError());
+  }
 
-  s.initial_state = s_in;
-  s.final_state = seg_final;
+  s.initial_state = states.s_in;
+  s.final_state = states.seg_final;
   KDA_TRY((launch_recurrence_nw<K, Tin>(s, ws + lay.rec, slots, sms, stream)));
 
-  kda_split_finals_kernel<K><<<dim3(p.H, p.N), 256, 0, stream>>>(p, seg_final, last,
+  if (p.N == 0) return cudaSuccess;
+  kda_split_finals_kernel<K><<<dim3(p.H, p.N), 256, 0, stream>>>(p, states.seg_final, last,
                                                                  p.final_state);
   return cudaGetLastError();
 }
 
 }  // namespace
+
+int split_segments(const FwdParams& p, int seg_tokens) {
+  return static_cast<int>(p.N + static_cast<long long>(p.B) * p.T / seg_tokens);
+}
 
 const char* fwd_split_unsupported(const FwdParams& p, int seg_tokens) {
   if (const char* why = fwd_unsupported(p)) return why;
@@ -181,16 +183,19 @@ size_t fwd_split_workspace_bytes(const FwdParams& p, int seg_tokens) {
   return SplitLayout(p, seg_tokens).total;
 }
 
-cudaError_t fwd_split(const FwdParams& p, int seg_tokens, void* workspace, cudaStream_t stream) {
+cudaError_t fwd_split(const FwdParams& p, int seg_tokens, const SplitStates& states,
+                      void* workspace, cudaStream_t stream) {
   if (fwd_split_unsupported(p, seg_tokens)) return cudaErrorInvalidValue;
-  if (p.N == 0 || p.H == 0 || static_cast<long long>(p.B) * p.T == 0) return fwd(p, workspace, stream);
+  if (p.H == 0) return cudaSuccess;  // every result is empty
+  // No segment (no sequences and fewer tokens than one segment): no state to write.
+  if (split_segments(p, seg_tokens) == 0) return fwd(p, workspace, stream);
   uint8_t* ws = static_cast<uint8_t*>(workspace);
   const bool f16 = p.qkv_dtype == DType::kF16;
   if (p.K == 64)
-    return f16 ? fwd_split_k<64, __half>(p, seg_tokens, ws, stream)
-               : fwd_split_k<64, __nv_bfloat16>(p, seg_tokens, ws, stream);
-  return f16 ? fwd_split_k<128, __half>(p, seg_tokens, ws, stream)
-             : fwd_split_k<128, __nv_bfloat16>(p, seg_tokens, ws, stream);
+    return f16 ? fwd_split_k<64, __half>(p, seg_tokens, states, ws, stream)
+               : fwd_split_k<64, __nv_bfloat16>(p, seg_tokens, states, ws, stream);
+  return f16 ? fwd_split_k<128, __half>(p, seg_tokens, states, ws, stream)
+             : fwd_split_k<128, __nv_bfloat16>(p, seg_tokens, states, ws, stream);
 }
 
 const char* fwd_unsupported(const FwdParams& p) {

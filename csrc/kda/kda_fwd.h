@@ -60,9 +60,23 @@ size_t fwd_workspace_bytes(const FwdParams& p);
 cudaError_t fwd(const FwdParams& p, void* workspace, cudaStream_t stream);
 
 // The same forward with every sequence cut into segments of at most `seg_tokens` tokens that run
-// in parallel, combined exactly (docs/sequence_split.md): same operands, same results.
+// in parallel, combined exactly (docs/sequence_split.md): the forward's operands and results,
+// and the segments' states, which the split backward (jax_flashkda/split.py) starts from.
+// S = split_segments(p, seg_tokens) segments: sequence n's max(1, ceil(len / seg_tokens)) in
+// order, then empty unused ones. Each array is fp32 [S,H,K,...] whatever the caller's layout:
+//   s_in        [S,H,K,V]    the state entering the segment (0 for the unused ones);
+//   transitions [S,H,K,V+K]  [Z | P]: the segment's final state from zero, and its action
+//                            S -> P·S + Z on an incoming state;
+//   seg_final   [S,H,K,V]    the state after the segment.
+struct SplitStates {
+  float* s_in = nullptr;
+  float* transitions = nullptr;
+  float* seg_final = nullptr;
+};
+int split_segments(const FwdParams& p, int seg_tokens);
 const char* fwd_split_unsupported(const FwdParams& p, int seg_tokens);
 size_t fwd_split_workspace_bytes(const FwdParams& p, int seg_tokens);
-cudaError_t fwd_split(const FwdParams& p, int seg_tokens, void* workspace, cudaStream_t stream);
+cudaError_t fwd_split(const FwdParams& p, int seg_tokens, const SplitStates& states,
+                      void* workspace, cudaStream_t stream);
 
 }  // namespace kda
