@@ -341,6 +341,60 @@ def test_cuda_bwd_state_is_the_backwards_last_result(rng, gate_mode, v_first, se
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gate_mode, v_first, seqlens", [
+    (2, True, [250, 0, 1, 133]), (1, False, None), (0, False, [0, 0])])
+def test_cuda_split_forward_returns_the_segments_states(rng, gate_mode, v_first, seqlens):
+    """jax_flashkda_fwd_split's three more results, what the split backward starts from: each
+    sequence's first segment starts from its initial state, the next from the last one's
+    final state, which P·S_in + Z gives too, and its final state is the sequence's; the
+    unused segments hold zero states and the transitions [0 | I]; o and the final states as
+    the unsplit call's. Outputs poisoned (conftest), so an element left unwritten fails."""
+    L, B, T = 64, 2, 230  # one unused segment in the first two cases
+    x = kernel_inputs(rng, B=B, T=T, H=2, K=128, V=128, gate_mode=gate_mode,
+                      dtype=jnp.bfloat16, g_dtype=np.float32, beta_dtype=np.float32,
+                      v_first=v_first, seqlens=seqlens, always_gate_params=True)
+    if seqlens is not None:
+        B, T = x["q"].shape[:2]
+    cu = x.get("cu_seqlens", np.zeros((1,), np.int32))
+    cfg = _ffi.CallConfig(scale=128 ** -0.5, use_qk_l2norm=True, use_beta_sigmoid=True,
+                          gate_mode=gate_mode, lower_bound=-5.0 if gate_mode == 2 else 0.0,
+                          state_v_first=v_first, is_varlen=seqlens is not None)
+    args = [jnp.asarray(x[n]) for n in KERNEL_OPERANDS] + [jnp.asarray(cu)]
+    o, final, s_in, transitions, seg_final = map(
+        np.asarray, jax.jit(_ffi.fwd_split_call(_ffi.SplitConfig(cfg, L)))(*args))
+    o_whole, final_whole = map(np.asarray, jax.jit(_ffi.fwd_call(cfg))(*args))
+    for name, got in (("o", o), ("final", final), ("s_in", s_in),
+                      ("transitions", transitions), ("seg_final", seg_final)):
+        assert np.all(np.isfinite(np.asarray(got, np.float32))), name
+    if T * B:
+        assert rel_err(o.astype(np.float32), o_whole.astype(np.float32)) < 1e-2
+    if final_whole.size:
+        assert rel_err(final, final_whole) < 1e-2
+
+    keys_first = lambda s: np.swapaxes(s, -1, -2) if v_first else s
+    h0, final = keys_first(x["h0"]), keys_first(final)
+    lengths = np.diff(cu) if seqlens is not None else np.full(B, T)
+    S = _ffi.split_segments(len(lengths), B * T, L)
+    assert s_in.shape == seg_final.shape == (S, 2, 128, 128)
+    assert transitions.shape == (S, 2, 128, 256)
+    Z, P = transitions[..., :128], transitions[..., 128:]
+    j = 0
+    for i, n in enumerate(lengths):
+        count = max(1, -(-int(n) // L))
+        np.testing.assert_array_equal(s_in[j], h0[i])
+        for m in range(j, j + count):
+            carried = np.einsum("hkm,hmv->hkv", P[m].astype(np.float64), s_in[m]) + Z[m]
+            assert rel_err(carried, seg_final[m]) < 1e-2, (i, m)
+            if m + 1 < j + count:
+                assert rel_err(s_in[m + 1], seg_final[m]) < 1e-2, (i, m)
+        np.testing.assert_array_equal(final[i], seg_final[j + count - 1])
+        j += count
+    identity = np.broadcast_to(np.eye(128, dtype=np.float32), P[j:].shape)
+    assert not s_in[j:].any() and not seg_final[j:].any() and not Z[j:].any()
+    np.testing.assert_array_equal(P[j:], identity)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("split_backward", ["0", "1"])
 def test_cuda_split_is_deterministic(monkeypatch, rng, split_backward):
     monkeypatch.setenv(split.SPLIT_BACKWARD_ENV, split_backward)
