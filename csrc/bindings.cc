@@ -34,8 +34,8 @@ NB_MODULE(KDA_MODULE, m) {
     targets["jax_flashkda_decode"] = nb::capsule(reinterpret_cast<void*>(jax_flashkda_decode_cuda));
     targets["jax_flashkda_fwd_split"] =
         nb::capsule(reinterpret_cast<void*>(jax_flashkda_fwd_split_cuda));
-    targets["jax_flashkda_bwd_state"] =
-        nb::capsule(reinterpret_cast<void*>(jax_flashkda_bwd_state_cuda));
+    targets["jax_flashkda_bwd_split"] =
+        nb::capsule(reinterpret_cast<void*>(jax_flashkda_bwd_split_cuda));
 #endif
     return targets;
   });

@@ -26,7 +26,7 @@ FWD_TARGET = "jax_flashkda_fwd"
 BWD_TARGET = "jax_flashkda_bwd"
 DECODE_TARGET = "jax_flashkda_decode"  # CUDA only
 FWD_SPLIT_TARGET = "jax_flashkda_fwd_split"  # CUDA only
-BWD_STATE_TARGET = "jax_flashkda_bwd_state"  # CUDA only
+BWD_SPLIT_TARGET = "jax_flashkda_bwd_split"  # CUDA only
 
 # gate_mode attribute values of the contract.
 GATE_LOG_DECAY, GATE_SOFTPLUS, GATE_SAFE = 0, 1, 2
@@ -219,12 +219,26 @@ def _bwd_raw(cfg: CallConfig, q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, 
     return call(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, do, dht, **cfg.attributes())
 
 
-def _bwd_state_raw(cfg: CallConfig, q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, do, dht):
-    """The backward's last result alone, the initial-state gradient (CUDA only)."""
+def _bwd_split_raw(cfg: CallConfig, q, k, v, g, beta, A_log, dt_bias, s_in, seg_cu, do,
+                   dht, transitions_t, first, last):
+    """The sequence split's backward over the segments as packed sequences (CUDA only,
+    docs/sequence_split.md): the backward's results, dh0 per segment. dht [N,H,K,V] is each
+    sequence's end cotangent, transitions_t [S,H,K,K] the segments' P_jᵀ (finite), first /
+    last [N] each sequence's first and last segment."""
     _, _, h, kd = q.shape
-    results = (_state_struct(cfg, _num_sequences(cfg, q, cu_seqlens), h, kd, v.shape[-1]),)
-    call = jax.ffi.ffi_call(BWD_STATE_TARGET, results, vmap_method="sequential")
-    return call(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, do, dht, **cfg.attributes())
+    results = (
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct(k.shape, k.dtype),
+        jax.ShapeDtypeStruct(v.shape, v.dtype),
+        jax.ShapeDtypeStruct(g.shape, g.dtype),
+        jax.ShapeDtypeStruct(beta.shape, beta.dtype),
+        jax.ShapeDtypeStruct((1, h), jnp.float32),
+        jax.ShapeDtypeStruct((1, h, kd), jnp.float32),
+        jax.ShapeDtypeStruct(s_in.shape, jnp.float32),
+    )
+    call = jax.ffi.ffi_call(BWD_SPLIT_TARGET, results, vmap_method="sequential")
+    return call(q, k, v, g, beta, A_log, dt_bias, s_in, seg_cu, do, dht, transitions_t, first,
+                last, **cfg.attributes())
 
 
 def _decode_raw(dcfg: DecodeConfig, q, k, v, g, beta, A_log, dt_bias, state, cu_seqlens,
@@ -269,9 +283,12 @@ def _bwd_rule(cfg: CallConfig) -> str:
     return f"{', '.join(inputs)} -> {', '.join(outputs)}"
 
 
-def _bwd_state_rule(cfg: CallConfig) -> str:
+def _bwd_split_rule(cfg: CallConfig) -> str:
+    """Segments ("n") and the sequences they are cut from ("m") stay whole: heads split."""
     inputs, state = _operand_factors(cfg)
-    return f"{', '.join(inputs + ['b t h v', state])} -> {state}"
+    inputs = inputs + ["b t h v", "m h k v", "n h k l", "m", "m"]
+    outputs = ["b t h k", "b t h k", "b t h v", "b t h k", "b t h", "b h", "b h k", state]
+    return f"{', '.join(inputs)} -> {', '.join(outputs)}"
 
 
 def _decode_rule(dcfg: DecodeConfig) -> str:
@@ -354,7 +371,7 @@ _DECODE_HEAD_AXES = _FWD_HEAD_AXES + (None, None)
 _FWD_OUT_HEAD_AXES = (2, 1)
 _FWD_SPLIT_OUT_HEAD_AXES = _FWD_OUT_HEAD_AXES + (1, 1, 1)
 _BWD_OUT_HEAD_AXES = (2, 2, 2, 2, 2, 1, 1, 1)
-_BWD_STATE_OUT_HEAD_AXES = (1,)
+_BWD_SPLIT_HEAD_AXES = _BWD_HEAD_AXES + (1, None, None)
 
 
 def _fold(x, batched: bool, axis: int, size: int):
@@ -372,7 +389,9 @@ def _unfold(x, axis: int, size: int):
 
 # Operands that say where sequences and their states are, shared by every head: a vmapped one
 # cannot become more heads.
-_SHARED_OPERANDS = {8: "cu_seqlens", 9: "state_indices", 10: "num_accepted_tokens"}
+# 12 and 13 (the split backward's first and last segments) are derived from cu_seqlens.
+_SHARED_OPERANDS = {8: "cu_seqlens", 9: "state_indices", 10: "num_accepted_tokens",
+                    12: "cu_seqlens", 13: "cu_seqlens"}
 
 
 def _head_folding(op, in_head_axes, out_head_axes):
@@ -431,12 +450,18 @@ def bwd_call(cfg: CallConfig):
 
 
 @functools.lru_cache(maxsize=None)
-def bwd_state_call(cfg: CallConfig):
-    """(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, do, dht) -> dh0: bwd_call's last
-    result alone, without the per-token gradients (CUDA only; docs/sequence_split.md)."""
-    op = _partitioned(cfg, _bwd_state_raw, _bwd_state_rule(cfg), whole_batch=cfg.is_varlen)
-    folded = _head_folding(op, _BWD_HEAD_AXES, _BWD_STATE_OUT_HEAD_AXES)
-    return lambda *args: folded(*args)[0]
+def bwd_split_call(cfg: CallConfig):
+    """(q, k, v, g, beta, A_log, dt_bias, s_in, seg_cu, do, dht, transitions_t, first, last)
+    -> (dq, dk, dv, dg, dbeta, dA_log[H], ddt_bias[H,K], ds_in): the sequence split's backward
+    in one call, as _bwd_split_raw says (CUDA only; cfg: varlen, keys first)."""
+    op = _partitioned(cfg, _bwd_split_raw, _bwd_split_rule(cfg), whole_batch=True)
+    folded = _head_folding(op, _BWD_SPLIT_HEAD_AXES, _BWD_OUT_HEAD_AXES)
+
+    def call(*args):
+        dq, dk, dv, dg, dbeta, dA_log, ddt_bias, ds_in = folded(*args)
+        return dq, dk, dv, dg, dbeta, dA_log[0], ddt_bias[0], ds_in
+
+    return call
 
 
 @functools.lru_cache(maxsize=None)

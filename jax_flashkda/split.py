@@ -19,7 +19,8 @@ elsewhere they are composed here from the plain calls.
 The backward runs the same way in reverse: one backward over the segments with a zero
 final-state cotangent gives each segment's initial-state gradient from its own outputs (dZ);
 with dS_in = Pᵀ dS_end + dZ a reverse scan gives every segment's true end cotangent, and a
-second backward with those gives every gradient.
+second backward with those gives every gradient. Lowered for CUDA that is one call too
+(jax_flashkda_bwd_split: one preparation for both passes, the reverse walk on device).
 
 Non-finite input (docs/robustness.md §3) keeps its meaning: a column quarantined in one
 segment reaches the next one as a NaN column of S_in, which the forward carries as it would
@@ -222,13 +223,10 @@ def split_vjp(cfg: _ffi.CallConfig, plan: SplitPlan, whole_backward):
     fwd = _ffi.fwd_call(inner)
     bwd = _ffi.bwd_call(inner)
 
-    def whole_dh0(*args):
-        return bwd(*args)[-1]
-
-    state_grad = (_ffi.bwd_state_call(inner) if _ffi.has_target("CUDA", _ffi.BWD_STATE_TARGET)
-                  else whole_dh0)
     fused = (_ffi.fwd_split_call(_ffi.SplitConfig(cfg, plan.segment_tokens))
              if _ffi.has_target("CUDA", _ffi.FWD_SPLIT_TARGET) else None)
+    fused_bwd = (_ffi.bwd_split_call(inner) if _ffi.has_target("CUDA", _ffi.BWD_SPLIT_TARGET)
+                 else None)
 
     def layout_in(h0):
         return jnp.swapaxes(h0, -1, -2) if cfg.state_v_first else h0
@@ -315,17 +313,28 @@ def split_vjp(cfg: _ffi.CallConfig, plan: SplitPlan, whole_backward):
         dht_seg = jnp.where(_dead_columns(seg_final)[:, :, None, :], 0.0, dht[seg.sequence])
         dht_seg = jnp.where(seg.is_last[:, None, None, None], dht_seg, 0.0)
         args = (q, k, v, g, beta, A_log, dt_bias, s_in, seg.cu, do)
-        # The segments' initial-state gradients from their own outputs (no end cotangent):
-        # lowered for CUDA, the state-gradient chains alone (jax_flashkda_bwd_state); elsewhere
-        # the whole backward's last result.
-        dZ = _ffi.per_platform(args + (jnp.zeros_like(s_in),), cuda=state_grad, other=whole_dh0)
         Pt = jnp.swapaxes(jnp.where(jnp.isfinite(P), P, 0.0), -1, -2)
-        b = jnp.where(seg.is_last[:, None, None, None],
-                      jnp.matmul(Pt, dht_seg, precision=_HIGHEST) + dZ, dZ)
-        d_before = _segmented_scan(Pt, b, seg.is_last, reverse=True)
-        d_end = jnp.where(seg.is_last[:, None, None, None], dht_seg,
-                          jnp.concatenate([d_before[1:], d_before[-1:]], axis=0))
-        dq, dk, dv, dg, dbeta, dA_log, ddt_bias, ds_in = bwd(*args, d_end)
+
+        def composed_backward(dht_seg, Pt):
+            """The segments' initial-state gradients from their own outputs (no end
+            cotangent: a whole backward's last result); a reverse scan for every segment's
+            end cotangent; the backward from those."""
+            dZ = bwd(*args, jnp.zeros_like(s_in))[-1]
+            b = jnp.where(seg.is_last[:, None, None, None],
+                          jnp.matmul(Pt, dht_seg, precision=_HIGHEST) + dZ, dZ)
+            d_before = _segmented_scan(Pt, b, seg.is_last, reverse=True)
+            d_end = jnp.where(seg.is_last[:, None, None, None], dht_seg,
+                              jnp.concatenate([d_before[1:], d_before[-1:]], axis=0))
+            return bwd(*args, d_end)
+
+        def cuda_backward(dht_seg, Pt):
+            """The same in one call (jax_flashkda_bwd_split), its first pass the
+            state-gradient chains alone, the preparation shared by both passes."""
+            return fused_bwd(*args, dht_seg[seg.last], Pt, seg.first, seg.last)
+
+        dq, dk, dv, dg, dbeta, dA_log, ddt_bias, ds_in = _ffi.per_platform(
+            (dht_seg, Pt), cuda=cuda_backward if fused_bwd else composed_backward,
+            other=composed_backward)
         dh0 = ds_in[seg.first]
         if cfg.state_v_first:
             dh0 = jnp.swapaxes(dh0, -1, -2)

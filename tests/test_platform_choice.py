@@ -23,7 +23,7 @@ from inputs import make_inputs, rel_err
 
 FWD, BWD, DECODE = _ffi.FWD_TARGET, _ffi.BWD_TARGET, _ffi.DECODE_TARGET
 DISABLED = [jax.export.DisabledSafetyCheck.custom_call(t)
-            for t in (FWD, BWD, DECODE, _ffi.FWD_SPLIT_TARGET, _ffi.BWD_STATE_TARGET)]
+            for t in (FWD, BWD, DECODE, _ffi.FWD_SPLIT_TARGET, _ffi.BWD_SPLIT_TARGET)]
 
 needs_both_targets = pytest.mark.skipif(
     _ffi.load_error("CUDA") is not None or not _cpu_target_ready(),
@@ -125,15 +125,15 @@ def test_cpu_computation_in_a_gpu_process(rng, T):
 
 
 @needs_both_targets
-def test_split_backward_state_pass_only_where_lowered_for_cuda(monkeypatch, rng):
-    # A split forced with its backward: lowered for CUDA, the forward is the split forward (it
-    # returns the segments' states) and the first backward pass (dZ) the state-gradient target;
-    # lowered for the CPU, the plain forward and the whole backward's last result.
+def test_split_calls_only_where_lowered_for_cuda(monkeypatch, rng):
+    # A split forced with its backward: lowered for CUDA, the split forward (it returns the
+    # segments' states) and the split backward, one call each; lowered for the CPU, the plain
+    # calls.
     monkeypatch.setenv(split.SEGMENT_TOKENS_ENV, "16")
     monkeypatch.setenv(split.SPLIT_BACKWARD_ENV, "1")
     f, x, args, kwargs = bf16_case(rng, T=40)
     grad = loss_grad(f)
-    assert targets(grad, x, ("cuda",))[0] == {_ffi.FWD_SPLIT_TARGET, BWD, _ffi.BWD_STATE_TARGET}
+    assert targets(grad, x, ("cuda",))[0] == {_ffi.FWD_SPLIT_TARGET, _ffi.BWD_SPLIT_TARGET}
     assert targets(grad, x, ("cpu",))[0] == {FWD, BWD}
     _, exported = targets(grad, x, ("cpu", "cuda"))
     o, final = f(*x)

@@ -299,8 +299,7 @@ def test_cuda_split_matches_unsplit_and_oracle(monkeypatch, rng, gate_mode, stat
             [("o", whole[0], truth[0]), ("final", whole[1], truth[1])]
             + [(n, whole[2][n], truth[2][n]) for n in truth[2]]}
     # 7: segments shorter than a 16-token chunk; 100: boundaries inside chunks. The backward
-    # whole ("0": the CUDA split forward, one call) or split too ("1": split.split_vjp around
-    # the plain calls).
+    # whole ("0") or split too ("1": jax_flashkda_bwd_split).
     for L, split_backward in ((7, "0"), (100, "1")):
         monkeypatch.setenv(split.SPLIT_BACKWARD_ENV, split_backward)
         got = run(monkeypatch, args, kwargs, L, impl="cuda", dtype=jnp.bfloat16)
@@ -314,30 +313,41 @@ def test_cuda_split_matches_unsplit_and_oracle(monkeypatch, rng, gate_mode, stat
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gate_mode, v_first, seqlens, poison", [
-    (0, False, None, None), (1, True, None, None), (2, False, [0, 37, 0, 70, 5], None),
-    (2, False, [0, 37, 0, 70, 5], "v"), (2, True, None, "beta")])
-def test_cuda_bwd_state_is_the_backwards_last_result(rng, gate_mode, v_first, seqlens, poison):
-    """jax_flashkda_bwd_state (the split's first backward pass: the state-gradient chains
-    alone) gives bit for bit the initial-state gradient of jax_flashkda_bwd, NaN quarantine
-    included."""
-    assert _ffi.has_target("CUDA", _ffi.BWD_STATE_TARGET)
-    x = kernel_inputs(rng, B=2, T=53, H=3, K=128, V=128, gate_mode=gate_mode,
-                      dtype=jnp.bfloat16, g_dtype=np.float32, beta_dtype=np.float32,
-                      v_first=v_first, seqlens=seqlens, always_gate_params=True)
+@pytest.mark.parametrize("gate_mode, state_v_first, seqlens, poison", [
+    ("safe", False, [250, 0, 1, 133, 64], None), ("softplus", True, None, None),
+    ("log_decay", False, [300, 90], "v"), ("safe", True, [300, 90], "beta")])
+def test_cuda_split_backward_in_one_call_matches_the_composed(monkeypatch, rng, gate_mode,
+                                                              state_v_first, seqlens, poison):
+    """jax_flashkda_bwd_split (one preparation, the dZ pass, the backward walk over the
+    segments and the backward proper in one call) against the same backward composed from the
+    plain calls and a scan in JAX: the same gradients up to the scans' rounding, NaN
+    quarantine included (a column, or the whole head, dying in the first segment)."""
+    monkeypatch.setenv(split.SPLIT_BACKWARD_ENV, "1")
+    args, kwargs = make_inputs(rng, B=2, T=200, H=2, K=128, V=128, gate_mode=gate_mode,
+                               state_v_first=state_v_first, seqlens=seqlens)
     if poison:
-        x[poison][0, 20, 1] = np.nan      # v: every column of head 1 from token 20; beta: the head
-    cu = x.get("cu_seqlens", np.zeros((1,), np.int32))
-    cfg = _ffi.CallConfig(scale=128 ** -0.5, use_qk_l2norm=True, use_beta_sigmoid=True,
-                          gate_mode=gate_mode, lower_bound=-5.0 if gate_mode == 2 else 0.0,
-                          state_v_first=v_first, is_varlen=seqlens is not None)
-    args = [jnp.asarray(x[n]) for n in KERNEL_OPERANDS] + [jnp.asarray(cu)]
-    do = jnp.asarray(rng.standard_normal(x["v"].shape), jnp.bfloat16)
-    dht = jnp.asarray(rng.standard_normal(x["h0"].shape), jnp.float32)
-    want = np.asarray(jax.jit(_ffi.bwd_call(cfg))(*args, do, dht)[-1])
-    got = np.asarray(jax.jit(_ffi.bwd_state_call(cfg))(*args, do, dht))
-    assert np.isfinite(want).any()
-    np.testing.assert_array_equal(got, want)
+        args = [a.copy() for a in args]
+        i = ("q", "k", "v", "g", "beta").index(poison)
+        args[i][0, 40, 1] = np.nan  # v: every column of head 1; beta: the head
+    assert _ffi.has_target("CUDA", _ffi.BWD_SPLIT_TARGET)
+    fused = run(monkeypatch, args, kwargs, 100, impl="cuda", dtype=jnp.bfloat16)
+    has_target = _ffi.has_target
+    monkeypatch.setattr(_ffi, "has_target", lambda platform, target: (
+        target != _ffi.BWD_SPLIT_TARGET and has_target(platform, target)))
+    split.split_vjp.cache_clear()
+    try:
+        composed = run(monkeypatch, args, kwargs, 100, impl="cuda", dtype=jnp.bfloat16)
+    finally:
+        split.split_vjp.cache_clear()
+    if not poison:
+        poison_check(fused)
+    np.testing.assert_array_equal(fused[0], composed[0])
+    np.testing.assert_array_equal(fused[1], composed[1])
+    for n in composed[2]:
+        x, y = fused[2][n], composed[2][n]
+        assert np.array_equal(np.isnan(x), np.isnan(y)), (n, "NaN pattern")
+        keep = ~np.isnan(y)
+        assert rel_err(x[keep], y[keep]) < 1e-3, (n, rel_err(x[keep], y[keep]))
 
 
 @pytest.mark.gpu

@@ -104,12 +104,24 @@ static_assert(offsetof(jax_flashkda::DecodeAttributes, common) <
       .Ret<::xla::ffi::AnyBuffer>() /* dinitial_state */           \
       .Attrs<::jax_flashkda::Attributes>()
 
-// The initial-state gradient alone (CUDA only, docs/sequence_split.md): the backward's operands,
-// its last result.
-#define KDA_BWD_STATE_SIGNATURE(binding)                           \
+// The sequence split's backward (CUDA only, docs/sequence_split.md): the backward's operands over
+// the segments as packed sequences (initial_state: the segments' incoming states; dfinal_state:
+// each sequence's end cotangent), then the segments' transposed transitions and each sequence's
+// first and last segment; the backward's results (dinitial_state per segment).
+#define KDA_BWD_SPLIT_SIGNATURE(binding)                           \
   KDA_CONTRACT_INPUTS(binding)                                     \
       .Arg<::xla::ffi::AnyBuffer>() /* do */                       \
       .Arg<::xla::ffi::AnyBuffer>() /* dfinal_state */             \
+      .Arg<::xla::ffi::AnyBuffer>() /* transitions_t */            \
+      .Arg<::xla::ffi::AnyBuffer>() /* first_segment */            \
+      .Arg<::xla::ffi::AnyBuffer>() /* last_segment */             \
+      .Ret<::xla::ffi::AnyBuffer>() /* dq */                       \
+      .Ret<::xla::ffi::AnyBuffer>() /* dk */                       \
+      .Ret<::xla::ffi::AnyBuffer>() /* dv */                       \
+      .Ret<::xla::ffi::AnyBuffer>() /* dg */                       \
+      .Ret<::xla::ffi::AnyBuffer>() /* dbeta */                    \
+      .Ret<::xla::ffi::AnyBuffer>() /* dA_log */                   \
+      .Ret<::xla::ffi::AnyBuffer>() /* ddt_bias */                 \
       .Ret<::xla::ffi::AnyBuffer>() /* dinitial_state */           \
       .Attrs<::jax_flashkda::Attributes>()
 
@@ -253,17 +265,16 @@ inline ffi::Error check_forward(const std::string& who, const Sizes& s, const In
   return check_f32(who, final_state, "final_state", s.state);
 }
 
-// The backward's cotangents (and bwd_state's), operands 9 and 10.
+// The backward's cotangents, operands 9 and 10.
 inline ffi::Error check_cotangents(const std::string& who, const Sizes& s, const Inputs& in,
                                    const ffi::AnyBuffer& dout, const ffi::AnyBuffer& dfinal) {
   KDA_RETURN_IF_ERROR(check_like(who, dout, "do", {s.B, s.T, s.H, s.V}, in.v, "v"));
   return check_f32(who, dfinal, "dfinal_state", s.state);
 }
 
-// The backward's extra operands and its results.
-inline ffi::Error check_backward(const std::string& who, const Sizes& s, const Inputs& in,
-                                 const BwdBuffers& b) {
-  KDA_RETURN_IF_ERROR(check_cotangents(who, s, in, b.dout, b.dfinal_state));
+// The backward's results.
+inline ffi::Error check_gradients(const std::string& who, const Sizes& s, const Inputs& in,
+                                  const BwdBuffers& b) {
   KDA_RETURN_IF_ERROR(check_like(who, b.dq, "dq", {s.B, s.T, s.H, s.K}, in.q, "q"));
   KDA_RETURN_IF_ERROR(check_like(who, b.dk, "dk", {s.B, s.T, s.H, s.K}, in.k, "k"));
   KDA_RETURN_IF_ERROR(check_like(who, b.dv, "dv", {s.B, s.T, s.H, s.V}, in.v, "v"));
@@ -272,6 +283,13 @@ inline ffi::Error check_backward(const std::string& who, const Sizes& s, const I
   KDA_RETURN_IF_ERROR(check_f32(who, b.dA_log, "dA_log", {s.B, s.H}));
   KDA_RETURN_IF_ERROR(check_f32(who, b.ddt_bias, "ddt_bias", {s.B, s.H, s.K}));
   return check_f32(who, b.dinitial_state, "dinitial_state", s.state);
+}
+
+// The backward's extra operands and its results.
+inline ffi::Error check_backward(const std::string& who, const Sizes& s, const Inputs& in,
+                                 const BwdBuffers& b) {
+  KDA_RETURN_IF_ERROR(check_cotangents(who, s, in, b.dout, b.dfinal_state));
+  return check_gradients(who, s, in, b);
 }
 
 }  // namespace jax_flashkda::contract

@@ -31,7 +31,7 @@ const std::string kFwd = "jax_flashkda_fwd (CUDA)";
 const std::string kBwd = "jax_flashkda_bwd (CUDA)";
 const std::string kDecode = "jax_flashkda_decode (CUDA)";
 const std::string kFwdSplit = "jax_flashkda_fwd_split (CUDA)";
-const std::string kBwdState = "jax_flashkda_bwd_state (CUDA)";
+const std::string kBwdSplit = "jax_flashkda_bwd_split (CUDA)";
 
 // What the CUDA target reads beyond the contract (after contract::check_inputs): q, k, v in
 // bf16 or f16, sizes its 32-bit indices hold; then the launch parameters all three calls share.
@@ -283,6 +283,18 @@ ffi::Error fwd_split_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ff
       });
 }
 
+// The backward's eight results, where the kernels write them.
+ffi::Error stage_gradients(Staging& staging, const contract::BwdBuffers& b, kda::BwdParams& p) {
+  KDA_RETURN_IF_ERROR(staging.output(b.dq, p.dq));
+  KDA_RETURN_IF_ERROR(staging.output(b.dk, p.dk));
+  KDA_RETURN_IF_ERROR(staging.output(b.dv, p.dv));
+  KDA_RETURN_IF_ERROR(staging.output(b.dg, p.dg));
+  KDA_RETURN_IF_ERROR(staging.output(b.dbeta, p.dbeta));
+  KDA_RETURN_IF_ERROR(staging.output(b.dA_log, p.dA_log));
+  KDA_RETURN_IF_ERROR(staging.output(b.ddt_bias, p.ddt_bias));
+  return staging.output(b.dinitial_state, p.dinitial_state);
+}
+
 ffi::Error bwd_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
                     ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer g, ffi::AnyBuffer beta,
                     ffi::AnyBuffer A_log, ffi::AnyBuffer dt_bias, ffi::AnyBuffer initial_state,
@@ -307,40 +319,69 @@ ffi::Error bwd_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
   KDA_RETURN_IF_ERROR(stage_inputs(staging, in, p));
   KDA_RETURN_IF_ERROR(staging.input(b.dout, p.dout));
   KDA_RETURN_IF_ERROR(staging.input(b.dfinal_state, p.dfinal_state));
-  KDA_RETURN_IF_ERROR(staging.output(b.dq, p.dq));
-  KDA_RETURN_IF_ERROR(staging.output(b.dk, p.dk));
-  KDA_RETURN_IF_ERROR(staging.output(b.dv, p.dv));
-  KDA_RETURN_IF_ERROR(staging.output(b.dg, p.dg));
-  KDA_RETURN_IF_ERROR(staging.output(b.dbeta, p.dbeta));
-  KDA_RETURN_IF_ERROR(staging.output(b.dA_log, p.dA_log));
-  KDA_RETURN_IF_ERROR(staging.output(b.ddt_bias, p.ddt_bias));
-  KDA_RETURN_IF_ERROR(staging.output(b.dinitial_state, p.dinitial_state));
+  KDA_RETURN_IF_ERROR(stage_gradients(staging, b, p));
   return launch(kBwd, p, staging, scratch, stream, kda::bwd_workspace_bytes, kda::bwd);
 }
 
-ffi::Error bwd_state_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
+// The sequence split's backward (docs/sequence_split.md): the backward's operands over the
+// segments as packed sequences (is_varlen, keys first), dfinal_state per sequence
+// ([N,H,K,V]), then the segments' transposed transitions [S,H,K,K] and each sequence's first and
+// last segment (int32 [N]); the backward's results, dinitial_state per segment.
+ffi::Error bwd_split_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
                           ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer g,
                           ffi::AnyBuffer beta, ffi::AnyBuffer A_log, ffi::AnyBuffer dt_bias,
                           ffi::AnyBuffer initial_state, ffi::AnyBuffer cu_seqlens,
                           ffi::AnyBuffer dout, ffi::AnyBuffer dfinal_state,
+                          ffi::AnyBuffer transitions_t, ffi::AnyBuffer first,
+                          ffi::AnyBuffer last, ffi::Result<ffi::AnyBuffer> dq,
+                          ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                          ffi::Result<ffi::AnyBuffer> dg, ffi::Result<ffi::AnyBuffer> dbeta,
+                          ffi::Result<ffi::AnyBuffer> dA_log,
+                          ffi::Result<ffi::AnyBuffer> ddt_bias,
                           ffi::Result<ffi::AnyBuffer> dinitial_state, Attributes attrs) {
   const contract::Inputs in{q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens};
+  const contract::BwdBuffers b{dout, dfinal_state, *dq, *dk, *dv, *dg, *dbeta, *dA_log,
+                               *ddt_bias, *dinitial_state};
+  if (!attrs.is_varlen || attrs.state_v_first)
+    return contract::invalid(kBwdSplit, "the segments are packed sequences with keys first "
+                                        "(is_varlen true, state_v_first false)");
   contract::Sizes s;
   kda::BwdParams p;
-  KDA_RETURN_IF_ERROR(contract::check_inputs(kBwdState, in, attrs, s));
-  KDA_RETURN_IF_ERROR(cuda_params(kBwdState, in, s, attrs, p));
-  KDA_RETURN_IF_ERROR(contract::check_cotangents(kBwdState, s, in, dout, dfinal_state));
+  KDA_RETURN_IF_ERROR(contract::check_inputs(kBwdSplit, in, attrs, s));
+  KDA_RETURN_IF_ERROR(cuda_params(kBwdSplit, in, s, attrs, p));
+  KDA_RETURN_IF_ERROR(contract::check_like(kBwdSplit, dout, "do", {s.B, s.T, s.H, s.V}, v, "v"));
+  KDA_RETURN_IF_ERROR(contract::check_gradients(kBwdSplit, s, in, b));
+  const auto fd = first.dimensions();
+  if (fd.size() != 1)
+    return contract::invalid(kBwdSplit, "first_segment must have shape [N], got " +
+                                            contract::shape_string(fd));
+  const int64_t n = fd[0];
+  for (const auto& [buffer, name] : {std::pair{&first, "first_segment"}, {&last, "last_segment"}}) {
+    KDA_RETURN_IF_ERROR(contract::check_shape(kBwdSplit, *buffer, name, {n}));
+    KDA_RETURN_IF_ERROR(
+        contract::check_dtype(kBwdSplit, *buffer, name, ffi::DataType::S32, "int32"));
+  }
   KDA_RETURN_IF_ERROR(
-      contract::check_f32(kBwdState, *dinitial_state, "dinitial_state", s.state));
-  if (const char* why = kda::bwd_unsupported(p)) return unimplemented(kBwdState, why);
+      contract::check_f32(kBwdSplit, dfinal_state, "dfinal_state", {n, s.H, s.K, s.V}));
+  KDA_RETURN_IF_ERROR(
+      contract::check_f32(kBwdSplit, transitions_t, "transitions_t", {s.N, s.H, s.K, s.K}));
+  if (const char* why = kda::bwd_unsupported(p)) return unimplemented(kBwdSplit, why);
+  if (n > 65535) return unimplemented(kBwdSplit, "the split backward takes at most 65535 sequences");
 
-  Staging staging(kBwdState, scratch, stream);
+  kda::SplitBwdOperands split;
+  split.sequences = static_cast<int>(n);
+  Staging staging(kBwdSplit, scratch, stream);
   KDA_RETURN_IF_ERROR(stage_inputs(staging, in, p));
   KDA_RETURN_IF_ERROR(staging.input(dout, p.dout));
-  KDA_RETURN_IF_ERROR(staging.input(dfinal_state, p.dfinal_state));
-  KDA_RETURN_IF_ERROR(staging.output(*dinitial_state, p.dinitial_state));
-  return launch(kBwdState, p, staging, scratch, stream, kda::bwd_state_workspace_bytes,
-                kda::bwd_state);
+  KDA_RETURN_IF_ERROR(staging.input(dfinal_state, split.dfinal));
+  KDA_RETURN_IF_ERROR(staging.input(transitions_t, split.transitions_t));
+  KDA_RETURN_IF_ERROR(staging.input(first, split.first));
+  KDA_RETURN_IF_ERROR(staging.input(last, split.last));
+  KDA_RETURN_IF_ERROR(stage_gradients(staging, b, p));
+  return launch(kBwdSplit, p, staging, scratch, stream, kda::bwd_split_workspace_bytes,
+                [&split](const kda::BwdParams& bp, void* ws, cudaStream_t st) {
+                  return kda::bwd_split(bp, split, ws, st);
+                });
 }
 
 // The decode's own operands, checked into the slot fields of DecodeParams.
@@ -448,8 +489,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flashkda_bwd_cuda, bwd_impl,
                               KDA_BWD_SIGNATURE(ffi::Ffi::Bind()
                                                     .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                                     .Ctx<ffi::ScratchAllocator>()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flashkda_bwd_state_cuda, bwd_state_impl,
-                              KDA_BWD_STATE_SIGNATURE(ffi::Ffi::Bind()
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flashkda_bwd_split_cuda, bwd_split_impl,
+                              KDA_BWD_SPLIT_SIGNATURE(ffi::Ffi::Bind()
                                                           .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                                           .Ctx<ffi::ScratchAllocator>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flashkda_decode_cuda, decode_impl,

@@ -10,9 +10,9 @@
 //    a chunk, and per-chunk partial sums of dA_log and ddt_bias.
 // 4. reduce (bwd_reduce.cuh; grid: batch rows x heads): those partial sums in a fixed order.
 //
-// bwd_state, the initial-state gradient alone (jax_flashkda_bwd_state, the sequence split's first
-// backward pass): steps 1 and 2 with the state-gradient chain only, which stores nothing per
-// chunk; its workspace is the records and the quarantine's marks.
+// bwd_split, the sequence split's backward (jax_flashkda_bwd_split): step 1 once; the
+// state-gradient chains alone from zero end cotangents (storing nothing per chunk); a backward walk of each sequence's
+// segments (split_combine.cuh) for their true end cotangents; steps 2 to 4 from those.
 #include "kda/kda_bwd.h"
 
 #include <cuda_bf16.h>
@@ -27,30 +27,31 @@
 #include "kda/bwd_reduce.cuh"
 #include "kda/bwd_traits.cuh"
 #include "kda/chunks.cuh"
+#include "kda/split_combine.cuh"
 #include "kda/prep.cuh"
 #include "kda/quarantine.cuh"
 
 namespace kda {
 namespace {
 
-// Byte offsets of the workspace regions; per (head, slot) each. state_grad_only (bwd_state): the
-// per-chunk states, rows and partial sums have no room (the chains store none of them).
+// Byte offsets of the workspace regions; per (head, slot) each. split: also the split
+// backward's two [N,H,K,V] fp32 buffers of segment states (end cotangents, dZ).
 template <typename Tr>
 struct WsLayout {
-  size_t rec, aux, states, dstates, vn, dvn, pdt, pda, dead_rows, dead_cols, dead_v, total;
-  WsLayout(const FwdParams& p, bool state_grad_only) {
+  size_t rec, aux, states, dstates, vn, dvn, pdt, pda, dead_rows, dead_cols, dead_v, split_end,
+      split_dz, total;
+  WsLayout(const FwdParams& p, bool split) {
     const size_t hs = static_cast<size_t>(chunk_slots(p)) * p.H;
-    const size_t per_chunk = state_grad_only ? 0 : hs;
     WorkspaceCursor ws;
     constexpr size_t K = Tr::K, V = Tr::V;
     rec = ws.take(hs * Tr::R::kBytes);
     aux = ws.take(hs * sizeof(PrepAux));
-    states = ws.take(per_chunk * V * K * 2);   // Sᵀ_c [V][K] bf16
-    dstates = ws.take(per_chunk * V * K * 2);  // dS'ᵀ_c [V][K] bf16
-    vn = ws.take(per_chunk * kC * V * 2);      // Vn [16][V] bf16
-    dvn = ws.take(per_chunk * kC * V * 2);     // dVn [16][V] bf16
-    pdt = ws.take(per_chunk * K * 4);          // ddt_bias partials [K] f32
-    pda = ws.take(per_chunk * 4);              // dA_log partials f32
+    states = ws.take(hs * V * K * 2);   // Sᵀ_c [V][K] bf16
+    dstates = ws.take(hs * V * K * 2);  // dS'ᵀ_c [V][K] bf16
+    vn = ws.take(hs * kC * V * 2);      // Vn [16][V] bf16
+    dvn = ws.take(hs * kC * V * 2);     // dVn [16][V] bf16
+    pdt = ws.take(hs * K * 4);          // ddt_bias partials [K] f32
+    pda = ws.take(hs * 4);              // dA_log partials f32
     // docs/robustness.md §3, per (sequence, head): the first row with a non-finite q, k, β or
     // log-decay; then per value column the first with a non-finite v; then the first of those
     // over the head's columns (so that a clean head reads one int, not V). Adjacent: one memset.
@@ -58,6 +59,8 @@ struct WsLayout {
     dead_rows = ws.take(nh * 4 + nh * V * 4 + nh * 4);
     dead_cols = dead_rows + nh * 4;
     dead_v = dead_cols + nh * V * 4;
+    split_end = ws.take(split ? nh * K * V * 4 : 0);
+    split_dz = ws.take(split ? nh * K * V * 4 : 0);
     total = ws.end;
   }
 };
@@ -132,13 +135,11 @@ cudaError_t launch_chains_any(const BwdParams& p, const uint8_t* recs, __nv_bflo
                                                   dead_cols, slots, stream);
 }
 
-// Steps 1 and 2: the records, the quarantine's marks and the chains (the state gradient's
-// alone with kStateGradOnly).
-template <typename Tr, typename Tin, bool kStateGradOnly>
-cudaError_t prep_and_chains(const BwdParams& p, const WsLayout<Tr>& lay, uint8_t* ws,
-                            cudaStream_t stream) {
+// Step 1: the records and the quarantine's marks.
+template <typename Tr, typename Tin>
+cudaError_t prepare(const BwdParams& p, const WsLayout<Tr>& lay, uint8_t* ws,
+                    cudaStream_t stream) {
   constexpr int V = Tr::V;
-  const int slots = chunk_slots(p);
   auto* dead_rows = reinterpret_cast<int*>(ws + lay.dead_rows);
   auto* dead_cols = reinterpret_cast<int*>(ws + lay.dead_cols);
   auto* dead_v = reinterpret_cast<int*>(ws + lay.dead_v);
@@ -146,53 +147,96 @@ cudaError_t prep_and_chains(const BwdParams& p, const WsLayout<Tr>& lay, uint8_t
   static_assert(kNoDeadRow == 0x7f7f7f7f, "filled bytewise");
   KDA_TRY(cudaMemsetAsync(dead_rows, 0x7f, nh * (2 + V) * sizeof(int), stream));
   KDA_TRY(launch_bwd_prep<Tr, Tin>(p, ws + lay.rec, reinterpret_cast<PrepAux*>(ws + lay.aux),
-                                   dead_rows, slots, stream));
+                                   dead_rows, chunk_slots(p), stream));
   if (const long long pieces = static_cast<long long>(p.B) * p.T * p.H * (V / 8); pieces > 0) {
     kda_scan_v_kernel<Tin, V><<<static_cast<unsigned>((pieces + 255) / 256), 256, 0, stream>>>(
         p, dead_cols, dead_v);
     KDA_TRY(cudaGetLastError());
   }
+  return cudaSuccess;
+}
+
+// Step 2: the chains (the state gradient's alone with kStateGradOnly), from step 1's records.
+template <typename Tr, typename Tin, bool kStateGradOnly>
+cudaError_t chains(const BwdParams& p, const WsLayout<Tr>& lay, uint8_t* ws, cudaStream_t stream) {
   if (p.N == 0) return cudaSuccess;
   return launch_chains_any<Tr, Tin, kStateGradOnly>(
       p, ws + lay.rec, reinterpret_cast<__nv_bfloat16*>(ws + lay.states),
       reinterpret_cast<__nv_bfloat16*>(ws + lay.dstates),
       reinterpret_cast<__nv_bfloat16*>(ws + lay.vn),
-      reinterpret_cast<__nv_bfloat16*>(ws + lay.dvn), dead_rows, dead_cols, slots, stream);
+      reinterpret_cast<__nv_bfloat16*>(ws + lay.dvn),
+      reinterpret_cast<const int*>(ws + lay.dead_rows),
+      reinterpret_cast<const int*>(ws + lay.dead_cols), chunk_slots(p), stream);
 }
 
+// Steps 3 and 4, from step 2's states.
 template <typename Tr, typename Tin, bool kFactored>
-cudaError_t bwd_t(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
+cudaError_t grad_and_reduce(const BwdParams& p, const WsLayout<Tr>& lay, uint8_t* ws,
+                            cudaStream_t stream) {
   constexpr int K = Tr::K;
   const int slots = chunk_slots(p);
-  const WsLayout<Tr> lay(p, /*state_grad_only=*/false);
-  auto* auxs = reinterpret_cast<PrepAux*>(ws + lay.aux);
-  auto* states = reinterpret_cast<__nv_bfloat16*>(ws + lay.states);
-  auto* dstates = reinterpret_cast<__nv_bfloat16*>(ws + lay.dstates);
-  auto* vn = reinterpret_cast<__nv_bfloat16*>(ws + lay.vn);
-  auto* dvn = reinterpret_cast<__nv_bfloat16*>(ws + lay.dvn);
   auto* pdt = reinterpret_cast<float*>(ws + lay.pdt);
   auto* pda = reinterpret_cast<float*>(ws + lay.pda);
-  auto* dead_rows = reinterpret_cast<int*>(ws + lay.dead_rows);
-  auto* dead_cols = reinterpret_cast<int*>(ws + lay.dead_cols);
-  auto* dead_v = reinterpret_cast<int*>(ws + lay.dead_v);
-  KDA_TRY((prep_and_chains<Tr, Tin, false>(p, lay, ws, stream)));
   if (slots > 0) {
     auto grad = kda_bwd_grad_kernel<Tr, kFactored, Tin>;
     constexpr int bytes = sizeof(GradSmem<Tr>);
     KDA_TRY(cudaFuncSetAttribute(grad, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     grad<<<dim3(slots, p.H), Tr::kGradThreads, bytes, stream>>>(
-        p, auxs, states, dstates, vn, dvn, pdt, pda, dead_rows, dead_cols, dead_v, slots);
+        p, reinterpret_cast<const PrepAux*>(ws + lay.aux),
+        reinterpret_cast<const __nv_bfloat16*>(ws + lay.states),
+        reinterpret_cast<const __nv_bfloat16*>(ws + lay.dstates),
+        reinterpret_cast<const __nv_bfloat16*>(ws + lay.vn),
+        reinterpret_cast<const __nv_bfloat16*>(ws + lay.dvn), pdt, pda,
+        reinterpret_cast<const int*>(ws + lay.dead_rows),
+        reinterpret_cast<const int*>(ws + lay.dead_cols),
+        reinterpret_cast<const int*>(ws + lay.dead_v), slots);
     KDA_TRY(cudaGetLastError());
   }
   kda_bwd_reduce_kernel<Tr, Tin><<<dim3(p.B, p.H), K, 0, stream>>>(p, pdt, pda, slots);
   return cudaGetLastError();
 }
 
-template <typename Tr>
-cudaError_t bwd_state_k(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
-  const WsLayout<Tr> lay(p, /*state_grad_only=*/true);
-  if (p.qkv_dtype == DType::kF16) return prep_and_chains<Tr, __half, true>(p, lay, ws, stream);
-  return prep_and_chains<Tr, __nv_bfloat16, true>(p, lay, ws, stream);
+template <typename Tr, typename Tin, bool kFactored>
+cudaError_t bwd_t(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
+  const WsLayout<Tr> lay(p, /*split=*/false);
+  KDA_TRY((prepare<Tr, Tin>(p, lay, ws, stream)));
+  KDA_TRY((chains<Tr, Tin, false>(p, lay, ws, stream)));
+  return grad_and_reduce<Tr, Tin, kFactored>(p, lay, ws, stream);
+}
+
+// bwd_split (kda_bwd.h): the end cotangents of the first pass are zeros in split_end, which the
+// walk then overwrites with the true ones (the unused segments, walked by no sequence, keep 0).
+template <typename Tr, typename Tin, bool kFactored>
+cudaError_t bwd_split_t(const BwdParams& p, const SplitBwdOperands& split, uint8_t* ws,
+                        cudaStream_t stream) {
+  constexpr int K = Tr::K, V = Tr::V;
+  const WsLayout<Tr> lay(p, /*split=*/true);
+  auto* d_end = reinterpret_cast<float*>(ws + lay.split_end);
+  auto* dz = reinterpret_cast<float*>(ws + lay.split_dz);
+  KDA_TRY((prepare<Tr, Tin>(p, lay, ws, stream)));
+  KDA_TRY(cudaMemsetAsync(d_end, 0, static_cast<size_t>(p.N) * p.H * K * V * sizeof(float),
+                          stream));
+  BwdParams first_pass = p;
+  first_pass.dfinal_state = d_end;
+  first_pass.dinitial_state = dz;
+  KDA_TRY((chains<Tr, Tin, true>(first_pass, lay, ws, stream)));
+  if (split.sequences > 0 && p.N > 0) {
+    FwdParams walk = p;  // X starts from dfinal, keys first
+    walk.initial_state = split.dfinal;
+    walk.attrs.state_v_first = false;
+    using C = CombineSmem<K>;
+    KDA_TRY(cudaFuncSetAttribute(kda_split_combine_kernel<K, true>,
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize, C::kBytes));
+    kda_split_combine_kernel<K, true>
+        <<<dim3(V / 16, p.H, split.sequences), K, C::kBytes, stream>>>(
+            walk, SegmentMaps{split.transitions_t, K, dz, V}, p.N, split.first, split.last,
+            d_end);
+    KDA_TRY(cudaGetLastError());
+  }
+  BwdParams second_pass = p;
+  second_pass.dfinal_state = d_end;
+  KDA_TRY((chains<Tr, Tin, false>(second_pass, lay, ws, stream)));
+  return grad_and_reduce<Tr, Tin, kFactored>(second_pass, lay, ws, stream);
 }
 
 template <typename Tr>
@@ -203,6 +247,17 @@ cudaError_t bwd_k(const BwdParams& p, uint8_t* ws, cudaStream_t stream) {
                     : bwd_t<Tr, __half, false>(p, ws, stream);
   return factored ? bwd_t<Tr, __nv_bfloat16, true>(p, ws, stream)
                   : bwd_t<Tr, __nv_bfloat16, false>(p, ws, stream);
+}
+
+template <typename Tr>
+cudaError_t bwd_split_k(const BwdParams& p, const SplitBwdOperands& split, uint8_t* ws,
+                        cudaStream_t stream) {
+  const bool factored = factored_gate(p);
+  if (p.qkv_dtype == DType::kF16)
+    return factored ? bwd_split_t<Tr, __half, true>(p, split, ws, stream)
+                    : bwd_split_t<Tr, __half, false>(p, split, ws, stream);
+  return factored ? bwd_split_t<Tr, __nv_bfloat16, true>(p, split, ws, stream)
+                  : bwd_split_t<Tr, __nv_bfloat16, false>(p, split, ws, stream);
 }
 
 // f(Tr{}) with the instantiated traits of the call's head dims (checked by bwd_unsupported).
@@ -228,15 +283,18 @@ size_t bwd_workspace_bytes(const BwdParams& p) {
   return with_traits(p, [&](auto tr) { return WsLayout<decltype(tr)>(p, false).total; });
 }
 
-size_t bwd_state_workspace_bytes(const BwdParams& p) {
+size_t bwd_split_workspace_bytes(const BwdParams& p) {
   return with_traits(p, [&](auto tr) { return WsLayout<decltype(tr)>(p, true).total; });
 }
 
-cudaError_t bwd_state(const BwdParams& p, void* workspace, cudaStream_t stream) {
-  if (bwd_unsupported(p)) return cudaErrorInvalidValue;
+cudaError_t bwd_split(const BwdParams& p, const SplitBwdOperands& split, void* workspace,
+                      cudaStream_t stream) {
+  if (bwd_unsupported(p) || !p.attrs.is_varlen || p.attrs.state_v_first)
+    return cudaErrorInvalidValue;
   if (p.B == 0 || p.H == 0) return cudaSuccess;
   auto* ws = static_cast<uint8_t*>(workspace);
-  return with_traits(p, [&](auto tr) { return bwd_state_k<decltype(tr)>(p, ws, stream); });
+  return with_traits(p,
+                     [&](auto tr) { return bwd_split_k<decltype(tr)>(p, split, ws, stream); });
 }
 
 cudaError_t bwd(const BwdParams& p, void* workspace, cudaStream_t stream) {

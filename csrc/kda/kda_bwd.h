@@ -33,9 +33,21 @@ size_t bwd_workspace_bytes(const BwdParams& p);
 // Enqueues the backward on `stream`; no allocation, no synchronisation.
 cudaError_t bwd(const BwdParams& p, void* workspace, cudaStream_t stream);
 
-// The initial-state gradient alone (dinitial_state; dq .. ddt_bias are not touched): the sequence
-// split's first backward pass (docs/sequence_split.md). Supported where bwd is.
-size_t bwd_state_workspace_bytes(const BwdParams& p);
-cudaError_t bwd_state(const BwdParams& p, void* workspace, cudaStream_t stream);
+// The sequence split's backward (docs/sequence_split.md), on the segments as packed sequences:
+// p is the segment view (is_varlen, keys first; S = p.N segments; initial_state the segments'
+// incoming states; dinitial_state [S,H,K,V] their gradients; dfinal_state unused). One
+// preparation serves two passes: the state-gradient chains from zero end cotangents give each
+// segment's dZ; a walk of each sequence's segments from its last, X = P_jᵀ X + dZ_j, gives every
+// segment's true end cotangent; the backward proper runs from those.
+struct SplitBwdOperands {
+  const float* transitions_t = nullptr;  // [S,H,K,K]: P_jᵀ, its non-finite entries zeroed
+  const float* dfinal = nullptr;         // [sequences,H,K,V]: each sequence's end cotangent
+  const int32_t* first = nullptr;        // [sequences]: a sequence's first segment
+  const int32_t* last = nullptr;         // [sequences]: and its last
+  int sequences = 0;
+};
+size_t bwd_split_workspace_bytes(const BwdParams& p);
+cudaError_t bwd_split(const BwdParams& p, const SplitBwdOperands& split, void* workspace,
+                      cudaStream_t stream);
 
 }  // namespace kda

@@ -148,8 +148,10 @@ cudaError_t fwd_split_k(const FwdParams& p, int seg_tokens, const SplitStates& s
   if (p.N > 0) {
     KDA_TRY(cudaFuncSetAttribute(kda_split_combine_kernel<K>,
                                  cudaFuncAttributeMaxDynamicSharedMemorySize, C::kBytes));
+    const int W = p.V + K;  // [Z | P]
     kda_split_combine_kernel<K><<<dim3(p.V / 16, p.H, p.N), K, C::kBytes, stream>>>(
-        p, states.transitions, first, last, states.s_in);
+        p, SegmentMaps{states.transitions + p.V, W, states.transitions, W}, segments, first, last,
+        states.s_in);
     KDA_TRY(cudaGetLastError());
   }
 
