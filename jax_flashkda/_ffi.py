@@ -201,20 +201,20 @@ def _fwd_split_raw(scfg: SplitConfig, q, k, v, g, beta, A_log, dt_bias, h0, cu_s
     return call(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, **scfg.attributes())
 
 
-def _bwd_raw(cfg: CallConfig, q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, do, dht):
-    b, t, h, kd = q.shape
-    vd = v.shape[-1]
-    n = _num_sequences(cfg, q, cu_seqlens)
-    results = (
-        jax.ShapeDtypeStruct(q.shape, q.dtype),
-        jax.ShapeDtypeStruct(k.shape, k.dtype),
-        jax.ShapeDtypeStruct(v.shape, v.dtype),
-        jax.ShapeDtypeStruct(g.shape, g.dtype),
-        jax.ShapeDtypeStruct(beta.shape, beta.dtype),
+def _gradient_structs(q, k, v, g, beta, state):
+    """The backward's results: dq, dk, dv, dg, dbeta like their primals, dA_log [B,H] and
+    ddt_bias [B,H,K] per batch row, and the initial-state gradient `state`."""
+    b, _, h, kd = q.shape
+    return tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, g, beta)) + (
         jax.ShapeDtypeStruct((b, h), jnp.float32),
         jax.ShapeDtypeStruct((b, h, kd), jnp.float32),
-        _state_struct(cfg, n, h, kd, vd),
-    )
+        state)
+
+
+def _bwd_raw(cfg: CallConfig, q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, do, dht):
+    _, _, h, kd = q.shape
+    state = _state_struct(cfg, _num_sequences(cfg, q, cu_seqlens), h, kd, v.shape[-1])
+    results = _gradient_structs(q, k, v, g, beta, state)
     call = jax.ffi.ffi_call(BWD_TARGET, results, vmap_method="sequential")
     return call(q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, do, dht, **cfg.attributes())
 
@@ -225,17 +225,7 @@ def _bwd_split_raw(cfg: CallConfig, q, k, v, g, beta, A_log, dt_bias, s_in, seg_
     docs/sequence_split.md): the backward's results, dh0 per segment. dht [N,H,K,V] is each
     sequence's end cotangent, transitions_t [S,H,K,K] the segments' P_jᵀ (finite), first /
     last [N] each sequence's first and last segment."""
-    _, _, h, kd = q.shape
-    results = (
-        jax.ShapeDtypeStruct(q.shape, q.dtype),
-        jax.ShapeDtypeStruct(k.shape, k.dtype),
-        jax.ShapeDtypeStruct(v.shape, v.dtype),
-        jax.ShapeDtypeStruct(g.shape, g.dtype),
-        jax.ShapeDtypeStruct(beta.shape, beta.dtype),
-        jax.ShapeDtypeStruct((1, h), jnp.float32),
-        jax.ShapeDtypeStruct((1, h, kd), jnp.float32),
-        jax.ShapeDtypeStruct(s_in.shape, jnp.float32),
-    )
+    results = _gradient_structs(q, k, v, g, beta, jax.ShapeDtypeStruct(s_in.shape, jnp.float32))
     call = jax.ffi.ffi_call(BWD_SPLIT_TARGET, results, vmap_method="sequential")
     return call(q, k, v, g, beta, A_log, dt_bias, s_in, seg_cu, do, dht, transitions_t, first,
                 last, **cfg.attributes())

@@ -90,39 +90,34 @@ static_assert(offsetof(jax_flashkda::DecodeAttributes, common) <
       .Ret<::xla::ffi::AnyBuffer>() /* segment_final_states */     \
       .Attrs<::jax_flashkda::SplitAttributes>()
 
-#define KDA_BWD_SIGNATURE(binding)                                 \
-  KDA_CONTRACT_INPUTS(binding)                                     \
-      .Arg<::xla::ffi::AnyBuffer>() /* do */                       \
-      .Arg<::xla::ffi::AnyBuffer>() /* dfinal_state */             \
-      .Ret<::xla::ffi::AnyBuffer>() /* dq */                       \
+// The backward's results, appended to a binding that holds its operands.
+#define KDA_BWD_RESULTS(binding)                                   \
+  binding.Ret<::xla::ffi::AnyBuffer>() /* dq */                    \
       .Ret<::xla::ffi::AnyBuffer>() /* dk */                       \
       .Ret<::xla::ffi::AnyBuffer>() /* dv */                       \
       .Ret<::xla::ffi::AnyBuffer>() /* dg */                       \
       .Ret<::xla::ffi::AnyBuffer>() /* dbeta */                    \
       .Ret<::xla::ffi::AnyBuffer>() /* dA_log */                   \
       .Ret<::xla::ffi::AnyBuffer>() /* ddt_bias */                 \
-      .Ret<::xla::ffi::AnyBuffer>() /* dinitial_state */           \
+      .Ret<::xla::ffi::AnyBuffer>() /* dinitial_state */
+
+#define KDA_BWD_SIGNATURE(binding)                                 \
+  KDA_BWD_RESULTS(KDA_CONTRACT_INPUTS(binding)                     \
+                      .Arg<::xla::ffi::AnyBuffer>() /* do */       \
+                      .Arg<::xla::ffi::AnyBuffer>() /* dfinal_state */) \
       .Attrs<::jax_flashkda::Attributes>()
 
 // The sequence split's backward (CUDA only, docs/sequence_split.md): the backward's operands over
 // the segments as packed sequences (initial_state: the segments' incoming states; dfinal_state:
 // each sequence's end cotangent), then the segments' transposed transitions and each sequence's
 // first and last segment; the backward's results (dinitial_state per segment).
-#define KDA_BWD_SPLIT_SIGNATURE(binding)                           \
-  KDA_CONTRACT_INPUTS(binding)                                     \
-      .Arg<::xla::ffi::AnyBuffer>() /* do */                       \
-      .Arg<::xla::ffi::AnyBuffer>() /* dfinal_state */             \
-      .Arg<::xla::ffi::AnyBuffer>() /* transitions_t */            \
-      .Arg<::xla::ffi::AnyBuffer>() /* first_segment */            \
-      .Arg<::xla::ffi::AnyBuffer>() /* last_segment */             \
-      .Ret<::xla::ffi::AnyBuffer>() /* dq */                       \
-      .Ret<::xla::ffi::AnyBuffer>() /* dk */                       \
-      .Ret<::xla::ffi::AnyBuffer>() /* dv */                       \
-      .Ret<::xla::ffi::AnyBuffer>() /* dg */                       \
-      .Ret<::xla::ffi::AnyBuffer>() /* dbeta */                    \
-      .Ret<::xla::ffi::AnyBuffer>() /* dA_log */                   \
-      .Ret<::xla::ffi::AnyBuffer>() /* ddt_bias */                 \
-      .Ret<::xla::ffi::AnyBuffer>() /* dinitial_state */           \
+#define KDA_BWD_SPLIT_SIGNATURE(binding)                                      \
+  KDA_BWD_RESULTS(KDA_CONTRACT_INPUTS(binding)                                \
+                      .Arg<::xla::ffi::AnyBuffer>() /* do */                  \
+                      .Arg<::xla::ffi::AnyBuffer>() /* dfinal_state */        \
+                      .Arg<::xla::ffi::AnyBuffer>() /* transitions_t */       \
+                      .Arg<::xla::ffi::AnyBuffer>() /* first_segment */       \
+                      .Arg<::xla::ffi::AnyBuffer>() /* last_segment */)       \
       .Attrs<::jax_flashkda::Attributes>()
 
 // The decode (CUDA only, docs/decode.md): the forward's operands with the state read and written
