@@ -366,7 +366,8 @@ ffi::Error bwd_split_impl(cudaStream_t stream, ffi::ScratchAllocator scratch, ff
   KDA_RETURN_IF_ERROR(
       contract::check_f32(kBwdSplit, transitions_t, "transitions_t", {s.N, s.H, s.K, s.K}));
   if (const char* why = kda::bwd_unsupported(p)) return unimplemented(kBwdSplit, why);
-  if (n > 65535) return unimplemented(kBwdSplit, "the split backward takes at most 65535 sequences");
+  if (n > 65535)
+    return unimplemented(kBwdSplit, "the split backward takes at most 65535 sequences");
 
   kda::SplitBwdOperands split;
   split.sequences = static_cast<int>(n);

@@ -11,8 +11,9 @@
 // 4. reduce (bwd_reduce.cuh; grid: batch rows x heads): those partial sums in a fixed order.
 //
 // bwd_split, the sequence split's backward (jax_flashkda_bwd_split): step 1 once; the
-// state-gradient chains alone from zero end cotangents (storing nothing per chunk); a backward walk of each sequence's
-// segments (split_combine.cuh) for their true end cotangents; steps 2 to 4 from those.
+// state-gradient chains alone from zero end cotangents (storing nothing per chunk); a backward
+// walk of each sequence's segments (split_combine.cuh) for their true end cotangents; steps 2
+// to 4 from those.
 #include "kda/kda_bwd.h"
 
 #include <cuda_bf16.h>
@@ -27,9 +28,9 @@
 #include "kda/bwd_reduce.cuh"
 #include "kda/bwd_traits.cuh"
 #include "kda/chunks.cuh"
-#include "kda/split_combine.cuh"
 #include "kda/prep.cuh"
 #include "kda/quarantine.cuh"
+#include "kda/split_combine.cuh"
 
 namespace kda {
 namespace {

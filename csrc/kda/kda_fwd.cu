@@ -142,8 +142,8 @@ cudaError_t fwd_split_k(const FwdParams& p, int seg_tokens, const SplitStates& s
 
   // The combine writes the segments of the N sequences; the unused ones at the end start
   // from zero (they hold no tokens: their states are results all the same).
-  KDA_TRY(cudaMemsetAsync(states.s_in, 0, static_cast<size_t>(segments) * p.H * K * p.V * sizeof(float),
-                          stream));
+  const size_t state_bytes = static_cast<size_t>(segments) * p.H * K * p.V * sizeof(float);
+  KDA_TRY(cudaMemsetAsync(states.s_in, 0, state_bytes, stream));
   using C = CombineSmem<K>;
   if (p.N > 0) {
     KDA_TRY(cudaFuncSetAttribute(kda_split_combine_kernel<K>,
