@@ -4,15 +4,17 @@ sigmoid, bf16, D = 128, fp32 state). Side-by-side numbers with the peers come fr
 benchmarks/bench_gpu.py; this prints only our own milliseconds.
 
     python scripts/time_kernels.py [--shapes big long] [--warps auto,1,2,4,8] [--iters 30]
-                                   [--split auto,0,4096]
+                                   [--split auto,0,4096] [--gate safe|softplus]
 
-JAX_FLASHKDA_FWD_WARPS selects the forward's warps per CTA; --warps times each in turn.
+--gate softplus times the in-kernel softplus gate (-e^{A_log}·softplus(g + dt_bias), no lower
+bound) instead of the safe one. JAX_FLASHKDA_FWD_WARPS selects the forward's warps per CTA; --warps times each in turn.
 JAX_FLASHKDA_SEGMENT_TOKENS sets the sequence split (0: never, auto: the planner, or a length;
 docs/sequence_split.md);
 --split times each setting in turn, forward and forward+backward.
 """
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -28,6 +30,8 @@ D = 128
 CFG = _ffi.CallConfig(scale=D ** -0.5, use_qk_l2norm=True, use_beta_sigmoid=True,
                       gate_mode=_ffi.GATE_SAFE, lower_bound=-5.0, state_v_first=False,
                       is_varlen=False)
+GATES = {"safe": CFG, "softplus": dataclasses.replace(CFG, gate_mode=_ffi.GATE_SOFTPLUS,
+                                                      lower_bound=0.0)}
 
 
 def inputs(B, T, H, seed=0):
@@ -41,9 +45,11 @@ def inputs(B, T, H, seed=0):
 
 
 def forward(q, k, v, g, beta, A_log, dt_bias, h0):
+    safe = CFG.gate_mode == _ffi.GATE_SAFE
     return kda(q, k, v, g, beta, A_log=A_log, dt_bias=dt_bias, initial_state=h0,
                output_final_state=True, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
-               use_beta_sigmoid_in_kernel=True, lower_bound=-5.0, impl="cuda")
+               use_beta_sigmoid_in_kernel=True, lower_bound=CFG.lower_bound if safe else None,
+               impl="cuda")
 
 
 def forward_backward(args, do):
@@ -75,7 +81,10 @@ def main():
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--split", default=None,
                     help="comma-separated JAX_FLASHKDA_SEGMENT_TOKENS settings: 0, auto, a length")
+    ap.add_argument("--gate", default="safe", choices=list(GATES))
     a = ap.parse_args()
+    global CFG
+    CFG = GATES[a.gate]
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}")
     fwd = jax.jit(forward)
