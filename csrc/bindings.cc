@@ -43,7 +43,8 @@ NB_MODULE(KDA_MODULE, m) {
   // What the CUDA target would refuse for a call of these sizes, asked at trace time so that
   // kda(impl="auto") takes another path and impl="cuda" raises instead of failing at run time:
   // the handler's and kernels' own checks, and a workspace larger than `memory_bytes`. None
-  // when the call fits. segment_tokens > 0: the split forward (jax_flashkda_fwd_split).
+  // when the call fits. segment_tokens > 0: the split forward (jax_flashkda_fwd_split), or the
+  // split backward (jax_flashkda_bwd_split, the sizes those of its segments).
   m.def("cuda_refusal", [](bool backward, int64_t B, int64_t T, int64_t H, int64_t K, int64_t V,
                            int64_t N, bool is_varlen, bool f16, int64_t memory_bytes,
                            int64_t segment_tokens) -> std::optional<std::string> {
@@ -54,22 +55,23 @@ NB_MODULE(KDA_MODULE, m) {
     p.attrs.is_varlen = is_varlen;
     p.qkv_dtype = f16 ? kda::DType::kF16 : kda::DType::kBF16;
     const int seg = static_cast<int>(std::min<int64_t>(segment_tokens, INT32_MAX));
-    const bool split = !backward && segment_tokens > 0;
+    const bool split = segment_tokens > 0;
     const char* why = backward ? kda::bwd_unsupported(p)
                       : split  ? kda::fwd_split_unsupported(p, seg)
                                : kda::fwd_unsupported(p);
     if (why) return std::string(why);
     // The split forward's segment states are results, but as large as a workspace.
-    const size_t segment_states =
-        split ? static_cast<size_t>(kda::split_segments(p, seg)) * p.H * p.K * (3 * p.V + p.K) * 4
-              : 0;
-    const size_t bytes = backward ? kda::bwd_workspace_bytes(p)
-                         : split  ? kda::fwd_split_workspace_bytes(p, seg) + segment_states
-                                  : kda::fwd_workspace_bytes(p);
+    const size_t bytes =
+        backward ? (split ? kda::bwd_split_workspace_bytes(p) : kda::bwd_workspace_bytes(p))
+        : split  ? kda::fwd_split_workspace_bytes(p, seg) +
+                      static_cast<size_t>(kda::split_segments(p, seg)) * p.H * p.K *
+                          (3 * p.V + p.K) * 4
+                 : kda::fwd_workspace_bytes(p);
     if (memory_bytes > 0 && bytes > static_cast<size_t>(memory_bytes))
-      return std::string(backward ? "the backward" : "the forward") + " needs " +
-             std::to_string(bytes) + " bytes of workspace" + (split ? " and segment states" : "") +
-             ", more than the device's " + std::to_string(memory_bytes);
+      return std::string(split ? "the split " : "the ") + (backward ? "backward" : "forward") +
+             " needs " + std::to_string(bytes) + " bytes of workspace" +
+             (split && !backward ? " and segment states" : "") + ", more than the device's " +
+             std::to_string(memory_bytes);
     return std::nullopt;
   });
 #endif

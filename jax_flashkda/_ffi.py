@@ -131,8 +131,9 @@ def cuda_refusal(*, backward: bool, B: int, T: int, H: int, K: int, V: int, N: i
                  is_varlen: bool, f16: bool, memory_bytes: int,
                  segment_tokens: int = 0) -> str | None:
     """What the CUDA target would refuse for a call of these sizes (the extension's own checks,
-    and a workspace above `memory_bytes` when that is > 0); None when it fits. A forward with
-    segment_tokens > 0 is the split forward's."""
+    and a workspace above `memory_bytes` when that is > 0); None when it fits. With
+    segment_tokens > 0, a forward is the split forward, a backward the split backward (given
+    its segments' sizes: B = 1, T the call's tokens, N the segments)."""
     module = importlib.import_module("jax_flashkda._kda_cuda")
     return module.cuda_refusal(backward, B, T, H, K, V, N, is_varlen, f16, memory_bytes,
                                segment_tokens)

@@ -710,7 +710,7 @@ def _split_plan(q, v, cu_seqlens, n):
         if plan.backward and not refusal:
             refusal = _ffi.cuda_refusal(backward=True, B=1, T=b * t, H=h, K=kd, V=vd,
                                         N=plan.num_segments, is_varlen=True, f16=f16,
-                                        memory_bytes=memory)
+                                        memory_bytes=memory, segment_tokens=plan.segment_tokens)
         if refusal:
             plan = None
     split.describe(plan, B=b, T=t, H=h, N=n, longest=longest)

@@ -94,6 +94,23 @@ def test_cuda_refused_backward_only_where_lowered_for_cuda(rng):
 
 
 @needs_both_targets
+def test_cuda_refusal_sizes_the_split_calls():
+    # The split calls' memory is their own (the forward's segment states, the backward's two
+    # extra state buffers): a device too small for them is named in the refusal.
+    sizes = dict(B=1, T=4096, H=4, K=128, V=128, is_varlen=True, f16=False)
+    for backward, n in ((False, 1), (True, 5)):
+        assert _ffi.cuda_refusal(backward=backward, N=n, memory_bytes=0, segment_tokens=1024,
+                                 **sizes) is None
+        why = _ffi.cuda_refusal(backward=backward, N=n, memory_bytes=1 << 20,
+                                segment_tokens=1024, **sizes)
+        assert why.startswith("the split " + ("backward" if backward else "forward")), why
+        assert ("segment states" in why) != backward, why
+        plain = _ffi.cuda_refusal(backward=backward, N=n, memory_bytes=1 << 20, **sizes)
+        bytes_of = lambda msg: int(msg.split(" needs ")[1].split()[0])
+        assert bytes_of(why) > bytes_of(plain), (why, plain)
+
+
+@needs_both_targets
 def test_cuda_refused_forward_only_where_lowered_for_cuda(rng):
     # float32 q/k/v: the CUDA target refuses them, the C++ target takes them.
     args, kwargs = make_inputs(rng, B=2, T=40, H=2, K=128, V=128)
