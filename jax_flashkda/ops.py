@@ -211,7 +211,10 @@ def _check(q, k, v, g, beta, scale, initial_state, use_gate, A_log, dt_bias, low
             # Traced offsets are made legal on device (docs/robustness.md §1); a wide or
             # unsigned value is clipped into [0, T] first, so narrowing cannot wrap it around.
             cu_seqlens = clip_offsets(cu_seqlens, t)
-        cu_seqlens = jnp.asarray(cu_seqlens, jnp.int32)
+        # Concrete offsets stay host values (NumPy): under jit, jnp.asarray would make them a
+        # tracer, and the split planner needs their values.
+        cu_seqlens = (np.asarray(offsets, np.int32) if _is_concrete(cu_seqlens)
+                      else jnp.asarray(cu_seqlens, jnp.int32))
 
     if initial_state is not None:
         _shape_of("initial_state", initial_state, 4)

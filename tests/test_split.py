@@ -205,6 +205,24 @@ def test_choice_is_in_the_debug_log(monkeypatch, caplog):
     assert "backward split" in caplog.text
 
 
+def test_planner_sees_concrete_offsets_under_jit(monkeypatch, caplog):
+    # NumPy cu_seqlens are lengths known at trace time, under jit too (converted there with
+    # jnp.asarray they became a tracer, and "auto" then kept every such call whole); traced
+    # ones are not.
+    if not ops._cpu_target_ready():
+        pytest.skip("needs the C++ CPU target")
+    args, kwargs = make_inputs(np.random.default_rng(0), H=2, K=16, V=16, seqlens=[7, 0, 30, 3])
+    monkeypatch.setenv(ENV, "0")
+    with caplog.at_level(logging.DEBUG, logger="jax_flashkda"):
+        jax.jit(lambda *a: kda(*a, impl="ffi", **kwargs)[0])(*map(jnp.asarray, args))
+    assert "longest=30" in caplog.text
+    caplog.clear()
+    traced = jax.jit(lambda cu, *a: kda(*a, impl="ffi", **dict(kwargs, cu_seqlens=cu))[0])
+    with caplog.at_level(logging.DEBUG, logger="jax_flashkda"):
+        traced(jnp.asarray(kwargs["cu_seqlens"]), *map(jnp.asarray, args))
+    assert "longest=None" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------
 # The C++ CPU target, split against unsplit and the float64 oracle.
 
