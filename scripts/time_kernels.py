@@ -7,7 +7,8 @@ benchmarks/bench_gpu.py; this prints only our own milliseconds.
                                    [--split auto,0,4096] [--gate safe|softplus]
 
 --gate softplus times the in-kernel softplus gate (-e^{A_log}·softplus(g + dt_bias), no lower
-bound) instead of the safe one. JAX_FLASHKDA_FWD_WARPS selects the forward's warps per CTA; --warps times each in turn.
+bound) instead of the safe one. JAX_FLASHKDA_FWD_WARPS selects the forward's warps per CTA;
+--warps times each in turn.
 JAX_FLASHKDA_SEGMENT_TOKENS sets the sequence split (0: never, auto: the planner, or a length;
 docs/sequence_split.md);
 --split times each setting in turn, forward and forward+backward.
